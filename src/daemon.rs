@@ -1,0 +1,248 @@
+//! Running a mount: daemonize, mount, serve, and end cleanly.
+//!
+//! `layerfs mount` (and the fuse-overlayfs form) returns only once the mount is live: the
+//! parent forks a daemon, waits on a pipe for the daemon's verdict, checks that the mount shows
+//! in `/proc/self/mountinfo`, and exits 0. The daemon detaches (`setsid`, `chdir /`), points its
+//! inherited stdio at /dev/null once mounted, and serves until the filesystem is unmounted
+//! (`fusermount3 -u`, `umount`, `layerfs umount`) or it receives SIGTERM/SIGINT/SIGHUP, which
+//! unmount it; either way it exits 0. Errors before the mount is live reach the caller as one
+//! line on stderr and exit status 1, and nothing stays mounted.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fuse::{FuseOptions, LayerFs};
+use crate::sys;
+use crate::union::{Union, UnionConfig};
+
+/// Everything needed to mount, validated.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    pub union: UnionConfig,
+    pub mountpoint: PathBuf,
+    pub fuse: FuseOptions,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub read_only: bool,
+    pub suid: bool,
+    pub dev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    pub threads: Option<usize>,
+    pub foreground: bool,
+}
+
+impl MountPlan {
+    fn fuser_config(&self) -> Config {
+        let mut opts = vec![MountOption::FSName("layerfs".into())];
+        if self.fuse.default_permissions {
+            opts.push(MountOption::DefaultPermissions);
+        }
+        opts.push(if self.suid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        });
+        opts.push(if self.dev {
+            MountOption::Dev
+        } else {
+            MountOption::NoDev
+        });
+        if self.read_only {
+            opts.push(MountOption::RO);
+        }
+        if self.noexec {
+            opts.push(MountOption::NoExec);
+        }
+        if self.noatime {
+            opts.push(MountOption::NoAtime);
+        }
+        let mut config = Config::default();
+        config.mount_options = opts;
+        config.acl = if self.allow_other {
+            SessionACL::All
+        } else if self.allow_root {
+            SessionACL::RootAndOwner
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(self.threads.unwrap_or(2));
+        config.clone_fd = true;
+        config
+    }
+}
+
+/// Mount according to `plan`; returns when the mount is live (daemon mode) or unmounted
+/// (foreground).
+pub fn mount(plan: MountPlan) -> Result<()> {
+    // Opening the layers first means a bad stack fails here, before any fork.
+    let union = Arc::new(Union::new(&plan.union)?);
+    sys::raise_nofile_limit();
+    if plan.foreground {
+        return serve(union, &plan, None);
+    }
+    let (rx, tx) = sys::pipe().context("pipe")?;
+    match sys::fork().context("fork")? {
+        sys::Forked::Parent { child } => {
+            drop(tx);
+            let mut verdict = String::new();
+            let _ = std::fs::File::from(rx).read_to_string(&mut verdict);
+            if verdict.trim_end() == "ok" {
+                if !is_mounted(&plan.mountpoint) {
+                    bail!(
+                        "the daemon reported success but {} is not mounted",
+                        plan.mountpoint.display()
+                    );
+                }
+                return Ok(());
+            }
+            let status = sys::waitpid(child).unwrap_or(1);
+            let msg = verdict.trim();
+            if msg.is_empty() {
+                bail!("the layerfs daemon exited (status {status}) before the mount was live");
+            }
+            bail!("{}", msg.trim_start_matches("error: "));
+        }
+        sys::Forked::Child => {
+            drop(rx);
+            let _ = sys::setsid();
+            let _ = std::env::set_current_dir("/");
+            let code = match serve(union, &plan, Some(tx)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result<()> {
+    let signals = sys::SignalSet::block(&[sys::SIGTERM, sys::SIGINT, sys::SIGHUP])
+        .context("blocking signals")?;
+    let fs = LayerFs::new(union, plan.fuse.clone());
+    let session = match fuser::Session::new(fs, &plan.mountpoint, &plan.fuser_config()) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("mounting {}: {e}", plan.mountpoint.display());
+            if let Some(tx) = notify {
+                let _ = std::fs::File::from(tx).write_all(format!("error: {msg}\n").as_bytes());
+            }
+            bail!(msg);
+        }
+    };
+    let mnt = plan.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(sig) = signals.wait() {
+                log::info!("signal {sig}: unmounting {}", mnt.display());
+                if let Err(e) = unmount(&mnt, false).or_else(|_| unmount(&mnt, true)) {
+                    log::warn!("unmount {}: {e:#}", mnt.display());
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    if let Some(tx) = notify {
+        let _ = std::fs::File::from(tx).write_all(b"ok\n");
+        let _ = sys::stdio_to_devnull();
+    }
+    log::info!("serving {}", plan.mountpoint.display());
+    session
+        .run()
+        .with_context(|| format!("serving {}", plan.mountpoint.display()))?;
+    log::info!("{} unmounted", plan.mountpoint.display());
+    Ok(())
+}
+
+/// Unmount directly when privileged, else through `fusermount3 -u`.
+fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    match sys::umount(mountpoint, lazy) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let out = cmd
+                .arg("--")
+                .arg(mountpoint)
+                .output()
+                .context("running fusermount3")?;
+            if !out.status.success() {
+                bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
+    }
+}
+
+/// `layerfs umount MOUNTPOINT`.
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let mnt = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    if !is_mounted(&mnt) {
+        bail!("{} is not mounted", mnt.display());
+    }
+    unmount(&mnt, lazy)
+}
+
+/// Undo the octal escapes of `/proc/self/mountinfo` (`\040` for a space, ...).
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 3 < field.len() {
+            let oct = &field[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(field[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Whether a mount at exactly `mountpoint` shows in `/proc/self/mountinfo`.
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mountpoint.as_os_str().as_bytes();
+    info.split(|&b| b == b'\n').any(|line| {
+        line.split(|&b| b == b' ')
+            .nth(4)
+            .is_some_and(|f| unescape_mountinfo(f) == want)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(br"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(br"/tab\011x\134"), b"/tab\tx\\");
+        assert_eq!(unescape_mountinfo(br"/end\04"), br"/end\04");
+    }
+
+    #[test]
+    fn root_is_mounted() {
+        assert!(is_mounted(Path::new("/proc")));
+        assert!(!is_mounted(Path::new("/definitely/not/mounted")));
+    }
+}

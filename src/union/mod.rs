@@ -1,0 +1,771 @@
+//! The union view, without FUSE: a stack of read-only lower directories under an optional
+//! writable upper, seen as one tree.
+//!
+//! Layers are numbered top first: the upper (when present) is layer 0, then the lowers in the
+//! order given. Every access to a layer goes through that layer's root directory fd with
+//! `openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS)` or a `*_at` call on a single name, so nothing a
+//! layer contains can lead layerfs outside it.
+//!
+//! Concurrency: `ns` is the namespace lock. Readers (lookup, getattr, open, readdir) hold it
+//! shared while they turn a node into a path and use that path; every operation that changes
+//! names in the upper (create, unlink, rename, the final step of a copy-up) holds it exclusively.
+//! Slow work (copying file data up) runs without it. The inode table and each node have their
+//! own short mutexes; the lock order is `ns`, then a node, then the table.
+
+pub mod dirindex;
+pub mod inode;
+pub mod whiteout;
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result, ShowPath};
+use crate::sys::{self, FileStat, XTarget};
+use dirindex::{DirIndex, Found, IndexBuilder, LayerListing, Top};
+use inode::{Node, NodeState, ROOT_INO, Table};
+use whiteout::{AufsName, DirMarks, WhiteoutFormat, XattrNs};
+
+pub use inode::ROOT_INO as ROOT;
+
+/// What to stack.
+#[derive(Clone, Debug, Default)]
+pub struct UnionConfig {
+    /// Read-only layers, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Writable layer and its work directory (same filesystem).
+    pub upper: Option<(PathBuf, PathBuf)>,
+    /// Sync copied-up data and metadata before making it visible (off with `volatile`/`fsync=0`).
+    pub fsync: bool,
+}
+
+/// One layer of the stack.
+#[derive(Debug)]
+pub struct Layer {
+    pub root: OwnedFd,
+    pub dev: u64,
+    pub path: PathBuf,
+}
+
+/// Attributes of a node as the mount shows them.
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub st: FileStat,
+}
+
+/// One entry of a readdir snapshot.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: Box<[u8]>,
+    pub top: Top,
+}
+
+/// The union filesystem.
+#[allow(dead_code)] // write-path fields are used by the write path (next change)
+pub struct Union {
+    layers: Vec<Layer>,
+    upper: Option<u16>,
+    /// `<workdir>/work`: staging area for atomic creation in the upper.
+    work: Option<OwnedFd>,
+    xattr_ns: XattrNs,
+    wh_format: WhiteoutFormat,
+    table: Mutex<Table>,
+    ns: RwLock<()>,
+    fsync: bool,
+    tmp_seq: AtomicU64,
+}
+
+/// Open flags passed through to the backing file.
+const PASSED_OPEN_FLAGS: i32 = libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DIRECT
+    | libc::O_SYNC
+    | libc::O_DSYNC
+    | libc::O_NOATIME;
+
+fn enoent() -> Error {
+    Error::os(libc::ENOENT)
+}
+
+/// Split `a/b/c` into (`a/b`, `c`); a single component has an empty parent.
+pub fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+/// `parent/name` as one relative path.
+pub fn join_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(parent.len() + name.len() + 1);
+    p.extend_from_slice(parent);
+    if !parent.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// `d_type` of a mode.
+pub fn dtype_of(mode: u32) -> u8 {
+    match mode & sys::S_IFMT {
+        sys::S_IFDIR => sys::DT_DIR,
+        sys::S_IFREG => sys::DT_REG,
+        sys::S_IFLNK => sys::DT_LNK,
+        sys::S_IFCHR => sys::DT_CHR,
+        sys::S_IFBLK => sys::DT_BLK,
+        sys::S_IFIFO => sys::DT_FIFO,
+        sys::S_IFSOCK => sys::DT_SOCK,
+        _ => sys::DT_UNKNOWN,
+    }
+}
+
+fn is_missing(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+impl Union {
+    /// Open every layer, check the stack is usable, clean the work directory.
+    pub fn new(config: &UnionConfig) -> Result<Union> {
+        let mut layers = Vec::new();
+        let mut upper = None;
+        let mut work = None;
+        let open_layer = |path: &Path, what: &str| -> Result<Layer> {
+            let root = sys::open_dir_path(path)
+                .map_err(|e| Error::io(format!("{what} directory {}", path.display()), e))?;
+            let st = sys::fstat(root.as_fd())
+                .map_err(|e| Error::io(format!("{what} directory {}", path.display()), e))?;
+            Ok(Layer {
+                root,
+                dev: st.dev,
+                path: path.to_path_buf(),
+            })
+        };
+        if let Some((up, wk)) = &config.upper {
+            let layer = open_layer(up, "upper")?;
+            let workdir = sys::open_dir_path(wk)
+                .map_err(|e| Error::io(format!("work directory {}", wk.display()), e))?;
+            let wst = sys::fstat(workdir.as_fd())
+                .map_err(|e| Error::io(format!("work directory {}", wk.display()), e))?;
+            if wst.dev != layer.dev {
+                return Err(Error::invalid(format!(
+                    "work directory {} is not on the same filesystem as upper directory {}",
+                    wk.display(),
+                    up.display()
+                )));
+            }
+            let ust = sys::fstat(layer.root.as_fd())?;
+            if ust.ino == wst.ino {
+                return Err(Error::invalid(format!(
+                    "work directory {} and upper directory {} are the same directory",
+                    wk.display(),
+                    up.display()
+                )));
+            }
+            work = Some(
+                prepare_workdir(workdir.as_fd())
+                    .map_err(|e| Error::io(format!("work directory {}", wk.display()), e))?,
+            );
+            upper = Some(0u16);
+            layers.push(layer);
+        }
+        for lower in &config.lowers {
+            layers.push(open_layer(lower, "lower")?);
+        }
+        if layers.is_empty() {
+            return Err(Error::invalid(
+                "no layers: give at least one lower directory",
+            ));
+        }
+        if layers.len() > u16::MAX as usize {
+            return Err(Error::invalid("too many layers"));
+        }
+        let (xattr_ns, wh_format) = match &work {
+            Some(w) => probe_formats(w.as_fd()),
+            None => (
+                if sys::geteuid() == 0 {
+                    XattrNs::Trusted
+                } else {
+                    XattrNs::User
+                },
+                WhiteoutFormat::CharDev,
+            ),
+        };
+        let top = &layers[0];
+        let root_st = sys::fstat(top.root.as_fd())?;
+        let root = Node::new(
+            ROOT_INO,
+            NodeState {
+                kind: sys::S_IFDIR,
+                layer: 0,
+                merge: (0..layers.len() as u16).collect(),
+                backing: (root_st.dev, root_st.ino),
+                index: None,
+                unlinked: false,
+            },
+        );
+        let mut table = Table::new(root, (root_st.dev, root_st.ino));
+        for l in &layers {
+            table.inos.register(l.dev);
+        }
+        log::info!(
+            "union of {} layers (upper: {}), xattrs {:?}, whiteouts {:?}",
+            layers.len(),
+            upper.is_some(),
+            xattr_ns,
+            wh_format
+        );
+        Ok(Union {
+            layers,
+            upper,
+            work,
+            xattr_ns,
+            wh_format,
+            table: Mutex::new(table),
+            ns: RwLock::new(()),
+            fsync: config.fsync,
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Layer roots, top first (for checks such as "is the mountpoint inside a layer").
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Whether the union has a writable upper.
+    pub fn is_writable(&self) -> bool {
+        self.upper.is_some()
+    }
+
+    fn read_ns(&self) -> RwLockReadGuard<'_, ()> {
+        self.ns.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[allow(dead_code)]
+    fn write_ns(&self) -> RwLockWriteGuard<'_, ()> {
+        self.ns.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn root_fd(&self, layer: u16) -> BorrowedFd<'_> {
+        self.layers[layer as usize].root.as_fd()
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        self.table()
+            .get(ino)
+            .cloned()
+            .ok_or_else(|| Error::os(libc::ESTALE))
+    }
+
+    /// Node and its current path (`ENOENT` once it has no name left).
+    fn node_path(&self, ino: u64) -> Result<(Arc<Node>, Vec<u8>)> {
+        let t = self.table();
+        let node = t.get(ino).cloned().ok_or_else(|| Error::os(libc::ESTALE))?;
+        let path = t.path(ino).ok_or_else(enoent)?;
+        Ok((node, path))
+    }
+
+    /// Open the directory `path` of `layer`.
+    fn open_dir_in(&self, layer: u16, path: &[u8]) -> std::io::Result<OwnedFd> {
+        sys::open_dir_beneath(self.root_fd(layer), path)
+    }
+
+    /// Run `f` on the parent directory fd and final name of `path` in `layer`. For the layer
+    /// root the name is empty and the fd is the root itself.
+    fn at<T>(
+        &self,
+        layer: u16,
+        path: &[u8],
+        f: impl FnOnce(BorrowedFd<'_>, &[u8]) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        if path.is_empty() {
+            return f(self.root_fd(layer), b"");
+        }
+        let (dir, name) = split_path(path);
+        let dfd = self.open_dir_in(layer, dir)?;
+        f(dfd.as_fd(), name)
+    }
+
+    /// xattr target for `name` in `dir`, or the directory itself when `name` is empty.
+    fn xtarget<'a>(dir: BorrowedFd<'a>, name: &'a [u8]) -> XTarget<'a> {
+        if name.is_empty() {
+            XTarget::Fd(dir)
+        } else {
+            XTarget::At(dir, name)
+        }
+    }
+
+    /// Opaque/xwhiteout markers of an open directory, in every dialect.
+    fn dir_marks(dir: BorrowedFd<'_>) -> std::io::Result<DirMarks> {
+        let mut marks = DirMarks::default();
+        let names = sys::xattr_list(XTarget::Fd(dir))?;
+        for attr in [
+            whiteout::TRUSTED_OPAQUE,
+            whiteout::USER_OPAQUE,
+            whiteout::FUSEOVERLAYFS_OPAQUE,
+        ] {
+            if names.iter().any(|n| n == attr) {
+                if let Some(v) = sys::xattr_get(XTarget::Fd(dir), attr)? {
+                    let m = whiteout::opaque_value(&v);
+                    marks.opaque |= m.opaque;
+                    marks.xwhiteouts |= m.xwhiteouts;
+                }
+            }
+        }
+        Ok(marks)
+    }
+
+    /// Whether the directory `path` of `layer` hides the layers below it.
+    fn is_opaque_dir(&self, layer: u16, path: &[u8]) -> std::io::Result<bool> {
+        let fd = self.open_dir_in(layer, path)?;
+        if Self::dir_marks(fd.as_fd())?.opaque {
+            return Ok(true);
+        }
+        if Some(layer) != self.upper {
+            return Ok(sys::stat_at_opt(fd.as_fd(), whiteout::WH_OPAQUE)?.is_some());
+        }
+        Ok(false)
+    }
+
+    /// A zero-size regular file carrying an overlay whiteout xattr.
+    fn is_xattr_whiteout(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<bool> {
+        let st = sys::stat_at(dir, name)?;
+        if !st.is_reg() || st.size != 0 {
+            return Ok(false);
+        }
+        for attr in [whiteout::TRUSTED_WHITEOUT, whiteout::USER_WHITEOUT] {
+            if sys::xattr_get(XTarget::At(dir, name), attr)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Read one layer's copy of a directory and classify its entries. Returns the listing and
+    /// whether this copy is opaque.
+    fn list_layer(&self, layer: u16, path: &[u8]) -> std::io::Result<Option<(LayerListing, bool)>> {
+        let fd = match self.open_dir_in(layer, path) {
+            Ok(fd) => fd,
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let is_upper = Some(layer) == self.upper;
+        let marks = Self::dir_marks(fd.as_fd())?;
+        let mut opaque = marks.opaque;
+        let mut reader = sys::DirReader::new(fd)?;
+        let mut real: Vec<(Box<[u8]>, Found)> = Vec::new();
+        let mut whiteouts: Vec<Box<[u8]>> = Vec::new();
+        while let Some(e) = reader.next_entry()? {
+            if !is_upper {
+                match whiteout::classify_aufs(&e.name) {
+                    AufsName::Opaque => {
+                        opaque = true;
+                        continue;
+                    }
+                    AufsName::Whiteout(target) => {
+                        whiteouts.push(target.into());
+                        continue;
+                    }
+                    AufsName::Internal => continue,
+                    AufsName::Plain => {}
+                }
+            }
+            let mut dtype = e.dtype;
+            if dtype == sys::DT_UNKNOWN {
+                dtype = dtype_of(sys::stat_at(reader.fd(), &e.name)?.mode);
+            }
+            if dtype == sys::DT_CHR {
+                let st = sys::stat_at(reader.fd(), &e.name)?;
+                if st.rdev == 0 {
+                    whiteouts.push(e.name.into_boxed_slice());
+                    continue;
+                }
+            }
+            if dtype == sys::DT_REG
+                && marks.xwhiteouts
+                && Self::is_xattr_whiteout(reader.fd(), &e.name)?
+            {
+                whiteouts.push(e.name.into_boxed_slice());
+                continue;
+            }
+            real.push((e.name.into_boxed_slice(), Found::Real(dtype)));
+        }
+        if !whiteouts.is_empty() {
+            let names: HashSet<&[u8]> = real.iter().map(|(n, _)| &**n).collect();
+            let hidden: Vec<_> = whiteouts
+                .into_iter()
+                .filter(|n| !names.contains(&**n))
+                .map(|n| (n, Found::Whiteout))
+                .collect();
+            real.extend(hidden);
+        }
+        Ok(Some((
+            LayerListing {
+                layer,
+                entries: real,
+            },
+            opaque,
+        )))
+    }
+
+    /// Build the merged index of a directory from the layers in `merge`.
+    fn build_index(&self, merge: &[u16], path: &[u8]) -> Result<DirIndex> {
+        let mut builder = IndexBuilder::new(self.upper);
+        for &layer in merge {
+            let Some((listing, opaque)) = self
+                .list_layer(layer, path)
+                .map_err(|e| Error::io(format!("reading directory {}", ShowPath(path)), e))?
+            else {
+                continue;
+            };
+            builder.add_layer(listing);
+            if opaque {
+                break;
+            }
+        }
+        Ok(builder.finish())
+    }
+
+    /// Run `f` on the node's directory index, building it first if needed.
+    fn with_index<T>(
+        &self,
+        node: &Node,
+        path: &[u8],
+        f: impl FnOnce(&mut DirIndex) -> T,
+    ) -> Result<T> {
+        let mut st = node.lock();
+        if st.kind != sys::S_IFDIR {
+            return Err(Error::os(libc::ENOTDIR));
+        }
+        if st.index.is_none() {
+            let idx = self.build_index(&st.merge, path)?;
+            st.index = Some(idx);
+        }
+        match st.index.as_mut() {
+            Some(idx) => Ok(f(idx)),
+            None => Err(Error::os(libc::EIO)),
+        }
+    }
+
+    /// The layers a directory found at `path` merges, applying opaque markers.
+    fn cut_opaque(&self, path: &[u8], dir_layers: &[u16]) -> std::io::Result<Vec<u16>> {
+        let mut merge = Vec::with_capacity(dir_layers.len());
+        for (i, &layer) in dir_layers.iter().enumerate() {
+            merge.push(layer);
+            if i + 1 < dir_layers.len() && self.is_opaque_dir(layer, path)? {
+                break;
+            }
+        }
+        Ok(merge)
+    }
+
+    /// Stable number recorded on a copied-up upper object.
+    fn read_origin(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Option<u64> {
+        let v = sys::xattr_get(Self::xtarget(dir, name), self.xattr_ns.origin()).ok()??;
+        Some(u64::from_le_bytes(v.as_slice().try_into().ok()?))
+    }
+
+    /// Turn a visible name into a node: stat it in its layer, find or make its node and count
+    /// one kernel lookup.
+    fn materialize(
+        &self,
+        parent: u64,
+        parent_path: &[u8],
+        name: &[u8],
+        top: Top,
+        dir_layers: &[u16],
+    ) -> Result<Attr> {
+        let dfd = self
+            .open_dir_in(top.layer, parent_path)
+            .map_err(|e| Error::io(format!("lookup {}", ShowPath(parent_path)), e))?;
+        let st = sys::stat_at(dfd.as_fd(), name)?;
+        let origin = if Some(top.layer) == self.upper {
+            self.read_origin(dfd.as_fd(), name)
+        } else {
+            None
+        };
+        let merge = if st.is_dir() {
+            self.cut_opaque(&join_path(parent_path, name), dir_layers)?
+        } else {
+            Vec::new()
+        };
+        let node = {
+            let mut t = self.table();
+            let preferred = origin.or_else(|| t.inos.map(st.dev, st.ino));
+            t.lookup(parent, name, (st.dev, st.ino), preferred, |ino| {
+                Node::new(
+                    ino,
+                    NodeState {
+                        kind: st.file_type(),
+                        layer: top.layer,
+                        merge,
+                        backing: (st.dev, st.ino),
+                        index: None,
+                        unlinked: false,
+                    },
+                )
+            })
+        };
+        Ok(self.attr_of(&node, st))
+    }
+
+    /// Apply the union's view to raw attributes: merged directories report one link (as
+    /// kernel overlayfs does), unlinked nodes none.
+    fn attr_of(&self, node: &Node, mut st: FileStat) -> Attr {
+        let s = node.lock();
+        if s.kind == sys::S_IFDIR && s.merge.len() > 1 {
+            st.nlink = 1;
+        }
+        if s.unlinked {
+            st.nlink = 0;
+        }
+        Attr { ino: node.ino, st }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Read operations
+
+    /// Look `name` up in directory `parent`; counts one kernel reference on success.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() > sys::NAME_MAX {
+            return Err(Error::os(libc::ENAMETOOLONG));
+        }
+        if name.is_empty() || name.contains(&b'/') {
+            return Err(Error::os(libc::EINVAL));
+        }
+        if name == b"." || name == b".." {
+            return Err(enoent());
+        }
+        let _ns = self.read_ns();
+        let (pnode, ppath) = self.node_path(parent)?;
+        let found = self.with_index(&pnode, &ppath, |idx| {
+            idx.visible(name).map(|(t, d)| (t, d.to_vec()))
+        })?;
+        let (top, dir_layers) = found.ok_or_else(enoent)?;
+        self.materialize(parent, &ppath, name, top, &dir_layers)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.table().forget(ino, n);
+    }
+
+    /// Attributes of a node, from its current backing object.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let layer = node.lock().layer;
+        let st = self.at(layer, &path, sys::stat_at)?;
+        Ok(self.attr_of(&node, st))
+    }
+
+    /// Attributes through an open descriptor (fstat of an unlinked file).
+    pub fn getattr_fd(&self, ino: u64, fd: BorrowedFd<'_>) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let st = sys::fstat(fd)?;
+        Ok(self.attr_of(&node, st))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let layer = node.lock().layer;
+        Ok(self.at(layer, &path, sys::readlink_at)?)
+    }
+
+    /// Snapshot of a directory's visible entries, sorted by name.
+    pub fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        self.with_index(&node, &path, |idx| {
+            idx.listing()
+                .into_iter()
+                .map(|(name, top)| DirEntry { name, top })
+                .collect()
+        })
+    }
+
+    /// Inode number of a directory entry without counting a lookup (plain readdir).
+    pub fn entry_ino(&self, parent: u64, entry: &DirEntry) -> Result<u64> {
+        if let Some(ino) = self.table().child(parent, &entry.name) {
+            return Ok(ino);
+        }
+        let _ns = self.read_ns();
+        let ppath = self.table().path(parent).ok_or_else(enoent)?;
+        let dfd = self.open_dir_in(entry.top.layer, &ppath)?;
+        let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
+        let origin = if Some(entry.top.layer) == self.upper {
+            self.read_origin(dfd.as_fd(), &entry.name)
+        } else {
+            None
+        };
+        Ok(origin
+            .or_else(|| self.table().inos.map(st.dev, st.ino))
+            .unwrap_or(st.ino))
+    }
+
+    /// Inode number of a node's parent (for `..`).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.table().parent(ino).unwrap_or(ROOT_INO)
+    }
+
+    /// Open a regular file. Opens that may write need the upper (copy-up comes with the write
+    /// path); on a lowers-only stack they fail with EROFS.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<OwnedFd> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(Error::os(libc::EROFS));
+        }
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let (layer, kind) = {
+            let s = node.lock();
+            (s.layer, s.kind)
+        };
+        if kind == sys::S_IFDIR {
+            return Err(Error::os(libc::EISDIR));
+        }
+        Ok(sys::open_beneath(
+            self.root_fd(layer),
+            &path,
+            acc | (flags & PASSED_OPEN_FLAGS),
+            0,
+        )?)
+    }
+
+    /// Filesystem statistics of the top layer.
+    pub fn statfs(&self) -> Result<sys::FsStat> {
+        Ok(sys::fstatvfs(self.root_fd(0))?)
+    }
+
+    /// Read an xattr visible to users (private overlay xattrs are never shown).
+    pub fn getxattr(&self, ino: u64, attr: &[u8]) -> Result<Vec<u8>> {
+        if whiteout::is_private_xattr(attr) {
+            return Err(Error::os(libc::ENODATA));
+        }
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let layer = node.lock().layer;
+        self.at(layer, &path, |d, n| {
+            sys::xattr_get(Self::xtarget(d, n), attr)
+        })?
+        .ok_or_else(|| Error::os(libc::ENODATA))
+    }
+
+    /// List the xattr names visible to users.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let layer = node.lock().layer;
+        let names = self.at(layer, &path, |d, n| sys::xattr_list(Self::xtarget(d, n)))?;
+        Ok(names
+            .into_iter()
+            .filter(|n| !whiteout::is_private_xattr(n))
+            .collect())
+    }
+
+    /// Number of nodes the union holds (memory checks).
+    pub fn node_count(&self) -> usize {
+        self.table().len()
+    }
+
+    /// A unique temporary name for the work directory.
+    #[allow(dead_code)]
+    fn tmp_name(&self) -> Vec<u8> {
+        format!(
+            "#lfs.{}.{}",
+            sys::getpid(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        )
+        .into_bytes()
+    }
+}
+
+/// Create `<workdir>/work` empty: leftovers of an interrupted operation (a crash mid copy-up)
+/// are removed, as kernel overlayfs does at mount.
+fn prepare_workdir(workdir: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    match sys::stat_at_opt(workdir, b"work")? {
+        Some(st) if st.is_dir() => {
+            let fd = sys::open_dir_beneath(workdir, b"work")?;
+            remove_contents(fd.as_fd())?;
+            Ok(fd)
+        }
+        Some(_) => {
+            sys::unlink_at(workdir, b"work", false)?;
+            sys::mkdir_at(workdir, b"work", 0o700)?;
+            sys::open_dir_beneath(workdir, b"work")
+        }
+        None => {
+            sys::mkdir_at(workdir, b"work", 0o700)?;
+            sys::open_dir_beneath(workdir, b"work")
+        }
+    }
+}
+
+/// Remove everything inside a directory (never following symlinks).
+pub(crate) fn remove_contents(dir: BorrowedFd<'_>) -> std::io::Result<()> {
+    let fd = sys::open_dir_beneath(dir, b"")?;
+    let entries = sys::read_dir_all(fd)?;
+    for e in entries {
+        let is_dir = if e.dtype == sys::DT_UNKNOWN {
+            sys::stat_at(dir, &e.name)?.is_dir()
+        } else {
+            e.dtype == sys::DT_DIR
+        };
+        if is_dir {
+            let sub = sys::open_dir_beneath(dir, &e.name)?;
+            remove_contents(sub.as_fd())?;
+        }
+        match sys::unlink_at(dir, &e.name, is_dir) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Decide how markers are written: trusted xattrs and char-device whiteouts when privileged,
+/// the kernel's userxattr format otherwise.
+fn probe_formats(work: BorrowedFd<'_>) -> (XattrNs, WhiteoutFormat) {
+    let probe = b"#lfs.probe";
+    let _ = sys::unlink_at(work, probe, false);
+    let wh = match sys::mknod_at(work, probe, sys::S_IFCHR, 0) {
+        Ok(()) => {
+            let _ = sys::unlink_at(work, probe, false);
+            WhiteoutFormat::CharDev
+        }
+        Err(_) => WhiteoutFormat::UserXattr,
+    };
+    let ns = match sys::open_at(work, probe, libc::O_CREAT | libc::O_WRONLY, 0o600) {
+        Ok(fd) => {
+            let ok =
+                sys::xattr_set(XTarget::Fd(fd.as_fd()), b"trusted.layerfs.probe", b"1", 0).is_ok();
+            let _ = sys::unlink_at(work, probe, false);
+            if ok { XattrNs::Trusted } else { XattrNs::User }
+        }
+        Err(_) => XattrNs::User,
+    };
+    (ns, wh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_join() {
+        assert_eq!(split_path(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
+        assert_eq!(split_path(b"c"), (&b""[..], &b"c"[..]));
+        assert_eq!(join_path(b"", b"x"), b"x");
+        assert_eq!(join_path(b"a", b"x"), b"a/x");
+    }
+}

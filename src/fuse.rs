@@ -18,15 +18,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::path::Path;
+
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::error::Error;
 use crate::sys::{self, Timespec};
-use crate::union::{Attr, DirEntry, Union};
+use crate::union::{Attr, Caller, DirEntry, SetAttr, Union};
 
 /// How ids on disk are shown through the mount.
 #[derive(Clone, Debug, Default)]
@@ -109,10 +113,8 @@ impl Default for FuseOptions {
     }
 }
 
-#[allow(dead_code)] // `ino` is used by the write path
 enum Handle {
     File {
-        ino: u64,
         fd: OwnedFd,
     },
     Dir {
@@ -122,7 +124,7 @@ enum Handle {
 }
 
 struct DirSnapshot {
-    entries: Vec<DirEntry>,
+    entries: Arc<Vec<DirEntry>>,
     /// A read has happened, so offset 0 means rewinddir and takes a fresh snapshot.
     read_once: bool,
 }
@@ -137,6 +139,27 @@ pub struct LayerFs {
 
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<sys::SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => sys::SetTime::Now,
+        TimeOrNow::SpecificTime(st) => sys::SetTime::At(match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos() as i64,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut sec, mut nsec) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if nsec < 0 {
+                    sec -= 1;
+                    nsec += 1_000_000_000;
+                }
+                Timespec { sec, nsec }
+            }
+        }),
+    })
 }
 
 fn to_system_time(t: Timespec) -> SystemTime {
@@ -248,6 +271,72 @@ impl LayerFs {
         }
     }
 
+    fn caller(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+
+    fn file_fd(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::File { .. } => Ok(h),
+            Handle::Dir { .. } => Err(Error::os(libc::EISDIR)),
+        }
+    }
+
+    fn host_uid(&self, uid: Option<u32>) -> Result<Option<u32>, Error> {
+        uid.map(|u| {
+            self.opts
+                .ids
+                .uid_map
+                .to_host(u)
+                .ok_or_else(|| Error::os(libc::EINVAL))
+        })
+        .transpose()
+    }
+
+    fn host_gid(&self, gid: Option<u32>) -> Result<Option<u32>, Error> {
+        gid.map(|g| {
+            self.opts
+                .ids
+                .gid_map
+                .to_host(g)
+                .ok_or_else(|| Error::os(libc::EINVAL))
+        })
+        .transpose()
+    }
+
+    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Error> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd, .. } = &*h else {
+            return Err(Error::os(libc::EISDIR));
+        };
+        let mut done = 0;
+        while done < data.len() {
+            let n = sys::pwrite(fd.as_fd(), &data[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done as u32)
+    }
+
+    fn with_fd<T>(
+        &self,
+        fh: FileHandle,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<T>,
+    ) -> Result<T, Error> {
+        let h = self.file_fd(fh)?;
+        let Handle::File { fd, .. } = &*h else {
+            return Err(Error::os(libc::EISDIR));
+        };
+        Ok(f(fd.as_fd())?)
+    }
+
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Error> {
         let h = self.handle(fh)?;
         let Handle::File { fd, .. } = &*h else {
@@ -266,19 +355,24 @@ impl LayerFs {
         Ok(buf)
     }
 
-    fn snapshot(&self, fh: FileHandle, offset: u64) -> Result<(u64, Vec<DirEntry>), Error> {
+    /// The directory's snapshot and the index of the first entry to send after `offset`.
+    fn snapshot(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<(u64, Arc<Vec<DirEntry>>, usize), Error> {
         let h = self.handle(fh)?;
         let Handle::Dir { ino, entries } = &*h else {
             return Err(Error::os(libc::ENOTDIR));
         };
         let mut snap = entries.lock().unwrap_or_else(|p| p.into_inner());
         if offset == 0 && snap.read_once {
-            snap.entries = self.union.list_dir(*ino)?;
+            snap.entries = Arc::new(self.union.list_dir(*ino)?);
         }
         snap.read_once = true;
         // Offsets: 1 = ".", 2 = "..", 3 + i = entry i (each offset names the next position).
         let skip = offset.saturating_sub(2) as usize;
-        Ok((*ino, snap.entries.iter().skip(skip).cloned().collect()))
+        Ok((*ino, snap.entries.clone(), skip))
     }
 
     fn check_access(&self, req: &Request, ino: u64, mask: AccessFlags) -> Result<(), Error> {
@@ -323,7 +417,9 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_ASYNC_READ
-            | InitFlags::FUSE_AUTO_INVAL_DATA;
+            | InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         let supported = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(supported) {
             log::debug!("kernel lacks {missing:?}");
@@ -367,7 +463,7 @@ impl Filesystem for LayerFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || match self.union.open(ino.0, flags.0) {
             Ok(fd) => {
-                let fh = self.add_handle(Handle::File { ino: ino.0, fd });
+                let fh = self.add_handle(Handle::File { fd });
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(errno(&e)),
@@ -424,7 +520,7 @@ impl Filesystem for LayerFs {
                 let fh = self.add_handle(Handle::Dir {
                     ino: ino.0,
                     entries: Mutex::new(DirSnapshot {
-                        entries,
+                        entries: Arc::new(entries),
                         read_once: false,
                     }),
                 });
@@ -443,7 +539,7 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectory,
     ) {
         guarded("readdir", || {
-            let (ino, entries) = match self.snapshot(fh, offset) {
+            let (ino, entries, skip) = match self.snapshot(fh, offset) {
                 Ok(s) => s,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -456,8 +552,8 @@ impl Filesystem for LayerFs {
                     return reply.ok();
                 }
             }
-            let first = offset.max(2) + 1;
-            for (i, e) in entries.iter().enumerate() {
+            let first = 3;
+            for (i, e) in entries.iter().enumerate().skip(skip) {
                 let child = self.union.entry_ino(ino, e).unwrap_or(u64::MAX);
                 let kind = dtype_file_type(e.top.dtype);
                 if reply.add(
@@ -482,7 +578,7 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         guarded("readdirplus", || {
-            let (ino, entries) = match self.snapshot(fh, offset) {
+            let (ino, entries, skip) = match self.snapshot(fh, offset) {
                 Ok(s) => s,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -501,8 +597,8 @@ impl Filesystem for LayerFs {
                     return reply.ok();
                 }
             }
-            let first = offset.max(2) + 1;
-            for (i, e) in entries.iter().enumerate() {
+            let first = 3;
+            for (i, e) in entries.iter().enumerate().skip(skip) {
                 // A full lookup: the kernel takes a reference on every entry it receives.
                 let attr = match self.union.lookup(ino, &e.name) {
                     Ok(a) => a,
@@ -570,6 +666,329 @@ impl Filesystem for LayerFs {
                 reply_xattr(reply, size, &buf)
             }
             Err(e) => reply.error(errno(&e)),
+        })
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        guarded("setattr", || {
+            let res = (|| {
+                let changes = SetAttr {
+                    mode,
+                    uid: self.host_uid(uid)?,
+                    gid: self.host_gid(gid)?,
+                    size,
+                    atime: set_time(atime),
+                    mtime: set_time(mtime),
+                };
+                let handle = fh.and_then(|fh| self.file_fd(fh).ok());
+                let fd = match handle.as_deref() {
+                    Some(Handle::File { fd, .. }) => Some(fd.as_fd()),
+                    _ => None,
+                };
+                self.union.setattr(ino.0, &changes, fd)
+            })();
+            self.reply_attr(reply, res)
+        })
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        guarded("mknod", || {
+            let res = self.union.mknod(
+                parent.0,
+                name.as_bytes(),
+                mode,
+                rdev as u64,
+                &Self::caller(req),
+            );
+            self.reply_entry(reply, res)
+        })
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        guarded("mkdir", || {
+            let res = self
+                .union
+                .mkdir(parent.0, name.as_bytes(), mode, &Self::caller(req));
+            self.reply_entry(reply, res)
+        })
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("unlink", || {
+            match self.union.remove(parent.0, name.as_bytes(), false) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("rmdir", || {
+            match self.union.remove(parent.0, name.as_bytes(), true) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        guarded("symlink", || {
+            let res = self.union.symlink(
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                &Self::caller(req),
+            );
+            self.reply_entry(reply, res)
+        })
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        guarded("rename", || {
+            match self.union.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            ) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        guarded("link", || {
+            let res = self.union.link(ino.0, newparent.0, newname.as_bytes());
+            self.reply_entry(reply, res)
+        })
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        guarded("create", || {
+            match self
+                .union
+                .create(parent.0, name.as_bytes(), mode, flags, &Self::caller(req))
+            {
+                Ok((attr, fd)) => {
+                    let fh = self.add_handle(Handle::File { fd });
+                    reply.created(
+                        &self.opts.ttl,
+                        &self.file_attr(&attr),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        guarded("write", || match self.do_write(fh, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        })
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fsync", || {
+            match self.with_fd(fh, |fd| sys::fsync(fd, datasync)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fsyncdir", || match self.union.fsync_dir(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        })
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        guarded("setxattr", || {
+            match self.union.setxattr(ino.0, name.as_bytes(), value, flags) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guarded("removexattr", || {
+            match self.union.removexattr(ino.0, name.as_bytes()) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        guarded("fallocate", || {
+            match self.with_fd(fh, |fd| sys::fallocate(fd, mode, offset, length)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        guarded("lseek", || {
+            match self.with_fd(fh, |fd| sys::lseek(fd, offset, whence)) {
+                Ok(off) => reply.offset(off),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        guarded("copy_file_range", || {
+            let res = (|| {
+                let src = self.file_fd(fh_in)?;
+                self.with_fd(fh_out, |dst| {
+                    let Handle::File { fd: src, .. } = &*src else {
+                        return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+                    };
+                    sys::copy_file_range(src.as_fd(), offset_in, dst, offset_out, len)
+                })
+            })();
+            match res {
+                Ok(n) => reply.written(n.min(u32::MAX as usize) as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
         })
     }
 

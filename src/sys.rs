@@ -788,6 +788,8 @@ pub struct RawDirEntry {
     pub ino: u64,
     /// `DT_*` value; `DT_UNKNOWN` (0) when the filesystem does not say.
     pub dtype: u8,
+    /// The directory offset after this entry (what `telldir` returns after reading it).
+    pub off: i64,
 }
 
 pub const DT_UNKNOWN: u8 = libc::DT_UNKNOWN;
@@ -811,14 +813,29 @@ pub struct DirReader {
 impl DirReader {
     /// Take a directory fd opened for reading (`O_RDONLY|O_DIRECTORY`) and read from offset 0.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        Self::with_buffer(fd, 32 * 1024)
+    }
+
+    /// Like [`DirReader::new`] with a `getdents64` buffer of `size` bytes (small buffers read a
+    /// directory in many chunks).
+    pub fn with_buffer(fd: OwnedFd, size: usize) -> io::Result<Self> {
         lseek(fd.as_fd(), 0, libc::SEEK_SET)?;
         Ok(DirReader {
             fd,
-            buf: vec![0u8; 32 * 1024],
+            buf: vec![0u8; size.max(512)],
             pos: 0,
             len: 0,
             done: false,
         })
+    }
+
+    /// Continue reading at a position returned in [`RawDirEntry::off`] (`seekdir`).
+    pub fn seek(&mut self, off: i64) -> io::Result<()> {
+        lseek(self.fd.as_fd(), off, libc::SEEK_SET)?;
+        self.pos = 0;
+        self.len = 0;
+        self.done = false;
+        Ok(())
     }
 
     /// The next entry, `Ok(None)` at the end.
@@ -851,6 +868,7 @@ impl DirReader {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let off = i64::from_ne_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
             let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
             let dtype = rec[18];
             if reclen < 19 || reclen > rec.len() {
@@ -870,6 +888,7 @@ impl DirReader {
                 name: name.to_vec(),
                 ino,
                 dtype,
+                off,
             }));
         }
     }

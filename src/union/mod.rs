@@ -12,9 +12,14 @@
 //! Slow work (copying file data up) runs without it. The inode table and each node have their
 //! own short mutexes; the lock order is `ns`, then a node, then the table.
 
+#![warn(clippy::significant_drop_in_scrutinee)]
+
 pub mod dirindex;
 pub mod inode;
 pub mod whiteout;
+mod write;
+
+pub use write::{Caller, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, copy_data};
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -64,7 +69,6 @@ pub struct DirEntry {
 }
 
 /// The union filesystem.
-#[allow(dead_code)] // write-path fields are used by the write path (next change)
 pub struct Union {
     layers: Vec<Layer>,
     upper: Option<u16>,
@@ -245,7 +249,6 @@ impl Union {
         self.ns.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    #[allow(dead_code)]
     fn write_ns(&self) -> RwLockWriteGuard<'_, ()> {
         self.ns.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -595,7 +598,8 @@ impl Union {
 
     /// Inode number of a directory entry without counting a lookup (plain readdir).
     pub fn entry_ino(&self, parent: u64, entry: &DirEntry) -> Result<u64> {
-        if let Some(ino) = self.table().child(parent, &entry.name) {
+        let ino_found = self.table().child(parent, &entry.name);
+        if let Some(ino) = ino_found {
             return Ok(ino);
         }
         let _ns = self.read_ns();
@@ -615,30 +619,6 @@ impl Union {
     /// Inode number of a node's parent (for `..`).
     pub fn parent_of(&self, ino: u64) -> u64 {
         self.table().parent(ino).unwrap_or(ROOT_INO)
-    }
-
-    /// Open a regular file. Opens that may write need the upper (copy-up comes with the write
-    /// path); on a lowers-only stack they fail with EROFS.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<OwnedFd> {
-        let acc = flags & libc::O_ACCMODE;
-        if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Err(Error::os(libc::EROFS));
-        }
-        let _ns = self.read_ns();
-        let (node, path) = self.node_path(ino)?;
-        let (layer, kind) = {
-            let s = node.lock();
-            (s.layer, s.kind)
-        };
-        if kind == sys::S_IFDIR {
-            return Err(Error::os(libc::EISDIR));
-        }
-        Ok(sys::open_beneath(
-            self.root_fd(layer),
-            &path,
-            acc | (flags & PASSED_OPEN_FLAGS),
-            0,
-        )?)
     }
 
     /// Filesystem statistics of the top layer.
@@ -678,7 +658,6 @@ impl Union {
     }
 
     /// A unique temporary name for the work directory.
-    #[allow(dead_code)]
     fn tmp_name(&self) -> Vec<u8> {
         format!(
             "#lfs.{}.{}",

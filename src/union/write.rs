@@ -1,0 +1,1389 @@
+//! The write path: copy-up, whiteouts, creation, removal, rename, attribute changes.
+//!
+//! Invariants kept for the upper (so kernel overlayfs mounts it the same way):
+//! * Nothing half-made is ever visible in the upper. Regular files are copied into an
+//!   `O_TMPFILE` in their upper parent and linked into place once complete (and synced unless the
+//!   mount is `volatile`); directories, symlinks and special files are built in the work
+//!   directory and renamed into place; whiteouts replace names with one rename.
+//! * A name removed from the view leaves a whiteout exactly when a lower layer would otherwise
+//!   show something under it; creating over a whiteout replaces it in one rename.
+//! * Renaming a directory that is not purely upper first copies its whole tree up and marks it
+//!   opaque, so the upper never depends on lower paths (no redirects) and stays a valid
+//!   kernel-overlayfs upper; nodes keep their inode numbers through the copy (origin xattr).
+//! * Copying file data happens without the namespace lock; every other step holds it
+//!   exclusively for a few system calls.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use super::dirindex::Top;
+use super::inode::{Node, ROOT_INO};
+use super::whiteout::{self, WhiteoutFormat};
+use super::{Attr, Union, dtype_of, join_path, split_path};
+use crate::error::{Error, Result};
+use crate::sys::{self, FileStat, SetTime, XTarget};
+
+/// Who asks for a change (ids as the kernel gives them: host ids).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    pub fn root() -> Caller {
+        Caller {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
+    }
+}
+
+/// Attribute changes of a `setattr`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// `RENAME_*` flags the union accepts.
+pub const RENAME_NOREPLACE: u32 = sys::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = sys::RENAME_EXCHANGE;
+
+fn erofs() -> Error {
+    Error::os(libc::EROFS)
+}
+
+/// What to create in [`Union::create_object`].
+enum NewObject<'a> {
+    File { flags: i32 },
+    Dir,
+    Special { rdev: u64 },
+    Symlink { target: &'a [u8] },
+}
+
+impl Union {
+    fn upper_layer(&self) -> Result<u16> {
+        self.upper.ok_or_else(erofs)
+    }
+
+    fn work_fd(&self) -> Result<BorrowedFd<'_>> {
+        self.work.as_ref().map(|w| w.as_fd()).ok_or_else(erofs)
+    }
+
+    fn is_upper_node(&self, node: &Node) -> bool {
+        Some(node.lock().layer) == self.upper
+    }
+
+    /// Open an upper directory by its union path.
+    fn upper_dir(&self, path: &[u8]) -> Result<OwnedFd> {
+        let upper = self.upper_layer()?;
+        Ok(self.open_dir_in(upper, path)?)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Metadata and data copying
+
+    /// Copy the user-visible xattrs of `src` onto `dst`, then record the origin inode number.
+    fn copy_xattrs(
+        &self,
+        src: XTarget<'_>,
+        dst: XTarget<'_>,
+        origin: u64,
+        symlink: bool,
+    ) -> Result<()> {
+        let names = match sys::xattr_list(src) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for name in names {
+            if whiteout::is_private_xattr(&name) {
+                continue;
+            }
+            let Some(value) = sys::xattr_get(src, &name)? else {
+                continue;
+            };
+            match sys::xattr_set(dst, &name, &value, 0) {
+                Ok(()) => {}
+                // Not every filesystem takes every namespace (e.g. user.* on symlinks).
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) =>
+                {
+                    log::debug!("copy-up: xattr {} not copied: {e}", name.escape_ascii())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !(symlink && self.xattr_ns == whiteout::XattrNs::User) {
+            let _ = sys::xattr_set(dst, self.xattr_ns.origin(), &origin.to_le_bytes(), 0);
+        }
+        Ok(())
+    }
+
+    /// Give a freshly made object in `dir`/`name` the owner, mode, xattrs and times of `st`.
+    /// Order matters: chown clears setuid bits and file capabilities, so it goes first.
+    fn apply_meta_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        st: &FileStat,
+        src: XTarget<'_>,
+        origin: u64,
+    ) -> Result<()> {
+        sys::chown_at(dir, name, Some(st.uid), Some(st.gid))?;
+        if !st.is_symlink() {
+            sys::chmod_at(dir, name, st.perm())?;
+        }
+        self.copy_xattrs(src, XTarget::At(dir, name), origin, st.is_symlink())?;
+        sys::utimens_at(dir, name, SetTime::At(st.atime), SetTime::At(st.mtime))?;
+        Ok(())
+    }
+
+    fn apply_meta_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        st: &FileStat,
+        src: XTarget<'_>,
+        origin: u64,
+    ) -> Result<()> {
+        sys::fchown(fd, Some(st.uid), Some(st.gid))?;
+        sys::fchmod(fd, st.perm())?;
+        self.copy_xattrs(src, XTarget::Fd(fd), origin, false)?;
+        sys::futimens(fd, SetTime::At(st.atime), SetTime::At(st.mtime))?;
+        Ok(())
+    }
+
+    /// Stable number to record for an object copied up from `st`.
+    fn origin_for(&self, known: Option<u64>, st: &FileStat) -> u64 {
+        known.unwrap_or_else(|| self.table().inos.map(st.dev, st.ino).unwrap_or(st.ino))
+    }
+
+    /// Copy a regular file from `src_dir`/`name` (in a lower) into a new unnamed file in
+    /// `dst_dir` (the upper parent). Returns the unnamed file, complete and synced.
+    fn copy_file_data(
+        &self,
+        src_dir: BorrowedFd<'_>,
+        name: &[u8],
+        dst_dir: BorrowedFd<'_>,
+        origin: Option<u64>,
+        with_data: bool,
+    ) -> Result<(OwnedFd, FileStat)> {
+        let src = sys::open_at(src_dir, name, libc::O_RDONLY, 0)?;
+        let st = sys::fstat(src.as_fd())?;
+        let tmp = sys::open_tmpfile(dst_dir, libc::O_RDWR, 0o600)?;
+        if with_data {
+            copy_data(src.as_fd(), tmp.as_fd(), st.size)?;
+        }
+        let origin = self.origin_for(origin, &st);
+        self.apply_meta_fd(tmp.as_fd(), &st, XTarget::Fd(src.as_fd()), origin)?;
+        if self.fsync {
+            sys::fsync(tmp.as_fd(), false)?;
+        }
+        Ok((tmp, st))
+    }
+
+    /// Copy a non-regular, non-directory object (symlink, fifo, device, socket) into
+    /// `dst_dir`/`name` through the work directory.
+    fn copy_special(
+        &self,
+        src_dir: BorrowedFd<'_>,
+        name: &[u8],
+        dst_dir: BorrowedFd<'_>,
+        origin: Option<u64>,
+    ) -> Result<FileStat> {
+        let work = self.work_fd()?;
+        let st = sys::stat_at(src_dir, name)?;
+        let tmp = self.tmp_name();
+        if st.is_symlink() {
+            let target = sys::readlink_at(src_dir, name)?;
+            sys::symlink_at(&target, work, &tmp)?;
+        } else {
+            sys::mknod_at(work, &tmp, st.file_type() | 0o600, st.rdev)?;
+        }
+        let origin = self.origin_for(origin, &st);
+        let res = self
+            .apply_meta_at(work, &tmp, &st, XTarget::At(src_dir, name), origin)
+            .and_then(|()| {
+                Ok(sys::rename_at(
+                    work,
+                    &tmp,
+                    dst_dir,
+                    name,
+                    sys::RENAME_NOREPLACE,
+                )?)
+            });
+        if res.is_err() {
+            let _ = sys::unlink_at(work, &tmp, false);
+        }
+        res.map(|()| st)
+    }
+
+    /// Make the upper copy of directory `name` (not its contents) in `dst_dir`.
+    fn copy_dir_shell(
+        &self,
+        src_dir: BorrowedFd<'_>,
+        name: &[u8],
+        dst_dir: BorrowedFd<'_>,
+        origin: Option<u64>,
+        opaque: bool,
+    ) -> Result<FileStat> {
+        let work = self.work_fd()?;
+        let st = sys::stat_at(src_dir, name)?;
+        let tmp = self.tmp_name();
+        sys::mkdir_at(work, &tmp, 0o700)?;
+        let origin = self.origin_for(origin, &st);
+        let res = (|| -> Result<()> {
+            self.apply_meta_at(work, &tmp, &st, XTarget::At(src_dir, name), origin)?;
+            if opaque {
+                self.set_opaque(work, &tmp)?;
+            }
+            sys::rename_at(work, &tmp, dst_dir, name, sys::RENAME_NOREPLACE)?;
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = sys::unlink_at(work, &tmp, true);
+        }
+        res.map(|()| st)
+    }
+
+    fn set_opaque(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
+        let target = if name.is_empty() {
+            XTarget::Fd(dir)
+        } else {
+            XTarget::At(dir, name)
+        };
+        Ok(sys::xattr_set(target, self.xattr_ns.opaque(), b"y", 0)?)
+    }
+
+    /// Restore a directory's times after we changed its entries on behalf of a copy-up (which
+    /// must not look like a change to users).
+    fn keep_times<T>(&self, dir: BorrowedFd<'_>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let before = sys::fstat(dir)?;
+        let out = f()?;
+        let _ = sys::futimens(dir, SetTime::At(before.atime), SetTime::At(before.mtime));
+        Ok(out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Copy-up of nodes
+
+    /// Make sure directory `ino` and all its ancestors exist in the upper.
+    fn ensure_upper_dir(&self, ino: u64) -> Result<()> {
+        self.upper_layer()?;
+        loop {
+            // The chain from `ino` up to the root, collected under the table lock; node locks
+            // are taken only after it is released.
+            let chain: Vec<Arc<Node>> = {
+                let t = self.table();
+                let mut chain = Vec::new();
+                let mut cur = ino;
+                while cur != ROOT_INO {
+                    chain.push(t.get(cur).cloned().ok_or_else(|| Error::os(libc::ESTALE))?);
+                    cur = t.parent(cur).ok_or_else(|| Error::os(libc::ENOENT))?;
+                    if chain.len() > 4096 {
+                        return Err(Error::os(libc::ELOOP));
+                    }
+                }
+                chain
+            };
+            // The topmost ancestor not yet in the upper goes first.
+            match chain.into_iter().rev().find(|n| !self.is_upper_node(n)) {
+                None => return Ok(()),
+                Some(node) => self.copy_up_node(&node, true)?,
+            }
+        }
+    }
+
+    /// Copy one node up (its parent must already be in the upper, except when called through
+    /// [`Union::copy_up`]). `with_data` false makes an empty copy (open with O_TRUNC).
+    fn copy_up_node(&self, node: &Arc<Node>, with_data: bool) -> Result<()> {
+        let _one = node.copy_up.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_upper_node(node) {
+            return Ok(());
+        }
+        let kind = node.lock().kind;
+        if kind == sys::S_IFREG {
+            return self.copy_up_file(node, with_data);
+        }
+        let _w = self.write_ns();
+        if self.is_upper_node(node) {
+            return Ok(());
+        }
+        let (path, parent) = {
+            let t = self.table();
+            (
+                t.path(node.ino).ok_or_else(|| Error::os(libc::ENOENT))?,
+                t.parent(node.ino).unwrap_or(ROOT_INO),
+            )
+        };
+        let (ppath, name) = split_path(&path);
+        let layer = node.lock().layer;
+        let src_dir = self.open_dir_in(layer, ppath)?;
+        let dst_dir = self.upper_dir(ppath)?;
+        let st = self.keep_times(dst_dir.as_fd(), || {
+            if kind == sys::S_IFDIR {
+                self.copy_dir_shell(
+                    src_dir.as_fd(),
+                    name,
+                    dst_dir.as_fd(),
+                    Some(node.ino),
+                    false,
+                )
+            } else {
+                self.copy_special(src_dir.as_fd(), name, dst_dir.as_fd(), Some(node.ino))
+            }
+        })?;
+        let new = sys::stat_at(dst_dir.as_fd(), name)?;
+        let _ = st;
+        self.finish_copy_up(node, parent, name, &new);
+        Ok(())
+    }
+
+    /// Bookkeeping after a node's object appeared in the upper.
+    fn finish_copy_up(&self, node: &Node, parent: u64, name: &[u8], new: &FileStat) {
+        let upper = self.upper.unwrap_or(0);
+        {
+            let mut s = node.lock();
+            s.layer = upper;
+            if s.kind == sys::S_IFDIR && s.merge.first() != Some(&upper) {
+                s.merge.insert(0, upper);
+            }
+            s.backing = (new.dev, new.ino);
+        }
+        let pnode = self.table().get(parent).cloned();
+        if let Some(pnode) = pnode {
+            if let Some(idx) = pnode.lock().index.as_mut() {
+                idx.copied_up(name);
+            }
+        }
+        self.table().rebind(node.ino, (new.dev, new.ino));
+    }
+
+    /// Copy a regular file up. The data is copied without the namespace lock.
+    fn copy_up_file(&self, node: &Arc<Node>, with_data: bool) -> Result<()> {
+        let parent = self
+            .table()
+            .parent(node.ino)
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        self.ensure_upper_dir(parent)?;
+        let (tmp, layer) = {
+            let _r = self.read_ns();
+            let path = self
+                .table()
+                .path(node.ino)
+                .ok_or_else(|| Error::os(libc::ENOENT))?;
+            let (ppath, name) = split_path(&path);
+            let layer = node.lock().layer;
+            let src_dir = self.open_dir_in(layer, ppath)?;
+            let dst_dir = self.upper_dir(ppath)?;
+            let src = sys::open_at(src_dir.as_fd(), name, libc::O_RDONLY, 0)?;
+            let tmp = sys::open_tmpfile(dst_dir.as_fd(), libc::O_RDWR, 0o600)?;
+            ((src, tmp), layer)
+        };
+        let (src, tmp) = tmp;
+        let st = sys::fstat(src.as_fd())?;
+        if with_data {
+            copy_data(src.as_fd(), tmp.as_fd(), st.size)?;
+        }
+        self.apply_meta_fd(tmp.as_fd(), &st, XTarget::Fd(src.as_fd()), node.ino)?;
+        if self.fsync {
+            sys::fsync(tmp.as_fd(), false)?;
+        }
+        let _w = self.write_ns();
+        if self.is_upper_node(node) || node.lock().layer != layer {
+            // Copied by a directory rename meanwhile; our copy is dropped with `tmp`.
+            return Ok(());
+        }
+        let path = self
+            .table()
+            .path(node.ino)
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let (ppath, name) = split_path(&path);
+        let parent = self.table().parent(node.ino).unwrap_or(ROOT_INO);
+        let dst_dir = self.upper_dir(ppath)?;
+        self.keep_times(dst_dir.as_fd(), || {
+            Ok(sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), name)?)
+        })?;
+        if self.fsync {
+            let _ = sys::fsync(dst_dir.as_fd(), false);
+        }
+        let new = sys::fstat(tmp.as_fd())?;
+        self.finish_copy_up(node, parent, name, &new);
+        Ok(())
+    }
+
+    /// Copy node `ino` up (with its ancestors).
+    pub fn copy_up(&self, ino: u64) -> Result<()> {
+        self.upper_layer()?;
+        let node = self.node(ino)?;
+        if self.is_upper_node(&node) {
+            return Ok(());
+        }
+        let parent_found = self.table().parent(ino);
+        if let Some(parent) = parent_found {
+            self.ensure_upper_dir(parent)?;
+        }
+        self.copy_up_node(&node, true)
+    }
+
+    /// Copy a whole directory tree up and mark its root opaque, so it no longer depends on
+    /// what the lowers hold at its path (before renaming it). Runs under the exclusive lock.
+    fn copy_up_tree(&self, ino: u64) -> Result<()> {
+        let node = self.node(ino)?;
+        let merged = {
+            let s = node.lock();
+            s.merge.len() > 1 || Some(s.layer) != self.upper
+        };
+        if !merged {
+            return Ok(());
+        }
+        self.ensure_upper_dir(ino)?;
+        let _w = self.write_ns();
+        let path = self
+            .table()
+            .path(ino)
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let merge = node.lock().merge.clone();
+        let mut links = HashMap::new();
+        self.copy_tree_locked(&path, &merge, Some(ino), &mut links)?;
+        let dir = self.upper_dir(&path)?;
+        self.set_opaque(dir.as_fd(), b"")?;
+        {
+            let mut s = node.lock();
+            s.merge = vec![self.upper.unwrap_or(0)];
+            s.index = None;
+        }
+        Ok(())
+    }
+
+    fn copy_tree_locked(
+        &self,
+        path: &[u8],
+        merge: &[u16],
+        dir_ino: Option<u64>,
+        links: &mut HashMap<(u64, u64), Vec<u8>>,
+    ) -> Result<()> {
+        let upper = self.upper_layer()?;
+        let index = self.build_index(merge, path)?;
+        let dst_dir = self.upper_dir(path)?;
+        // The directory becomes self-contained: whiteouts in it have nothing left to hide.
+        for name in index.upper_whiteouts() {
+            let _ = sys::unlink_at(dst_dir.as_fd(), name, false);
+        }
+        for (name, top) in index.listing() {
+            let child_path = join_path(path, &name);
+            let child_ino = dir_ino.and_then(|d| self.table().child(d, &name));
+            let dir_layers: Vec<u16> = index
+                .visible(&name)
+                .map(|(_, d)| d.to_vec())
+                .unwrap_or_default();
+            if top.layer != upper {
+                let src_dir = self.open_dir_in(top.layer, path)?;
+                let st = sys::stat_at(src_dir.as_fd(), &name)?;
+                let origin = child_ino.or_else(|| self.table().inos.map(st.dev, st.ino));
+                if top.is_dir() {
+                    self.copy_dir_shell(src_dir.as_fd(), &name, dst_dir.as_fd(), origin, false)?;
+                } else if st.is_reg() {
+                    match links.get(&(st.dev, st.ino)) {
+                        Some(first) if st.nlink > 1 => {
+                            let (fdir, fname) = split_path(first);
+                            let fdir = self.upper_dir(fdir)?;
+                            sys::link_at(fdir.as_fd(), fname, dst_dir.as_fd(), &name)?;
+                        }
+                        _ => {
+                            let (tmp, _) = self.copy_file_data(
+                                src_dir.as_fd(),
+                                &name,
+                                dst_dir.as_fd(),
+                                origin,
+                                true,
+                            )?;
+                            sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), &name)?;
+                            if st.nlink > 1 {
+                                links.insert((st.dev, st.ino), child_path.clone());
+                            }
+                        }
+                    }
+                } else {
+                    self.copy_special(src_dir.as_fd(), &name, dst_dir.as_fd(), origin)?;
+                }
+            }
+            if top.is_dir() {
+                let mut sub = vec![upper];
+                if dir_layers.len() > 1 || top.layer != upper {
+                    let cut = self.cut_opaque(&child_path, &dir_layers)?;
+                    sub.extend(cut.into_iter().filter(|&l| l != upper));
+                }
+                if sub.len() > 1 {
+                    self.copy_tree_locked(&child_path, &sub, child_ino, links)?;
+                }
+            }
+            if let Some(ci) = child_ino {
+                let child = self.table().get(ci).cloned();
+                if let Some(child) = child {
+                    let new = sys::stat_at(dst_dir.as_fd(), &name)?;
+                    {
+                        let mut s = child.lock();
+                        s.layer = upper;
+                        s.backing = (new.dev, new.ino);
+                        if s.kind == sys::S_IFDIR {
+                            s.merge = vec![upper];
+                            s.index = None;
+                        }
+                    }
+                    self.table().rebind(ci, (new.dev, new.ino));
+                }
+            }
+        }
+        if self.fsync {
+            let _ = sys::fsync(dst_dir.as_fd(), false);
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Whiteouts
+
+    /// Build a whiteout in the work directory; returns its name there.
+    fn make_whiteout_in_work(&self) -> Result<Vec<u8>> {
+        let work = self.work_fd()?;
+        let tmp = self.tmp_name();
+        match self.wh_format {
+            WhiteoutFormat::CharDev => sys::mknod_at(work, &tmp, sys::S_IFCHR, 0)?,
+            WhiteoutFormat::UserXattr => {
+                let fd =
+                    sys::open_at(work, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0)?;
+                sys::xattr_set(XTarget::Fd(fd.as_fd()), whiteout::USER_WHITEOUT, b"y", 0)?;
+            }
+        }
+        Ok(tmp)
+    }
+
+    /// In the userxattr format a directory holding xattr whiteouts must say so.
+    fn mark_xwhiteouts(&self, dir: BorrowedFd<'_>) -> Result<()> {
+        if self.wh_format == WhiteoutFormat::UserXattr {
+            let cur = sys::xattr_get(XTarget::Fd(dir), whiteout::USER_OPAQUE)?;
+            if cur.as_deref() != Some(b"y") {
+                sys::xattr_set(XTarget::Fd(dir), whiteout::USER_OPAQUE, b"x", 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Put a whiteout at `dir`/`name`, replacing a non-directory there.
+    fn whiteout_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
+        self.mark_xwhiteouts(dir)?;
+        let work = self.work_fd()?;
+        let wh = self.make_whiteout_in_work()?;
+        if let Err(e) = sys::rename_at(work, &wh, dir, name, 0) {
+            let _ = sys::unlink_at(work, &wh, false);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Remove the upper directory `dir`/`name` (whose union view is empty) and, when `whiteout`,
+    /// leave a whiteout in its place, in one step.
+    fn remove_upper_dir(&self, dir: BorrowedFd<'_>, name: &[u8], whiteout: bool) -> Result<()> {
+        let work = self.work_fd()?;
+        let tmp = if whiteout {
+            self.mark_xwhiteouts(dir)?;
+            let wh = self.make_whiteout_in_work()?;
+            if let Err(e) = sys::rename_at(work, &wh, dir, name, sys::RENAME_EXCHANGE) {
+                let _ = sys::unlink_at(work, &wh, false);
+                return Err(e.into());
+            }
+            wh
+        } else {
+            match sys::unlink_at(dir, name, true) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let tmp = self.tmp_name();
+            sys::rename_at(dir, name, work, &tmp, 0)?;
+            tmp
+        };
+        let old = sys::open_dir_beneath(work, &tmp)?;
+        super::remove_contents(old.as_fd())?;
+        sys::unlink_at(work, &tmp, true)?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Creation
+
+    /// Owner and group a new object gets: the caller, or the directory's group when the
+    /// directory is setgid (which new directories inherit).
+    fn new_owner(&self, caller: &Caller, parent_st: &FileStat) -> (u32, u32, bool) {
+        if parent_st.mode & libc::S_ISGID != 0 {
+            (caller.uid, parent_st.gid, true)
+        } else {
+            (caller.uid, caller.gid, false)
+        }
+    }
+
+    /// Create a new object in the upper under `parent`/`name`: directly when the name is free
+    /// in the upper, through the work directory when a whiteout must be replaced. Returns its
+    /// attributes (one lookup counted) and, for files, the open descriptor.
+    fn create_object(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        what: NewObject<'_>,
+        caller: &Caller,
+    ) -> Result<(Attr, Option<OwnedFd>)> {
+        if name.len() > sys::NAME_MAX {
+            return Err(Error::os(libc::ENAMETOOLONG));
+        }
+        self.upper_layer()?;
+        self.ensure_upper_dir(parent)?;
+        let _w = self.write_ns();
+        let (pnode, ppath) = self.node_path(parent)?;
+        let entry = self.with_index(&pnode, &ppath, |idx| idx.get(name).cloned())?;
+        if entry.as_ref().is_some_and(|e| e.top.is_some()) {
+            return Err(Error::os(libc::EEXIST));
+        }
+        let over_whiteout = entry.as_ref().is_some_and(|e| e.upper_whiteout);
+        let lower_below = entry.as_ref().is_some_and(|e| e.lower_visible);
+        let dir = self.upper_dir(&ppath)?;
+        let pst = sys::fstat(dir.as_fd())?;
+        let (uid, gid, sgid_dir) = self.new_owner(caller, &pst);
+        let perm = mode & 0o7777;
+        let work = self.work_fd()?;
+        // Where the object is made: in place, or in the work dir to be renamed over a whiteout.
+        let (mk_dir, mk_name): (BorrowedFd<'_>, Vec<u8>) = if over_whiteout {
+            (work, self.tmp_name())
+        } else {
+            (dir.as_fd(), name.to_vec())
+        };
+        let mut fd = None;
+        let kind;
+        match &what {
+            NewObject::File { flags } => {
+                let f = sys::open_at(
+                    mk_dir,
+                    &mk_name,
+                    (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+                        | libc::O_CREAT
+                        | libc::O_EXCL,
+                    0o600,
+                )?;
+                fd = Some(f);
+                kind = sys::S_IFREG;
+            }
+            NewObject::Dir => {
+                sys::mkdir_at(mk_dir, &mk_name, 0o700)?;
+                kind = sys::S_IFDIR;
+            }
+            NewObject::Special { rdev } => {
+                let t = mode & sys::S_IFMT;
+                if t == sys::S_IFCHR && *rdev == 0 {
+                    // A 0/0 character device is how whiteouts are stored; users may not make one.
+                    return Err(Error::os(libc::EPERM));
+                }
+                sys::mknod_at(mk_dir, &mk_name, t | 0o600, *rdev)?;
+                kind = t;
+            }
+            NewObject::Symlink { target } => {
+                sys::symlink_at(target, mk_dir, &mk_name)?;
+                kind = sys::S_IFLNK;
+            }
+        }
+        let finish = || -> Result<()> {
+            sys::chown_at(mk_dir, &mk_name, Some(uid), Some(gid))?;
+            if kind != sys::S_IFLNK {
+                let mut p = perm;
+                if kind == sys::S_IFDIR && sgid_dir {
+                    p |= libc::S_ISGID;
+                }
+                if kind != sys::S_IFDIR
+                    && p & libc::S_ISGID != 0
+                    && caller.uid != 0
+                    && gid != caller.gid
+                    && !sys::process_groups(caller.pid).contains(&gid)
+                {
+                    p &= !libc::S_ISGID;
+                }
+                sys::chmod_at(mk_dir, &mk_name, p)?;
+            }
+            if kind == sys::S_IFDIR && lower_below {
+                self.set_opaque(mk_dir, &mk_name)?;
+            }
+            if over_whiteout {
+                if kind == sys::S_IFDIR {
+                    sys::rename_at(work, &mk_name, dir.as_fd(), name, sys::RENAME_EXCHANGE)?;
+                    sys::unlink_at(work, &mk_name, false)?;
+                } else {
+                    sys::rename_at(work, &mk_name, dir.as_fd(), name, 0)?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            let _ = sys::unlink_at(mk_dir, &mk_name, kind == sys::S_IFDIR);
+            return Err(e);
+        }
+        if self.fsync && over_whiteout {
+            let _ = sys::fsync(dir.as_fd(), false);
+        }
+        let st = sys::stat_at(dir.as_fd(), name)?;
+        let upper = self.upper_layer()?;
+        if let Some(idx) = pnode.lock().index.as_mut() {
+            idx.created(name, dtype_of(st.mode));
+        }
+        let node = {
+            let mut t = self.table();
+            let preferred = t.inos.map(st.dev, st.ino);
+            t.lookup(parent, name, (st.dev, st.ino), preferred, |ino| {
+                Node::new(
+                    ino,
+                    super::inode::NodeState {
+                        kind,
+                        layer: upper,
+                        merge: if kind == sys::S_IFDIR {
+                            vec![upper]
+                        } else {
+                            Vec::new()
+                        },
+                        backing: (st.dev, st.ino),
+                        index: None,
+                        unlinked: false,
+                    },
+                )
+            })
+        };
+        Ok((self.attr_of(&node, st), fd))
+    }
+
+    /// `create`: make and open a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: &Caller,
+    ) -> Result<(Attr, OwnedFd)> {
+        let (attr, fd) =
+            self.create_object(parent, name, mode, NewObject::File { flags }, caller)?;
+        let fd = fd.ok_or_else(|| Error::os(libc::EIO))?;
+        Ok((attr, fd))
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        caller: &Caller,
+    ) -> Result<Attr> {
+        let what = if mode & sys::S_IFMT == sys::S_IFREG || mode & sys::S_IFMT == 0 {
+            NewObject::File {
+                flags: libc::O_WRONLY,
+            }
+        } else {
+            NewObject::Special { rdev }
+        };
+        Ok(self.create_object(parent, name, mode, what, caller)?.0)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, caller: &Caller) -> Result<Attr> {
+        Ok(self
+            .create_object(parent, name, mode, NewObject::Dir, caller)?
+            .0)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        caller: &Caller,
+    ) -> Result<Attr> {
+        Ok(self
+            .create_object(parent, name, 0o777, NewObject::Symlink { target }, caller)?
+            .0)
+    }
+
+    /// Hard link `ino` as `newparent`/`newname`. The source is copied up first.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        if newname.len() > sys::NAME_MAX {
+            return Err(Error::os(libc::ENAMETOOLONG));
+        }
+        self.copy_up(ino)?;
+        self.ensure_upper_dir(newparent)?;
+        let _w = self.write_ns();
+        let (node, src_path) = self.node_path(ino)?;
+        if node.lock().kind == sys::S_IFDIR {
+            return Err(Error::os(libc::EPERM));
+        }
+        let (pnode, ppath) = self.node_path(newparent)?;
+        let entry = self.with_index(&pnode, &ppath, |idx| idx.get(newname).cloned())?;
+        if entry.as_ref().is_some_and(|e| e.top.is_some()) {
+            return Err(Error::os(libc::EEXIST));
+        }
+        let (sdir, sname) = split_path(&src_path);
+        let sdir = self.upper_dir(sdir)?;
+        let ddir = self.upper_dir(&ppath)?;
+        if entry.as_ref().is_some_and(|e| e.upper_whiteout) {
+            let work = self.work_fd()?;
+            let tmp = self.tmp_name();
+            sys::link_at(sdir.as_fd(), sname, work, &tmp)?;
+            if let Err(e) = sys::rename_at(work, &tmp, ddir.as_fd(), newname, 0) {
+                let _ = sys::unlink_at(work, &tmp, false);
+                return Err(e.into());
+            }
+        } else {
+            sys::link_at(sdir.as_fd(), sname, ddir.as_fd(), newname)?;
+        }
+        let st = sys::stat_at(ddir.as_fd(), newname)?;
+        if let Some(idx) = pnode.lock().index.as_mut() {
+            idx.created(newname, dtype_of(st.mode));
+        }
+        {
+            let mut t = self.table();
+            t.add_link(ino, newparent, newname);
+            t.add_lookup(ino);
+        }
+        node.lock().unlinked = false;
+        Ok(self.attr_of(&node, st))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Removal
+
+    /// `unlink` (`dir` false) or `rmdir` (`dir` true).
+    pub fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+        self.upper_layer()?;
+        let (pnode, top) = {
+            let _r = self.read_ns();
+            let (pnode, ppath) = self.node_path(parent)?;
+            let top = self.with_index(&pnode, &ppath, |idx| idx.visible(name).map(|(t, _)| t))?;
+            (pnode, top.ok_or_else(|| Error::os(libc::ENOENT))?)
+        };
+        if dir && !top.is_dir() {
+            return Err(Error::os(libc::ENOTDIR));
+        }
+        if !dir && top.is_dir() {
+            return Err(Error::os(libc::EISDIR));
+        }
+        self.ensure_upper_dir(parent)?;
+        if dir {
+            // The kernel looked the directory up before rmdir (and holds its lock), so the node
+            // is known; its index tells whether it is empty in the union.
+            let child = self.lookup_known(parent, name)?;
+            let _r = self.read_ns();
+            let cpath = self
+                .table()
+                .path(child.ino)
+                .ok_or_else(|| Error::os(libc::ENOENT))?;
+            if !self.with_index(&child, &cpath, |idx| idx.is_empty())? {
+                return Err(Error::os(libc::ENOTEMPTY));
+            }
+        }
+        let _w = self.write_ns();
+        let ppath = self
+            .table()
+            .path(parent)
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let (top, needs_wh) = self
+            .with_index(&pnode, &ppath, |idx| {
+                idx.visible(name)
+                    .map(|(t, _)| (t, idx.needs_whiteout(name)))
+            })?
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let upper = self.upper_layer()?;
+        let udir = self.upper_dir(&ppath)?;
+        let mut last_link = true;
+        if top.layer == upper {
+            let st = sys::stat_at(udir.as_fd(), name)?;
+            last_link = st.nlink <= 1 || dir;
+            if dir {
+                self.remove_upper_dir(udir.as_fd(), name, needs_wh)?;
+            } else if needs_wh {
+                self.whiteout_at(udir.as_fd(), name)?;
+            } else {
+                sys::unlink_at(udir.as_fd(), name, false)?;
+            }
+        } else {
+            if !dir {
+                let src = self.open_dir_in(top.layer, &ppath)?;
+                last_link = sys::stat_at(src.as_fd(), name)?.nlink <= 1;
+            }
+            self.whiteout_at(udir.as_fd(), name)?;
+        }
+        if let Some(idx) = pnode.lock().index.as_mut() {
+            idx.removed(name);
+        }
+        let mut t = self.table();
+        if let Some(ino) = t.remove_link(parent, name) {
+            if let Some(node) = t.get(ino).cloned() {
+                if !t.has_links(ino) && last_link {
+                    node.lock().unlinked = true;
+                    t.unbind(ino);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node known as `parent`/`name`, looked up if the table lacks it (the lookup is
+    /// given back at once).
+    fn lookup_known(&self, parent: u64, name: &[u8]) -> Result<Arc<Node>> {
+        let ino_found = self.table().child(parent, name);
+        if let Some(ino) = ino_found {
+            return self.node(ino);
+        }
+        let attr = self.lookup(parent, name)?;
+        let node = self.node(attr.ino);
+        self.forget(attr.ino, 1);
+        node
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Rename
+
+    /// `rename(2)` with flags 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        self.upper_layer()?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(Error::os(libc::EINVAL));
+        }
+        if newname.len() > sys::NAME_MAX {
+            return Err(Error::os(libc::ENAMETOOLONG));
+        }
+        let exchange = flags & RENAME_EXCHANGE != 0;
+        let src = self.lookup_known(parent, name)?;
+        let dst = match self.lookup_known(newparent, newname) {
+            Ok(n) => Some(n),
+            Err(e) if e.is(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if exchange && dst.is_none() {
+            return Err(Error::os(libc::ENOENT));
+        }
+        if flags & RENAME_NOREPLACE != 0 && dst.is_some() {
+            return Err(Error::os(libc::EEXIST));
+        }
+        if dst.as_ref().is_some_and(|d| d.ino == src.ino) {
+            // Two names of one file: POSIX says do nothing.
+            return Ok(());
+        }
+        let src_dir = src.lock().kind == sys::S_IFDIR;
+        let dst_dir = dst.as_ref().map(|d| d.lock().kind == sys::S_IFDIR);
+        if !exchange {
+            match (src_dir, dst_dir) {
+                (true, Some(false)) => return Err(Error::os(libc::ENOTDIR)),
+                (false, Some(true)) => return Err(Error::os(libc::EISDIR)),
+                _ => {}
+            }
+        }
+        if let (Some(d), Some(true), false) = (&dst, dst_dir, exchange) {
+            let _r = self.read_ns();
+            let dpath = self
+                .table()
+                .path(d.ino)
+                .ok_or_else(|| Error::os(libc::ENOENT))?;
+            if !self.with_index(d, &dpath, |idx| idx.is_empty())? {
+                return Err(Error::os(libc::ENOTEMPTY));
+            }
+        }
+        // Everything that moves must live in the upper first.
+        self.ensure_upper_dir(parent)?;
+        self.ensure_upper_dir(newparent)?;
+        if src_dir {
+            self.copy_up_tree(src.ino)?;
+        } else {
+            self.copy_up(src.ino)?;
+        }
+        if exchange {
+            if let Some(d) = &dst {
+                if dst_dir == Some(true) {
+                    self.copy_up_tree(d.ino)?;
+                } else {
+                    self.copy_up(d.ino)?;
+                }
+            }
+        }
+        let _w = self.write_ns();
+        let (pnode, ppath) = self.node_path(parent)?;
+        let (npnode, nppath) = self.node_path(newparent)?;
+        let sdir = self.upper_dir(&ppath)?;
+        let ddir = self.upper_dir(&nppath)?;
+        let src_entry = self
+            .with_index(&pnode, &ppath, |idx| idx.get(name).cloned())?
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let dst_entry = self.with_index(&npnode, &nppath, |idx| idx.get(newname).cloned())?;
+        let src_top = src_entry.top.ok_or_else(|| Error::os(libc::ENOENT))?;
+        let upper = self.upper_layer()?;
+        if exchange {
+            let dst_top = dst_entry
+                .as_ref()
+                .and_then(|e| e.top)
+                .ok_or_else(|| Error::os(libc::ENOENT))?;
+            // A pure-upper directory moving where lower entries exist must hide them.
+            if src_top.is_dir() && dst_entry.as_ref().is_some_and(|e| e.lower_visible) {
+                self.set_opaque(sdir.as_fd(), name)?;
+            }
+            if dst_top.is_dir() && src_entry.lower_visible {
+                self.set_opaque(ddir.as_fd(), newname)?;
+            }
+            sys::rename_at(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                sys::RENAME_EXCHANGE,
+            )?;
+            if let Some(idx) = pnode.lock().index.as_mut() {
+                idx.created(name, dst_top.dtype);
+            }
+            if let Some(idx) = npnode.lock().index.as_mut() {
+                idx.created(newname, src_top.dtype);
+            }
+            self.table().exchange((parent, name), (newparent, newname));
+            return Ok(());
+        }
+        let src_needs_wh = src_entry.lower_visible;
+        let dst_visible = dst_entry.as_ref().and_then(|e| e.top);
+        let dst_whiteout = dst_entry.as_ref().is_some_and(|e| e.upper_whiteout);
+        let dst_lower = dst_entry.as_ref().is_some_and(|e| e.lower_visible);
+        if src_top.is_dir() && dst_lower {
+            self.set_opaque(sdir.as_fd(), name)?;
+        }
+        let mut replaced_last_link = false;
+        if let Some(dt) = dst_visible {
+            if dt.layer == upper {
+                let st = sys::stat_at(ddir.as_fd(), newname)?;
+                replaced_last_link = st.nlink <= 1 || dt.is_dir();
+                if dt.is_dir() {
+                    // Empty in the union, but its upper copy may still hold whiteouts.
+                    let sub = sys::open_dir_beneath(ddir.as_fd(), newname)?;
+                    super::remove_contents(sub.as_fd())?;
+                }
+            } else {
+                replaced_last_link = true;
+            }
+        }
+        let target_in_upper = dst_visible.is_some_and(|t| t.layer == upper) || dst_whiteout;
+        if src_top.is_dir() && target_in_upper && !dst_visible.is_some_and(|t| t.is_dir()) {
+            // A directory cannot replace the whiteout by rename: swap, then drop or keep the
+            // whiteout at the old name.
+            sys::rename_at(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                sys::RENAME_EXCHANGE,
+            )?;
+            if !src_needs_wh {
+                sys::unlink_at(sdir.as_fd(), name, false)?;
+            }
+        } else if src_needs_wh && self.wh_format == WhiteoutFormat::CharDev {
+            sys::rename_at(
+                sdir.as_fd(),
+                name,
+                ddir.as_fd(),
+                newname,
+                sys::RENAME_WHITEOUT,
+            )?;
+        } else {
+            sys::rename_at(sdir.as_fd(), name, ddir.as_fd(), newname, 0)?;
+            if src_needs_wh {
+                self.whiteout_at(sdir.as_fd(), name)?;
+            }
+        }
+        let src_dtype = src_top.dtype;
+        if let Some(idx) = pnode.lock().index.as_mut() {
+            idx.removed(name);
+        }
+        if let Some(idx) = npnode.lock().index.as_mut() {
+            idx.created(newname, src_dtype);
+        }
+        let mut t = self.table();
+        if let (Some(d), true) = (&dst, replaced_last_link) {
+            if let Some(dn) = t.get(d.ino).cloned() {
+                t.remove_link(newparent, newname);
+                if !t.has_links(d.ino) {
+                    dn.lock().unlinked = true;
+                    t.unbind(d.ino);
+                }
+            }
+        }
+        t.rename(src.ino, parent, name, newparent, newname);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Opening for write, attributes, xattrs
+
+    /// Open a file; a write open (or O_TRUNC) copies it up first (without data when the
+    /// open truncates).
+    pub fn open(&self, ino: u64, flags: i32) -> Result<OwnedFd> {
+        let acc = flags & libc::O_ACCMODE;
+        let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writes {
+            self.upper_layer()?;
+            let node = self.node(ino)?;
+            if node.lock().kind == sys::S_IFDIR {
+                return Err(Error::os(libc::EISDIR));
+            }
+            if !self.is_upper_node(&node) {
+                let parent_found = self.table().parent(ino);
+                if let Some(parent) = parent_found {
+                    self.ensure_upper_dir(parent)?;
+                }
+                self.copy_up_node(&node, flags & libc::O_TRUNC == 0)?;
+            }
+        }
+        let _r = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        let (layer, kind) = {
+            let s = node.lock();
+            (s.layer, s.kind)
+        };
+        if kind == sys::S_IFDIR {
+            return Err(Error::os(libc::EISDIR));
+        }
+        let pass = acc | (flags & (super::PASSED_OPEN_FLAGS | libc::O_TRUNC));
+        Ok(sys::open_beneath(self.root_fd(layer), &path, pass, 0)?)
+    }
+
+    /// `setattr`: copy up, then change what was asked, in the order that keeps setuid bits
+    /// and capabilities right (owner, then mode, then size, then times).
+    pub fn setattr(&self, ino: u64, changes: &SetAttr, fd: Option<BorrowedFd<'_>>) -> Result<Attr> {
+        self.upper_layer()?;
+        let node = self.node(ino)?;
+        if !self.is_upper_node(&node) {
+            let parent_found = self.table().parent(ino);
+            if let Some(parent) = parent_found {
+                self.ensure_upper_dir(parent)?;
+            }
+            self.copy_up_node(&node, changes.size != Some(0))?;
+        }
+        let _r = self.read_ns();
+        let (node, path) = self.node_path(ino).or_else(|e| {
+            // An unlinked file can still be changed through its descriptor.
+            if fd.is_some() {
+                self.node(ino).map(|n| (n, Vec::new()))
+            } else {
+                Err(e)
+            }
+        })?;
+        let upper = self.upper_layer()?;
+        let symlink = node.lock().kind == sys::S_IFLNK;
+        let with = |f: &dyn Fn(BorrowedFd<'_>, &[u8]) -> std::io::Result<()>| -> Result<()> {
+            match fd {
+                Some(fd) if path.is_empty() || changes.size.is_some() => Ok(f(fd, b"")?),
+                _ => Ok(self.at(upper, &path, |d, n| f(d, n))?),
+            }
+        };
+        if changes.uid.is_some() || changes.gid.is_some() {
+            with(&|d, n| sys::chown_at(d, n, changes.uid, changes.gid))?;
+        }
+        if let Some(mode) = changes.mode {
+            if !symlink {
+                with(&|d, n| sys::chmod_at(d, n, mode & 0o7777))?;
+            }
+        }
+        if let Some(size) = changes.size {
+            match fd {
+                Some(fd) => sys::ftruncate(fd, size)?,
+                None => {
+                    let f = sys::open_beneath(self.root_fd(upper), &path, libc::O_WRONLY, 0)?;
+                    sys::ftruncate(f.as_fd(), size)?;
+                }
+            }
+        }
+        if changes.atime.is_some() || changes.mtime.is_some() {
+            let a = changes.atime.unwrap_or(SetTime::Omit);
+            let m = changes.mtime.unwrap_or(SetTime::Omit);
+            with(&|d, n| sys::utimens_at(d, n, a, m))?;
+        }
+        let st = match fd {
+            Some(fd) => sys::fstat(fd)?,
+            None => self.at(upper, &path, sys::stat_at)?,
+        };
+        Ok(self.attr_of(&node, st))
+    }
+
+    /// Set an xattr (private overlay names are refused).
+    pub fn setxattr(&self, ino: u64, attr: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if whiteout::is_private_xattr(attr) {
+            return Err(Error::os(libc::EOPNOTSUPP));
+        }
+        self.copy_up(ino)?;
+        let _r = self.read_ns();
+        let (_, path) = self.node_path(ino)?;
+        let upper = self.upper_layer()?;
+        Ok(self.at(upper, &path, |d, n| {
+            sys::xattr_set(Self::xtarget(d, n), attr, value, flags)
+        })?)
+    }
+
+    pub fn removexattr(&self, ino: u64, attr: &[u8]) -> Result<()> {
+        if whiteout::is_private_xattr(attr) {
+            return Err(Error::os(libc::EOPNOTSUPP));
+        }
+        // Nothing to copy up for an attribute that is not there.
+        self.getxattr(ino, attr)?;
+        self.copy_up(ino)?;
+        let _r = self.read_ns();
+        let (_, path) = self.node_path(ino)?;
+        let upper = self.upper_layer()?;
+        Ok(self.at(upper, &path, |d, n| {
+            sys::xattr_remove(Self::xtarget(d, n), attr)
+        })?)
+    }
+
+    /// `fsync` of a directory: sync its upper copy if it has one.
+    pub fn fsync_dir(&self, ino: u64) -> Result<()> {
+        let Some(upper) = self.upper else {
+            return Ok(());
+        };
+        let _r = self.read_ns();
+        let (node, path) = self.node_path(ino)?;
+        if node.lock().layer != upper {
+            return Ok(());
+        }
+        let fd = self.open_dir_in(upper, &path)?;
+        Ok(sys::fsync(fd.as_fd(), false)?)
+    }
+
+    /// Where a name of a directory lives, for tests and tools.
+    pub fn top_of(&self, parent: u64, name: &[u8]) -> Result<Option<Top>> {
+        let _r = self.read_ns();
+        let (pnode, ppath) = self.node_path(parent)?;
+        self.with_index(&pnode, &ppath, |idx| idx.visible(name).map(|(t, _)| t))
+    }
+}
+
+/// Copy `size` bytes of file data, keeping holes: reflink when the filesystem can, else
+/// `copy_file_range` over each data extent, else read/write.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if sys::reflink(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off = 0u64;
+    while off < size {
+        let data = match sys::lseek(src, off as i64, sys::SEEK_DATA) {
+            Ok(d) => d as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => off,
+            Err(e) => return Err(e),
+        };
+        let hole = match sys::lseek(src, data as i64, sys::SEEK_HOLE) {
+            Ok(h) => (h as u64).min(size),
+            Err(_) => size,
+        };
+        copy_range(src, dst, data, hole - data)?;
+        off = hole.max(data + 1);
+    }
+    sys::ftruncate(dst, size)
+}
+
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        match sys::copy_file_range(src, start + done, dst, start + done, len - done) {
+            Ok(0) => return Ok(()),
+            Ok(n) => done += n as u64,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOSYS)
+                        | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                return copy_range_rw(src, dst, start + done, len - done);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Last resort: copy through a userspace buffer.
+fn copy_range_rw(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let want = ((len - done) as usize).min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], start + done)?;
+        if n == 0 {
+            break;
+        }
+        let mut w = 0;
+        while w < n {
+            w += sys::pwrite(dst, &buf[w..n], start + done + w as u64)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_data_keeps_holes_and_content() -> std::io::Result<()> {
+        let d = tempfile::tempdir()?;
+        let dir = sys::open_dir_path(d.path())?;
+        let src = sys::open_at(dir.as_fd(), b"src", libc::O_CREAT | libc::O_RDWR, 0o644)?;
+        sys::pwrite(src.as_fd(), b"head", 0)?;
+        sys::pwrite(src.as_fd(), b"tail", 64 << 20)?;
+        let size = sys::fstat(src.as_fd())?.size;
+        let dst = sys::open_at(dir.as_fd(), b"dst", libc::O_CREAT | libc::O_RDWR, 0o644)?;
+        copy_data(src.as_fd(), dst.as_fd(), size)?;
+        let st = sys::fstat(dst.as_fd())?;
+        assert_eq!(st.size, size);
+        assert!(
+            st.blocks * 512 < 1 << 20,
+            "copy must stay sparse: {} blocks",
+            st.blocks
+        );
+        let mut buf = [0u8; 4];
+        sys::pread(dst.as_fd(), &mut buf, 64 << 20)?;
+        assert_eq!(&buf, b"tail");
+        sys::pread(dst.as_fd(), &mut buf, 0)?;
+        assert_eq!(&buf, b"head");
+        Ok(())
+    }
+}

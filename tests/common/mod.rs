@@ -1,0 +1,428 @@
+//! Helpers for integration tests: build layer trees, mount layerfs (the built binary) and
+//! kernel overlayfs over them, and compare whole trees.
+//!
+//! Tests need root and /dev/fuse. Without them a test is skipped with a message, except when
+//! `CI=true`, where it fails: CI must run them.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use layerfs::sys::{self, XTarget};
+use sha2::{Digest, Sha256};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_layerfs")
+}
+
+/// True when the test can run (root and /dev/fuse). Panics under CI when it cannot.
+pub fn can_mount() -> bool {
+    let ok = sys::geteuid() == 0 && Path::new("/dev/fuse").exists();
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("FUSE tests need root and /dev/fuse, and CI=true: refusing to skip");
+        }
+        eprintln!("skipping: needs root and /dev/fuse");
+    }
+    ok
+}
+
+/// Run a command, panic with its output on failure.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// ---- building trees -------------------------------------------------------------------------
+
+pub fn mkdirp(p: impl AsRef<Path>) {
+    fs::create_dir_all(p.as_ref()).unwrap_or_else(|e| panic!("mkdir {:?}: {e}", p.as_ref()));
+}
+
+pub fn wfile(p: impl AsRef<Path>, data: impl AsRef<[u8]>) {
+    let p = p.as_ref();
+    if let Some(d) = p.parent() {
+        mkdirp(d);
+    }
+    fs::write(p, data).unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+}
+
+pub fn symlink(target: impl AsRef<Path>, p: impl AsRef<Path>) {
+    if let Some(d) = p.as_ref().parent() {
+        mkdirp(d);
+    }
+    std::os::unix::fs::symlink(target.as_ref(), p.as_ref())
+        .unwrap_or_else(|e| panic!("symlink {:?}: {e}", p.as_ref()));
+}
+
+pub fn chmod(p: impl AsRef<Path>, mode: u32) {
+    fs::set_permissions(p.as_ref(), fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn split(p: &Path) -> (Dir, OsString) {
+    let parent = p.parent().expect("path has a parent");
+    let dir = sys::open_dir_path(parent).unwrap_or_else(|e| panic!("open {parent:?}: {e}"));
+    (Dir(dir), p.file_name().expect("file name").to_owned())
+}
+
+struct Dir(std::os::fd::OwnedFd);
+
+/// A kernel-format whiteout (char device 0/0).
+pub fn whiteout(p: impl AsRef<Path>) {
+    let (dir, name) = split(p.as_ref());
+    sys::mknod_at(dir.0.as_fd(), name.as_bytes(), sys::S_IFCHR, 0).expect("mknod whiteout");
+}
+
+pub fn mkfifo(p: impl AsRef<Path>) {
+    let (dir, name) = split(p.as_ref());
+    sys::mknod_at(dir.0.as_fd(), name.as_bytes(), sys::S_IFIFO | 0o644, 0).expect("mkfifo");
+}
+
+pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) {
+    let (dir, file) = split(p.as_ref());
+    sys::xattr_set(
+        XTarget::At(dir.0.as_fd(), file.as_bytes()),
+        name.as_bytes(),
+        value,
+        0,
+    )
+    .unwrap_or_else(|e| panic!("setxattr {name} on {:?}: {e}", p.as_ref()));
+}
+
+pub fn getxattr(p: impl AsRef<Path>, name: &str) -> Option<Vec<u8>> {
+    let (dir, file) = split(p.as_ref());
+    sys::xattr_get(XTarget::At(dir.0.as_fd(), file.as_bytes()), name.as_bytes())
+        .unwrap_or_else(|e| panic!("getxattr {name} on {:?}: {e}", p.as_ref()))
+}
+
+pub fn listxattr(p: impl AsRef<Path>) -> Vec<Vec<u8>> {
+    let (dir, file) = split(p.as_ref());
+    sys::xattr_list(XTarget::At(dir.0.as_fd(), file.as_bytes())).unwrap_or_default()
+}
+
+pub fn opaque(p: impl AsRef<Path>) {
+    setxattr(p, "trusted.overlay.opaque", b"y");
+}
+
+// ---- mounts -----------------------------------------------------------------------------------
+
+/// A mounted filesystem, unmounted (and its daemon waited for) on drop.
+pub struct Mount {
+    pub path: PathBuf,
+    pub daemon: Option<u32>,
+}
+
+impl Mount {
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Unmount now and wait for a layerfs daemon to exit.
+    pub fn unmount(&mut self) {
+        if !is_mounted(&self.path) {
+            return;
+        }
+        let st = Command::new("umount").arg(&self.path).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+        if let Some(pid) = self.daemon.take() {
+            wait_gone(pid, Duration::from_secs(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|f| f.replace("\\040", " ") == want.to_string_lossy())
+    })
+}
+
+/// Pid of the layerfs daemon serving `mnt`, found by its command line.
+pub fn daemon_pid(mnt: &Path) -> Option<u32> {
+    let want = mnt.as_os_str().as_bytes();
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie && args.first().is_some_and(|a| a.ends_with(b"layerfs")) && args.contains(&want)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Wait until a process is gone (or a zombie).
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.is_empty()
+            || state
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Mount layerfs with `args` (e.g. `--lower A --upper U ...`) at `mnt`; `mnt` is created.
+pub fn layerfs(args: &[&OsStr], mnt: &Path) -> Mount {
+    mkdirp(mnt);
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount").args(args).arg(mnt);
+    run(&mut cmd);
+    let mnt = fs::canonicalize(mnt).expect("canonical mountpoint");
+    assert!(
+        is_mounted(&mnt),
+        "layerfs mount returned but {mnt:?} is not mounted"
+    );
+    let daemon = daemon_pid(&mnt);
+    Mount { path: mnt, daemon }
+}
+
+/// `--lower` arguments for a list of directories, top first.
+pub fn lower_args(lowers: &[&Path]) -> Vec<OsString> {
+    let mut v = Vec::new();
+    for l in lowers {
+        v.push(OsString::from("--lower"));
+        v.push(l.as_os_str().to_owned());
+    }
+    v
+}
+
+/// Mount layerfs over lowers (top first) and an optional upper/work.
+pub fn layerfs_stack(
+    lowers: &[&Path],
+    upper: Option<(&Path, &Path)>,
+    mnt: &Path,
+    opts: &[&str],
+) -> Mount {
+    let mut args = lower_args(lowers);
+    if let Some((u, w)) = upper {
+        mkdirp(u);
+        mkdirp(w);
+        args.extend([
+            "--upper".into(),
+            u.as_os_str().to_owned(),
+            "--work".into(),
+            w.as_os_str().to_owned(),
+        ]);
+    }
+    for o in opts {
+        args.push("-o".into());
+        args.push(OsString::from(o));
+    }
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    layerfs(&refs, mnt)
+}
+
+/// Mount kernel overlayfs: lowers top first, optional upper/work, extra options.
+pub fn kernel(lowers: &[&Path], upper: Option<(&Path, &Path)>, mnt: &Path, extra: &str) -> Mount {
+    mkdirp(mnt);
+    let lower = lowers
+        .iter()
+        .map(|l| l.to_string_lossy().replace(':', "\\:"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut opts = format!("lowerdir={lower}");
+    if let Some((u, w)) = upper {
+        mkdirp(u);
+        mkdirp(w);
+        opts.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.display(),
+            w.display()
+        ));
+    }
+    if !extra.is_empty() {
+        opts.push(',');
+        opts.push_str(extra);
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(mnt));
+    Mount {
+        path: fs::canonicalize(mnt).expect("canonical mountpoint"),
+        daemon: None,
+    }
+}
+
+// ---- tree snapshots ------------------------------------------------------------------------------
+
+/// What a tree comparison looks at for one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    pub kind: char,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Size and content hash for regular files, target for symlinks, rdev for devices.
+    pub data: String,
+    /// user.* and security.capability xattrs.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// A whole tree: entries by relative path, plus hard-link groups (sets of paths sharing an
+/// inode, only groups with more than one path).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tree {
+    pub entries: BTreeMap<Vec<u8>, Info>,
+    pub links: BTreeSet<Vec<Vec<u8>>>,
+}
+
+fn hash_file(p: &Path) -> String {
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {p:?}: {e}"));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {p:?}: {e}"));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+pub fn snapshot(root: &Path) -> Tree {
+    let mut entries = BTreeMap::new();
+    let mut inos: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let mut names: Vec<OsString> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("readdir {dir:?}: {e}"))
+            .map(|e| e.expect("dir entry").file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let r = rel.join(&name);
+            let p = root.join(&r);
+            let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {p:?}: {e}"));
+            let ft = md.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            let (kind, data) = if ft.is_dir() {
+                stack.push(r.clone());
+                ('d', String::new())
+            } else if ft.is_symlink() {
+                let t = fs::read_link(&p).expect("readlink");
+                ('l', t.to_string_lossy().into_owned())
+            } else if ft.is_file() {
+                ('f', format!("{} {}", md.len(), hash_file(&p)))
+            } else if ft.is_fifo() {
+                ('p', String::new())
+            } else if ft.is_char_device() {
+                ('c', format!("{:x}", md.rdev()))
+            } else if ft.is_block_device() {
+                ('b', format!("{:x}", md.rdev()))
+            } else {
+                ('s', String::new())
+            };
+            let mut xattrs = BTreeMap::new();
+            for n in listxattr(&p) {
+                let s = String::from_utf8_lossy(&n).into_owned();
+                if s.starts_with("user.") || s == "security.capability" {
+                    if let Some(v) = getxattr(&p, &s) {
+                        xattrs.insert(s, v);
+                    }
+                }
+            }
+            let key = r.as_os_str().as_bytes().to_vec();
+            if !ft.is_dir() && md.nlink() > 1 {
+                inos.entry(md.ino()).or_default().push(key.clone());
+            }
+            entries.insert(
+                key,
+                Info {
+                    kind,
+                    perm: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    data,
+                    xattrs,
+                },
+            );
+        }
+    }
+    let links = inos
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    Tree { entries, links }
+}
+
+/// Assert two trees are the same, printing the first differences.
+pub fn assert_same(a: &Tree, b: &Tree, what: &str) {
+    if a == b {
+        return;
+    }
+    let mut msg = String::new();
+    let keys: BTreeSet<&Vec<u8>> = a.entries.keys().chain(b.entries.keys()).collect();
+    let mut n = 0;
+    for k in keys {
+        let (x, y) = (a.entries.get(k), b.entries.get(k));
+        if x != y {
+            msg.push_str(&format!("  {}: {:?}\n   vs {:?}\n", k.escape_ascii(), x, y));
+            n += 1;
+            if n > 20 {
+                break;
+            }
+        }
+    }
+    if a.links != b.links {
+        msg.push_str(&format!(
+            "  hard links: {:?}\n   vs {:?}\n",
+            a.links, b.links
+        ));
+    }
+    panic!("{what}: trees differ\n{msg}");
+}

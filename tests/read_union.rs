@@ -1,0 +1,386 @@
+//! The read path under real FUSE: the merged view of lowers in every whiteout dialect,
+//! compared with kernel overlayfs over the same layers.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use common::*;
+use layerfs::sys;
+
+/// Three lowers with every kernel-format feature: whiteouts, opaque dirs, xattr whiteouts,
+/// symlinks, hard links, fifos, odd names, owners, modes, xattrs.
+fn kernel_format_stack(root: &Path) {
+    let (top, mid, bot) = (root.join("top"), root.join("mid"), root.join("bot"));
+    // bottom
+    wfile(bot.join("etc/passwd"), "root:x:0:0\n");
+    wfile(bot.join("etc/hosts"), "127.0.0.1 localhost\n");
+    wfile(bot.join("etc/gone"), "deleted above\n");
+    wfile(bot.join("opq/old1"), "hidden by opaque\n");
+    wfile(bot.join("opq/sub/old2"), "hidden by opaque\n");
+    wfile(bot.join("xw/keep"), "kept\n");
+    wfile(bot.join("xw/drop"), "xattr-whited\n");
+    wfile(bot.join("dir2file"), "");
+    fs::remove_file(bot.join("dir2file")).ok();
+    mkdirp(bot.join("dir2file"));
+    wfile(bot.join("dir2file/inner"), "hidden under a file\n");
+    wfile(bot.join("usr/bin/tool"), "#!/bin/sh\necho tool\n");
+    chmod(bot.join("usr/bin/tool"), 0o755);
+    wfile(bot.join("links/a"), "hard linked\n");
+    fs::hard_link(bot.join("links/a"), bot.join("links/b")).unwrap();
+    mkfifo(bot.join("fifo"));
+    wfile(
+        bot.join(OsStr::from_bytes(b"names/caf\xe9-latin1")),
+        "non-utf8 name\n",
+    );
+    wfile(bot.join("names/with space"), "space\n");
+    wfile(bot.join("own/file"), "owned\n");
+    std::os::unix::fs::lchown(bot.join("own/file"), Some(1234), Some(5678)).unwrap();
+    chmod(bot.join("own/file"), 0o4750);
+    setxattr(bot.join("own/file"), "user.color", b"blue");
+    // middle
+    wfile(mid.join("etc/hosts"), "10.0.0.1 mid\n");
+    whiteout(mid.join("etc/gone"));
+    mkdirp(mid.join("opq"));
+    opaque(mid.join("opq"));
+    wfile(mid.join("opq/new"), "in opaque\n");
+    mkdirp(mid.join("xw"));
+    setxattr(mid.join("xw"), "trusted.overlay.opaque", b"x");
+    wfile(mid.join("xw/drop"), "");
+    setxattr(mid.join("xw/drop"), "trusted.overlay.whiteout", b"");
+    wfile(mid.join("dir2file"), "now a file\n");
+    symlink("../etc/hosts", mid.join("usr/hosts-link").as_path());
+    // top
+    wfile(top.join("etc/motd"), "hello\n");
+    mkdirp(top.join("usr/bin"));
+    symlink("/absolute/elsewhere", top.join("usr/bin/abs"));
+    wfile(top.join("etc/passwd"), "root:x:0:0:top\n");
+}
+
+#[test]
+fn merged_view_matches_kernel_overlayfs() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    kernel_format_stack(d.path());
+    let lowers = [
+        &*d.path().join("top"),
+        &*d.path().join("mid"),
+        &*d.path().join("bot"),
+    ];
+    let ours = layerfs_stack(&lowers, None, &d.path().join("m1"), &[]);
+    let theirs = kernel(&lowers, None, &d.path().join("m2"), "");
+    let a = snapshot(&ours.path);
+    let b = snapshot(&theirs.path);
+    assert_same(&a, &b, "layerfs vs kernel overlayfs");
+    // Spot checks that the stack really exercises what it should.
+    assert!(!a.entries.contains_key(b"etc/gone".as_slice()));
+    assert!(!a.entries.contains_key(b"opq/old1".as_slice()));
+    assert!(a.entries.contains_key(b"opq/new".as_slice()));
+    assert!(!a.entries.contains_key(b"xw/drop".as_slice()));
+    assert!(a.entries.contains_key(b"xw/keep".as_slice()));
+    assert_eq!(a.entries[&b"dir2file".to_vec()].kind, 'f');
+    assert_eq!(a.entries[&b"fifo".to_vec()].kind, 'p');
+    assert!(a.entries.contains_key(b"names/caf\xe9-latin1".as_slice()));
+    assert_eq!(a.links.len(), 1, "one hard-link group: {:?}", a.links);
+    assert_eq!(
+        fs::read_to_string(ours.p("etc/hosts")).unwrap(),
+        "10.0.0.1 mid\n"
+    );
+    assert_eq!(
+        fs::read_to_string(ours.p("usr/hosts-link")).unwrap(),
+        "10.0.0.1 mid\n"
+    );
+}
+
+#[test]
+fn userxattr_dialect_matches_kernel() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot) = (d.path().join("top"), d.path().join("bot"));
+    wfile(bot.join("a/x"), "x\n");
+    wfile(bot.join("a/y"), "y\n");
+    wfile(bot.join("o/hidden"), "h\n");
+    mkdirp(top.join("a"));
+    setxattr(top.join("a"), "user.overlay.opaque", b"x");
+    wfile(top.join("a/y"), "");
+    setxattr(top.join("a/y"), "user.overlay.whiteout", b"");
+    mkdirp(top.join("o"));
+    setxattr(top.join("o"), "user.overlay.opaque", b"y");
+    wfile(top.join("o/shown"), "s\n");
+    let lowers = [&*top, &*bot];
+    let ours = layerfs_stack(&lowers, None, &d.path().join("m1"), &[]);
+    let theirs = kernel(&lowers, None, &d.path().join("m2"), "userxattr");
+    let a = snapshot(&ours.path);
+    assert_same(&a, &snapshot(&theirs.path), "userxattr dialect");
+    assert!(a.entries.contains_key(b"a/x".as_slice()));
+    assert!(!a.entries.contains_key(b"a/y".as_slice()));
+    assert!(!a.entries.contains_key(b"o/hidden".as_slice()));
+}
+
+#[test]
+fn aufs_and_fuse_overlayfs_dialects() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot) = (d.path().join("top"), d.path().join("bot"));
+    wfile(bot.join("gone"), "g\n");
+    wfile(bot.join("kept"), "k\n");
+    wfile(bot.join("opq/old"), "o\n");
+    wfile(bot.join("fo/old"), "o\n");
+    wfile(bot.join("again"), "old\n");
+    wfile(top.join(".wh.gone"), "");
+    wfile(top.join("opq/.wh..wh..opq"), "");
+    wfile(top.join("opq/new"), "n\n");
+    mkdirp(top.join("fo"));
+    setxattr(top.join("fo"), "user.fuseoverlayfs.opaque", b"y");
+    wfile(top.join("fo/new"), "n\n");
+    // Deleted and recreated in the same layer: the layer's own file wins.
+    wfile(top.join(".wh.again"), "");
+    wfile(top.join("again"), "new\n");
+    let m = layerfs_stack(&[&top, &bot], None, &d.path().join("m"), &[]);
+    let t = snapshot(&m.path);
+    let names: Vec<String> = t
+        .entries
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(names, ["again", "fo", "fo/new", "kept", "opq", "opq/new"]);
+    assert_eq!(fs::read_to_string(m.p("again")).unwrap(), "new\n");
+    assert_eq!(
+        fs::metadata(m.p(".wh.gone")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+}
+
+#[test]
+fn private_xattrs_never_visible() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot) = (d.path().join("top"), d.path().join("bot"));
+    wfile(bot.join("o/f"), "f\n");
+    mkdirp(top.join("o"));
+    opaque(top.join("o"));
+    setxattr(top.join("o"), "user.overlay.opaque", b"y");
+    setxattr(top.join("o"), "user.visible", b"1");
+    let m = layerfs_stack(&[&top, &bot], None, &d.path().join("m"), &[]);
+    let names = listxattr(m.p("o"));
+    assert!(names.contains(&b"user.visible".to_vec()), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.windows(8).any(|w| w == b"overlay.")),
+        "{names:?}"
+    );
+    assert_eq!(getxattr(m.p("o"), "trusted.overlay.opaque"), None);
+    assert_eq!(getxattr(m.p("o"), "user.overlay.opaque"), None);
+}
+
+#[test]
+fn inode_numbers_devices_and_links() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    kernel_format_stack(d.path());
+    let lowers = [
+        &*d.path().join("top"),
+        &*d.path().join("mid"),
+        &*d.path().join("bot"),
+    ];
+    let m = layerfs_stack(&lowers, None, &d.path().join("m"), &[]);
+    let a = fs::symlink_metadata(m.p("links/a")).unwrap();
+    let b = fs::symlink_metadata(m.p("links/b")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    let root_dev = fs::metadata(&m.path).unwrap().dev();
+    let mut seen = std::collections::HashMap::new();
+    for e in walk(&m.path) {
+        let md = fs::symlink_metadata(&e).unwrap();
+        assert_eq!(md.dev(), root_dev, "{e:?}");
+        if let Some(other) = seen.insert(md.ino(), e.clone()) {
+            assert!(
+                other.ends_with("links/a") || other.ends_with("links/b"),
+                "inode {} shared by {other:?} and {e:?}",
+                md.ino()
+            );
+        }
+    }
+    // Stable for the life of the mount, also after the kernel forgets the inodes.
+    let before = fs::metadata(m.p("etc/hosts")).unwrap().ino();
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(fs::metadata(m.p("etc/hosts")).unwrap().ino(), before);
+}
+
+fn walk(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn long_names_and_missing_names() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    wfile(d.path().join("l/f"), "f");
+    let m = layerfs_stack(&[&d.path().join("l")], None, &d.path().join("m"), &[]);
+    let long = "x".repeat(256);
+    assert_eq!(
+        fs::metadata(m.p(&long)).unwrap_err().raw_os_error(),
+        Some(libc::ENAMETOOLONG)
+    );
+    assert_eq!(
+        fs::metadata(m.p("nope")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        fs::metadata(m.p("f/x")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTDIR)
+    );
+}
+
+#[test]
+fn lowers_only_stack_refuses_writes() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    wfile(d.path().join("l/f"), "f");
+    mkdirp(d.path().join("l/dir"));
+    let m = layerfs_stack(&[&d.path().join("l")], None, &d.path().join("m"), &[]);
+    let erofs = Some(libc::EROFS);
+    assert_eq!(
+        fs::write(m.p("new"), "x").unwrap_err().raw_os_error(),
+        erofs
+    );
+    assert_eq!(fs::create_dir(m.p("nd")).unwrap_err().raw_os_error(), erofs);
+    assert_eq!(fs::remove_file(m.p("f")).unwrap_err().raw_os_error(), erofs);
+    assert_eq!(
+        fs::remove_dir(m.p("dir")).unwrap_err().raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        fs::rename(m.p("f"), m.p("g")).unwrap_err().raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(m.p("f"))
+            .unwrap_err()
+            .raw_os_error(),
+        erofs
+    );
+    assert_eq!(
+        fs::set_permissions(
+            m.p("f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600)
+        )
+        .unwrap_err()
+        .raw_os_error(),
+        erofs
+    );
+    assert_eq!(fs::read_to_string(m.p("f")).unwrap(), "f");
+}
+
+#[test]
+fn sparse_gigabyte_file_reads() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let l = d.path().join("l");
+    mkdirp(&l);
+    {
+        let f = fs::File::create(l.join("big")).unwrap();
+        f.set_len(1 << 30).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"middle", 512 << 20).unwrap();
+        f.write_all_at(b"end!", (1 << 30) - 4).unwrap();
+    }
+    let m = layerfs_stack(&[&l], None, &d.path().join("m"), &[]);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0)
+        .open(m.p("big"))
+        .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 30);
+    let mut buf = [0u8; 6];
+    f.seek(SeekFrom::Start(512 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"middle");
+    f.seek(SeekFrom::Start((1 << 30) - 4)).unwrap();
+    let mut end = Vec::new();
+    f.read_to_end(&mut end).unwrap();
+    assert_eq!(end, b"end!");
+    f.seek(SeekFrom::Start(1000)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [0; 6]);
+}
+
+#[test]
+fn hundred_thousand_entries_list_once_in_small_chunks() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot) = (d.path().join("top/big"), d.path().join("bot/big"));
+    mkdirp(&top);
+    mkdirp(&bot);
+    for i in 0..100_000u32 {
+        let dir = if i % 2 == 0 { &top } else { &bot };
+        fs::File::create(dir.join(format!("e{i:06}"))).unwrap();
+    }
+    // Same name in both layers counts once; a whiteout removes one.
+    fs::File::create(bot.join("e000000")).unwrap();
+    whiteout(top.join("e000001"));
+    let m = layerfs_stack(
+        &[&d.path().join("top"), &d.path().join("bot")],
+        None,
+        &d.path().join("m"),
+        &[],
+    );
+    let dirfd = sys::open_dir_path(&m.p("big")).unwrap();
+    let fd = sys::open_dir_beneath(dirfd.as_fd(), b"").unwrap();
+    let mut reader = sys::DirReader::with_buffer(fd, 1024).unwrap();
+    let mut names = Vec::new();
+    let mut offsets = Vec::new();
+    while let Some(e) = reader.next_entry().unwrap() {
+        offsets.push(e.off);
+        names.push(e.name);
+    }
+    let expected = 100_000 - 1;
+    assert_eq!(names.len(), expected);
+    let unique: std::collections::BTreeSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), expected, "every entry exactly once");
+    assert!(!unique.contains(&b"e000001".to_vec()));
+    // seekdir to an entry's offset continues right after it.
+    let k = 54_321;
+    reader.seek(offsets[k]).unwrap();
+    let next = reader.next_entry().unwrap().unwrap();
+    assert_eq!(next.name, names[k + 1]);
+}

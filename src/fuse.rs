@@ -30,7 +30,7 @@ use fuser::{
 
 use crate::error::Error;
 use crate::sys::{self, Timespec};
-use crate::union::{Attr, Caller, DirEntry, SetAttr, Union};
+use crate::union::{Attr, Caller, DirEntry, OpenFile, SetAttr, Union};
 
 /// How ids on disk are shown through the mount.
 #[derive(Clone, Debug, Default)]
@@ -114,9 +114,7 @@ impl Default for FuseOptions {
 }
 
 enum Handle {
-    File {
-        fd: OwnedFd,
-    },
+    File(OpenFile),
     Dir {
         ino: u64,
         entries: Mutex<DirSnapshot>,
@@ -279,10 +277,19 @@ impl LayerFs {
         }
     }
 
-    fn file_fd(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
+    /// Some open handle of inode `ino`.
+    fn open_handle_of(&self, ino: u64) -> Option<FileHandle> {
+        self.handles().iter().find_map(|(fh, h)| match &**h {
+            Handle::File(f) if f.ino() == ino => Some(FileHandle(*fh)),
+            _ => None,
+        })
+    }
+
+    /// The current descriptor of an open file handle.
+    fn file_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Error> {
         let h = self.handle(fh)?;
         match &*h {
-            Handle::File { .. } => Ok(h),
+            Handle::File(f) => self.union.file_fd(f),
             Handle::Dir { .. } => Err(Error::os(libc::EISDIR)),
         }
     }
@@ -310,10 +317,7 @@ impl LayerFs {
     }
 
     fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Error> {
-        let h = self.file_fd(fh)?;
-        let Handle::File { fd, .. } = &*h else {
-            return Err(Error::os(libc::EISDIR));
-        };
+        let fd = self.file_fd(fh)?;
         let mut done = 0;
         while done < data.len() {
             let n = sys::pwrite(fd.as_fd(), &data[done..], offset + done as u64)?;
@@ -330,18 +334,12 @@ impl LayerFs {
         fh: FileHandle,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<T>,
     ) -> Result<T, Error> {
-        let h = self.file_fd(fh)?;
-        let Handle::File { fd, .. } = &*h else {
-            return Err(Error::os(libc::EISDIR));
-        };
+        let fd = self.file_fd(fh)?;
         Ok(f(fd.as_fd())?)
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Error> {
-        let h = self.handle(fh)?;
-        let Handle::File { fd, .. } = &*h else {
-            return Err(Error::os(libc::EISDIR));
-        };
+        let fd = self.file_fd(fh)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -442,12 +440,21 @@ impl Filesystem for LayerFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         guarded("getattr", || {
-            let res = match fh.map(|fh| self.handle(fh)) {
-                Some(Ok(h)) => match &*h {
-                    Handle::File { fd, .. } => self.union.getattr_fd(ino.0, fd.as_fd()),
-                    Handle::Dir { .. } => self.union.getattr(ino.0),
+            let by_handle = |fh: FileHandle| {
+                self.file_fd(fh)
+                    .and_then(|fd| self.union.getattr_fd(ino.0, fd.as_fd()))
+            };
+            let res = match fh {
+                Some(fh) => by_handle(fh).or_else(|_| self.union.getattr(ino.0)),
+                None => match self.union.getattr(ino.0) {
+                    // fstat of a file whose names are all gone: the kernel sends no handle, so
+                    // find one of the node's open handles.
+                    Err(e) if e.is(libc::ENOENT) => match self.open_handle_of(ino.0) {
+                        Some(fh) => by_handle(fh),
+                        None => Err(e),
+                    },
+                    other => other,
                 },
-                _ => self.union.getattr(ino.0),
             };
             self.reply_attr(reply, res)
         })
@@ -463,7 +470,7 @@ impl Filesystem for LayerFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guarded("open", || match self.union.open(ino.0, flags.0) {
             Ok(fd) => {
-                let fh = self.add_handle(Handle::File { fd });
+                let fh = self.add_handle(Handle::File(fd));
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(errno(&e)),
@@ -697,12 +704,9 @@ impl Filesystem for LayerFs {
                     atime: set_time(atime),
                     mtime: set_time(mtime),
                 };
-                let handle = fh.and_then(|fh| self.file_fd(fh).ok());
-                let fd = match handle.as_deref() {
-                    Some(Handle::File { fd, .. }) => Some(fd.as_fd()),
-                    _ => None,
-                };
-                self.union.setattr(ino.0, &changes, fd)
+                let fd = fh.and_then(|fh| self.file_fd(fh).ok());
+                self.union
+                    .setattr(ino.0, &changes, fd.as_ref().map(|f| f.as_fd()))
             })();
             self.reply_attr(reply, res)
         })
@@ -838,7 +842,7 @@ impl Filesystem for LayerFs {
                 .create(parent.0, name.as_bytes(), mode, flags, &Self::caller(req))
             {
                 Ok((attr, fd)) => {
-                    let fh = self.add_handle(Handle::File { fd });
+                    let fh = self.add_handle(Handle::File(fd));
                     reply.created(
                         &self.opts.ttl,
                         &self.file_attr(&attr),
@@ -979,9 +983,6 @@ impl Filesystem for LayerFs {
             let res = (|| {
                 let src = self.file_fd(fh_in)?;
                 self.with_fd(fh_out, |dst| {
-                    let Handle::File { fd: src, .. } = &*src else {
-                        return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
-                    };
                     sys::copy_file_range(src.as_fd(), offset_in, dst, offset_out, len)
                 })
             })();

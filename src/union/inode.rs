@@ -14,6 +14,7 @@
 //! * Nothing here does I/O: the table is changed under a short mutex.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use super::dirindex::DirIndex;
@@ -48,6 +49,9 @@ pub struct Node {
     pub state: Mutex<NodeState>,
     /// Held while the node is being copied up so two requests never copy it twice.
     pub copy_up: Mutex<()>,
+    /// Bumped each time the node's backing object changes (copy-up), so descriptors opened
+    /// on the old object know to reopen.
+    pub generation: AtomicU64,
 }
 
 impl Node {
@@ -56,6 +60,7 @@ impl Node {
             ino,
             state: Mutex::new(state),
             copy_up: Mutex::new(()),
+            generation: AtomicU64::new(0),
         })
     }
 

@@ -19,7 +19,7 @@ pub mod inode;
 pub mod whiteout;
 mod write;
 
-pub use write::{Caller, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, copy_data};
+pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, copy_data};
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -15,7 +15,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
 use super::dirindex::Top;
 use super::inode::{Node, ROOT_INO};
@@ -51,6 +52,21 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+}
+
+/// An open regular file.
+pub struct OpenFile {
+    ino: u64,
+    node: Arc<Node>,
+    flags: i32,
+    /// The node generation the descriptor was opened at, and the descriptor.
+    fd: RwLock<(u64, Arc<OwnedFd>)>,
+}
+
+impl OpenFile {
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
 }
 
 /// `RENAME_*` flags the union accepts.
@@ -358,6 +374,7 @@ impl Union {
             }
             s.backing = (new.dev, new.ino);
         }
+        node.generation.fetch_add(1, Ordering::Release);
         let pnode = self.table().get(parent).cloned();
         if let Some(pnode) = pnode {
             if let Some(idx) = pnode.lock().index.as_mut() {
@@ -539,6 +556,7 @@ impl Union {
                             s.index = None;
                         }
                     }
+                    child.generation.fetch_add(1, Ordering::Release);
                     self.table().rebind(ci, (new.dev, new.ino));
                 }
             }
@@ -773,11 +791,21 @@ impl Union {
         mode: u32,
         flags: i32,
         caller: &Caller,
-    ) -> Result<(Attr, OwnedFd)> {
+    ) -> Result<(Attr, OpenFile)> {
         let (attr, fd) =
             self.create_object(parent, name, mode, NewObject::File { flags }, caller)?;
         let fd = fd.ok_or_else(|| Error::os(libc::EIO))?;
-        Ok((attr, fd))
+        let node = self.node(attr.ino)?;
+        let generation = node.generation.load(Ordering::Acquire);
+        Ok((
+            attr,
+            OpenFile {
+                ino: attr.ino,
+                node,
+                flags: flags & (libc::O_ACCMODE | super::PASSED_OPEN_FLAGS),
+                fd: RwLock::new((generation, Arc::new(fd))),
+            },
+        ))
     }
 
     pub fn mknod(
@@ -1139,7 +1167,7 @@ impl Union {
 
     /// Open a file; a write open (or O_TRUNC) copies it up first (without data when the
     /// open truncates).
-    pub fn open(&self, ino: u64, flags: i32) -> Result<OwnedFd> {
+    pub fn open(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         let acc = flags & libc::O_ACCMODE;
         let writes = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if writes {
@@ -1149,15 +1177,20 @@ impl Union {
                 return Err(Error::os(libc::EISDIR));
             }
             if !self.is_upper_node(&node) {
-                let parent_found = self.table().parent(ino);
-                if let Some(parent) = parent_found {
+                let parent = self.table().parent(ino);
+                if let Some(parent) = parent {
                     self.ensure_upper_dir(parent)?;
                 }
                 self.copy_up_node(&node, flags & libc::O_TRUNC == 0)?;
             }
         }
+        self.open_current(ino, flags)
+    }
+
+    fn open_current(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino)?;
+        let generation = node.generation.load(Ordering::Acquire);
         let (layer, kind) = {
             let s = node.lock();
             (s.layer, s.kind)
@@ -1165,8 +1198,42 @@ impl Union {
         if kind == sys::S_IFDIR {
             return Err(Error::os(libc::EISDIR));
         }
+        let acc = flags & libc::O_ACCMODE;
         let pass = acc | (flags & (super::PASSED_OPEN_FLAGS | libc::O_TRUNC));
-        Ok(sys::open_beneath(self.root_fd(layer), &path, pass, 0)?)
+        let fd = sys::open_beneath(self.root_fd(layer), &path, pass, 0)?;
+        Ok(OpenFile {
+            ino,
+            node,
+            flags: pass & !libc::O_TRUNC,
+            fd: RwLock::new((generation, Arc::new(fd))),
+        })
+    }
+
+    /// The descriptor to use for `file` now. A read-only descriptor opened on a lower file
+    /// that has since been copied up is reopened on the upper copy, so every open file sees
+    /// the same data (and the shared page cache is never refilled from the stale lower file).
+    pub fn file_fd(&self, file: &OpenFile) -> Result<Arc<OwnedFd>> {
+        let now = file.node.generation.load(Ordering::Acquire);
+        {
+            let cur = file.fd.read().unwrap_or_else(|p| p.into_inner());
+            if cur.0 == now {
+                return Ok(cur.1.clone());
+            }
+        }
+        match self.open_current(file.ino, file.flags) {
+            Ok(fresh) => {
+                let fresh = fresh.fd.into_inner().unwrap_or_else(|p| p.into_inner());
+                let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
+                *cur = fresh;
+                Ok(cur.1.clone())
+            }
+            // Unlinked meanwhile: the old descriptor is all there is.
+            Err(_) => {
+                let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
+                cur.0 = now;
+                Ok(cur.1.clone())
+            }
+        }
     }
 
     /// `setattr`: copy up, then change what was asked, in the order that keeps setuid bits

@@ -1,0 +1,613 @@
+//! The write path under real FUSE: each operation and copy-up case, a scripted differential
+//! run against kernel overlayfs, remount persistence, and a crash in the middle of a copy-up.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, UNIX_EPOCH};
+
+use common::*;
+use layerfs::sys;
+
+/// One scripted operation on a path relative to a mount root.
+#[derive(Clone, Debug)]
+enum Op {
+    Write(&'static str, &'static str),
+    Append(&'static str, &'static str),
+    WriteAt(&'static str, u64, &'static str),
+    Truncate(&'static str, u64),
+    Mkdir(&'static str),
+    Rmdir(&'static str),
+    Unlink(&'static str),
+    Rename(&'static str, &'static str, u32),
+    Link(&'static str, &'static str),
+    Symlink(&'static str, &'static str),
+    Chmod(&'static str, u32),
+    Chown(&'static str, u32, u32),
+    Utime(&'static str, i64),
+    SetXattr(&'static str, &'static str, &'static str),
+    RemoveXattr(&'static str, &'static str),
+    Mkfifo(&'static str),
+    CreateExcl(&'static str),
+}
+
+fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+fn parent_and_name(p: &Path) -> (std::os::fd::OwnedFd, Vec<u8>) {
+    let dir = sys::open_dir_path(p.parent().unwrap()).unwrap();
+    (dir, p.file_name().unwrap().as_bytes().to_vec())
+}
+
+fn apply(root: &Path, op: &Op) -> Result<(), i32> {
+    let p = |s: &str| root.join(s);
+    match *op {
+        Op::Write(f, data) => fs::write(p(f), data).map_err(errno),
+        Op::Append(f, data) => fs::OpenOptions::new()
+            .append(true)
+            .open(p(f))
+            .and_then(|mut h| h.write_all(data.as_bytes()))
+            .map_err(errno),
+        Op::WriteAt(f, off, data) => fs::OpenOptions::new()
+            .write(true)
+            .open(p(f))
+            .and_then(|mut h| {
+                h.seek(SeekFrom::Start(off))?;
+                h.write_all(data.as_bytes())
+            })
+            .map_err(errno),
+        Op::Truncate(f, len) => fs::OpenOptions::new()
+            .write(true)
+            .open(p(f))
+            .and_then(|h| h.set_len(len))
+            .map_err(errno),
+        Op::Mkdir(d) => fs::create_dir(p(d)).map_err(errno),
+        Op::Rmdir(d) => fs::remove_dir(p(d)).map_err(errno),
+        Op::Unlink(f) => fs::remove_file(p(f)).map_err(errno),
+        Op::Rename(a, b, flags) => {
+            let (da, na) = parent_and_name(&p(a));
+            let (db, nb) = parent_and_name(&p(b));
+            sys::rename_at(da.as_fd(), &na, db.as_fd(), &nb, flags).map_err(errno)
+        }
+        Op::Link(a, b) => fs::hard_link(p(a), p(b)).map_err(errno),
+        Op::Symlink(t, l) => std::os::unix::fs::symlink(t, p(l)).map_err(errno),
+        Op::Chmod(f, m) => fs::set_permissions(p(f), fs::Permissions::from_mode(m)).map_err(errno),
+        Op::Chown(f, u, g) => std::os::unix::fs::lchown(p(f), Some(u), Some(g)).map_err(errno),
+        Op::Utime(f, t) => {
+            let (d, n) = parent_and_name(&p(f));
+            let ts = sys::SetTime::At(sys::Timespec { sec: t, nsec: 0 });
+            sys::utimens_at(d.as_fd(), &n, ts, ts).map_err(errno)
+        }
+        Op::SetXattr(f, k, v) => {
+            let (d, n) = parent_and_name(&p(f));
+            sys::xattr_set(
+                sys::XTarget::At(d.as_fd(), &n),
+                k.as_bytes(),
+                v.as_bytes(),
+                0,
+            )
+            .map_err(errno)
+        }
+        Op::RemoveXattr(f, k) => {
+            let (d, n) = parent_and_name(&p(f));
+            sys::xattr_remove(sys::XTarget::At(d.as_fd(), &n), k.as_bytes()).map_err(errno)
+        }
+        Op::Mkfifo(f) => {
+            let (d, n) = parent_and_name(&p(f));
+            sys::mknod_at(d.as_fd(), &n, sys::S_IFIFO | 0o640, 0).map_err(errno)
+        }
+        Op::CreateExcl(f) => fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p(f))
+            .map(drop)
+            .map_err(errno),
+    }
+}
+
+/// The lowers the differential script runs over (no hard links: the kernel's index=on
+/// semantics for those are tested separately).
+fn diff_stack(root: &Path) {
+    let (top, bot) = (root.join("top"), root.join("bot"));
+    wfile(bot.join("etc/conf"), "bottom conf\n");
+    wfile(bot.join("etc/other"), "other\n");
+    wfile(bot.join("data/a/1"), "a1\n");
+    wfile(bot.join("data/a/2"), "a2\n");
+    wfile(bot.join("data/a/deep/x"), "deep x\n");
+    wfile(bot.join("data/b/1"), "b1\n");
+    wfile(bot.join("merged/low"), "low\n");
+    wfile(bot.join("merged/both"), "both-low\n");
+    wfile(bot.join("gone"), "gone\n");
+    wfile(bot.join("opq/hidden"), "hidden\n");
+    wfile(bot.join("empty-merged/.keep-low"), "k\n");
+    wfile(bot.join("bin/tool"), "tool\n");
+    chmod(bot.join("bin/tool"), 0o755);
+    setxattr(bot.join("bin/tool"), "user.origin", b"bottom");
+    wfile(top.join("merged/high"), "high\n");
+    wfile(top.join("merged/both"), "both-high\n");
+    whiteout(top.join("gone"));
+    mkdirp(top.join("opq"));
+    opaque(top.join("opq"));
+    wfile(top.join("opq/shown"), "shown\n");
+    wfile(top.join("topfile"), "top\n");
+    mkdirp(top.join("empty-merged"));
+}
+
+fn script() -> Vec<Op> {
+    use Op::*;
+    vec![
+        // copy-up by data change
+        Append("etc/conf", "appended\n"),
+        WriteAt("etc/other", 2, "XY"),
+        Truncate("bin/tool", 2),
+        // metadata-only copy-up
+        Chmod("etc/other", 0o600),
+        Chown("data/b/1", 1000, 1000),
+        Utime("topfile", 1_000_000_000),
+        SetXattr("merged/low", "user.k", "v"),
+        SetXattr("bin/tool", "user.extra", "1"),
+        RemoveXattr("bin/tool", "user.origin"),
+        RemoveXattr("bin/tool", "user.absent"),
+        // whiteouts and recreation
+        Unlink("merged/both"),
+        Write("merged/both", "recreated\n"),
+        Unlink("merged/low"),
+        Unlink("gone"),
+        Write("gone", "back\n"),
+        Rmdir("data/b"),
+        Unlink("data/b/1"),
+        Rmdir("data/b"),
+        Mkdir("data/b"),
+        Write("data/b/fresh", "fresh\n"),
+        Rmdir("empty-merged"),
+        Unlink("empty-merged/.keep-low"),
+        Rmdir("empty-merged"),
+        // renames: files, over files, lower dirs with children across dirs, over dirs
+        Rename("etc/conf", "etc/conf.bak", 0),
+        Rename("topfile", "etc/other", 0),
+        Rename("data/a", "moved-a", 0),
+        Rename("moved-a/deep", "opq/deep", 0),
+        Mkdir("target-dir"),
+        Rename("merged", "target-dir", 0),
+        Mkdir("nonempty"),
+        Write("nonempty/f", "f\n"),
+        Rename("opq", "nonempty", 0),
+        Rename("etc/conf.bak", "etc/other", sys::RENAME_NOREPLACE),
+        Write("upper-only", "u\n"),
+        Rename("upper-only", "bin/tool", sys::RENAME_EXCHANGE),
+        Rename("bin", "etc", sys::RENAME_EXCHANGE),
+        // links, symlinks, fifos, errors
+        Link("etc/conf.bak", "hard"),
+        Link("moved-a/1", "moved-a/1-link"),
+        Symlink("../etc/conf.bak", "target-dir/sym"),
+        Mkfifo("fifo"),
+        CreateExcl("bin/other"),
+        CreateExcl("nope/x"),
+        Rmdir("moved-a"),
+        Unlink("moved-a"),
+        Mkdir("etc"),
+        Rename("target-dir", "target-dir/sub", 0),
+    ]
+}
+
+#[test]
+fn scripted_operations_match_kernel_overlayfs() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    diff_stack(&a);
+    diff_stack(&b);
+    let la = [&*a.join("top"), &*a.join("bot")];
+    let lb = [&*b.join("top"), &*b.join("bot")];
+    let (ua, wa) = (a.join("u"), a.join("w"));
+    let mut ours = layerfs_stack(&la, Some((&ua, &wa)), &a.join("m"), &[]);
+    let theirs = kernel(
+        &lb,
+        Some((&b.join("u"), &b.join("w"))),
+        &b.join("m"),
+        "redirect_dir=on,index=on",
+    );
+    let mut mismatches = Vec::new();
+    for op in script() {
+        let x = apply(&ours.path, &op);
+        let y = apply(&theirs.path, &op);
+        if x != y {
+            mismatches.push(format!("{op:?}: layerfs {x:?}, kernel {y:?}"));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "return codes differ:\n{}",
+        mismatches.join("\n")
+    );
+    let view = snapshot(&ours.path);
+    assert_same(&view, &snapshot(&theirs.path), "after the script");
+    // Persisted: remount layerfs on the same upper, then mount that upper with the kernel.
+    ours.unmount();
+    let again = layerfs_stack(&la, Some((&ua, &wa)), &a.join("m"), &[]);
+    assert_same(&view, &snapshot(&again.path), "layerfs remounted");
+    drop(again);
+    let w2 = d.path().join("w2");
+    let k = kernel(&la, Some((&ua, &w2)), &d.path().join("km"), "");
+    assert_same(
+        &view,
+        &snapshot(&k.path),
+        "our upper under kernel overlayfs",
+    );
+}
+
+fn rw_stack(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (top, bot, u, w) = (d.join("top"), d.join("bot"), d.join("u"), d.join("w"));
+    mkdirp(&top);
+    mkdirp(&bot);
+    mkdirp(&u);
+    mkdirp(&w);
+    (top, bot, u, w)
+}
+
+#[test]
+fn sparse_gigabyte_copy_up_stays_sparse() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    {
+        let f = fs::File::create(bot.join("big")).unwrap();
+        f.set_len(1 << 30).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"data", 300 << 20).unwrap();
+    }
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("big"))
+        .unwrap();
+    f.write_all(b"X").unwrap();
+    drop(f);
+    let md = fs::metadata(u.join("big")).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(
+        md.blocks() * 512 < 16 << 20,
+        "upper copy is sparse: {} blocks",
+        md.blocks()
+    );
+    let mut buf = [0u8; 4];
+    let mut f = fs::File::open(m.p("big")).unwrap();
+    f.seek(SeekFrom::Start(300 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"data");
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut buf[..1]).unwrap();
+    assert_eq!(buf[0], b'X');
+}
+
+#[test]
+fn inode_numbers_survive_copy_up_and_remount() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("dir/file"), "f\n");
+    wfile(top.join("dir/other"), "o\n");
+    let mnt = d.path().join("m");
+    let mut m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &[]);
+    let file0 = fs::metadata(m.p("dir/file")).unwrap().ino();
+    let dir0 = fs::metadata(m.p("dir")).unwrap().ino();
+    fs::set_permissions(m.p("dir/file"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(u.join("dir/file").exists(), "copied up");
+    assert_eq!(fs::metadata(m.p("dir/file")).unwrap().ino(), file0);
+    assert_eq!(fs::metadata(m.p("dir")).unwrap().ino(), dir0);
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(fs::metadata(m.p("dir/file")).unwrap().ino(), file0);
+    m.unmount();
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &[]);
+    assert_eq!(fs::metadata(m.p("dir/file")).unwrap().ino(), file0);
+    assert_eq!(fs::metadata(m.p("dir")).unwrap().ino(), dir0);
+    // A renamed (tree-copied) directory keeps its children's numbers too.
+    let other0 = fs::metadata(m.p("dir/other")).unwrap().ino();
+    fs::rename(m.p("dir"), m.p("dir2")).unwrap();
+    assert_eq!(fs::metadata(m.p("dir2/file")).unwrap().ino(), file0);
+    assert_eq!(fs::metadata(m.p("dir2/other")).unwrap().ino(), other0);
+}
+
+#[test]
+fn hard_links_and_unlinked_open_files() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("lower"), "lower\n");
+    wfile(bot.join("ro"), "ro\n");
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    fs::write(m.p("new"), "new\n").unwrap();
+    fs::hard_link(m.p("new"), m.p("new2")).unwrap();
+    let (a, b) = (
+        fs::metadata(m.p("new")).unwrap(),
+        fs::metadata(m.p("new2")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    fs::remove_file(m.p("new")).unwrap();
+    assert_eq!(fs::metadata(m.p("new2")).unwrap().nlink(), 1);
+    // Hard link of a lower file: copied up, then linked.
+    fs::hard_link(m.p("lower"), m.p("lower2")).unwrap();
+    assert_eq!(fs::metadata(m.p("lower")).unwrap().nlink(), 2);
+    assert_eq!(fs::read_to_string(m.p("lower2")).unwrap(), "lower\n");
+    // fstat of an open file after unlink reports no links, upper and lower alike.
+    for name in ["new2", "lower2"] {
+        let f = fs::File::open(m.p(name)).unwrap();
+        fs::remove_file(m.p(name)).unwrap();
+        if name == "lower2" {
+            fs::remove_file(m.p("lower")).unwrap();
+        }
+        assert_eq!(f.metadata().unwrap().nlink(), 0, "{name}");
+    }
+    let f = fs::File::open(m.p("ro")).unwrap();
+    fs::remove_file(m.p("ro")).unwrap();
+    assert_eq!(
+        f.metadata().unwrap().nlink(),
+        0,
+        "lower file whited out while open"
+    );
+    let mut s = String::new();
+    (&f).read_to_string(&mut s).unwrap();
+    assert_eq!(s, "ro\n");
+}
+
+#[test]
+fn open_files_keep_working_across_copy_up() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("f"), "0123456789");
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    let mut reader = fs::File::open(m.p("f")).unwrap();
+    let mut buf = [0u8; 4];
+    reader.read_exact(&mut buf).unwrap();
+    let mut writer = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    writer.write_all(b"AB").unwrap();
+    drop(writer);
+    // The old descriptor keeps working and sees the copied-up file (kernel overlayfs would
+    // keep reading the stale lower file here).
+    reader.seek(SeekFrom::Start(0)).unwrap();
+    let mut all = String::new();
+    reader.read_to_string(&mut all).unwrap();
+    assert_eq!(all, "AB23456789");
+    assert_eq!(fs::read_to_string(m.p("f")).unwrap(), "AB23456789");
+}
+
+#[test]
+fn mmap_shared_writes_are_visible_to_read() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("f"), vec![b'.'; 8192]);
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    let code = format!(
+        "import mmap,os\nfd=os.open('{p}',os.O_RDWR)\nmm=mmap.mmap(fd,8192,mmap.MAP_SHARED)\nmm[100:105]=b'hello'\nmm.flush()\nprint(os.pread(os.open('{p}',os.O_RDONLY),5,100).decode())",
+        p = m.p("f").display()
+    );
+    let out = run(Command::new("python3").arg("-c").arg(code));
+    assert_eq!(out.trim(), "hello");
+    let data = fs::read(m.p("f")).unwrap();
+    assert_eq!(&data[100..105], b"hello");
+}
+
+#[test]
+fn posix_errors_and_open_flags() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("dir/f"), "f\n");
+    wfile(bot.join("file"), "0123456789");
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    let e = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(e(fs::remove_dir(m.p("dir"))), Some(libc::ENOTEMPTY));
+    assert_eq!(e(fs::remove_file(m.p("dir"))), Some(libc::EISDIR));
+    assert_eq!(e(fs::remove_dir(m.p("file"))), Some(libc::ENOTDIR));
+    assert_eq!(e(fs::create_dir(m.p("file/x"))), Some(libc::ENOTDIR));
+    assert_eq!(e(fs::create_dir(m.p("dir"))), Some(libc::EEXIST));
+    assert_eq!(
+        e(fs::write(m.p(&"x".repeat(256)), "")),
+        Some(libc::ENAMETOOLONG)
+    );
+    assert_eq!(
+        e(fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.p("file"))
+            .map(drop)),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(e(fs::rename(m.p("dir"), m.p("file"))), Some(libc::ENOTDIR));
+    // O_TRUNC of a lower file copies it up empty; O_APPEND appends.
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.p("file"))
+        .unwrap();
+    assert_eq!(fs::metadata(m.p("file")).unwrap().len(), 0);
+    for _ in 0..3 {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.p("file"))
+            .unwrap();
+        f.write_all(b"ab").unwrap();
+    }
+    assert_eq!(fs::read_to_string(m.p("file")).unwrap(), "ababab");
+    // SEEK_DATA/SEEK_HOLE and fallocate reach the upper file.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("file"))
+        .unwrap();
+    f.set_len(8 << 20).unwrap();
+    assert_eq!(sys::lseek(f.as_fd(), 0, sys::SEEK_HOLE).unwrap(), 4096);
+    sys::fallocate(f.as_fd(), 0, 0, 16 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 16 << 20);
+    // Whiteout-looking device nodes cannot be made by users.
+    let (dir, _) = parent_and_name(&m.p("x"));
+    assert_eq!(
+        sys::mknod_at(dir.as_fd(), b"wh", sys::S_IFCHR, 0)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // utimens with UTIME_NOW / UTIME_OMIT.
+    let before = fs::metadata(m.p("dir/f")).unwrap().mtime();
+    let (dir, _) = parent_and_name(&m.p("dir/f"));
+    sys::utimens_at(
+        dir.as_fd(),
+        b"f",
+        sys::SetTime::At(sys::Timespec { sec: 5, nsec: 0 }),
+        sys::SetTime::Omit,
+    )
+    .unwrap();
+    let md = fs::metadata(m.p("dir/f")).unwrap();
+    assert_eq!(md.atime(), 5);
+    assert_eq!(md.mtime(), before);
+    sys::utimens_at(dir.as_fd(), b"f", sys::SetTime::Omit, sys::SetTime::Now).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((fs::metadata(m.p("dir/f")).unwrap().mtime() - now).abs() < 60);
+}
+
+#[test]
+fn permissions_sticky_and_setgid_dirs() {
+    if !can_mount() {
+        return;
+    }
+    if Command::new("setpriv").arg("--help").output().is_err() {
+        eprintln!("skipping: no setpriv");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    chmod(d.path(), 0o755);
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("rootfile"), "r\n");
+    mkdirp(bot.join("tmp"));
+    chmod(bot.join("tmp"), 0o1777);
+    wfile(bot.join("tmp/owned-by-2000"), "x\n");
+    std::os::unix::fs::chown(bot.join("tmp/owned-by-2000"), Some(2000), Some(2000)).unwrap();
+    mkdirp(bot.join("shared"));
+    std::os::unix::fs::chown(bot.join("shared"), Some(0), Some(3000)).unwrap();
+    chmod(bot.join("shared"), 0o2777);
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    let as_user = |script: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .status()
+            .unwrap()
+            .success()
+    };
+    let p = |s: &str| m.p(s).display().to_string();
+    assert!(
+        !as_user(&format!("echo x >> {}", p("rootfile"))),
+        "0644 root file is not writable"
+    );
+    assert!(
+        !as_user(&format!("rm -f {}", p("tmp/owned-by-2000"))),
+        "sticky dir protects others' files"
+    );
+    assert!(as_user(&format!("echo mine > {}", p("tmp/mine"))));
+    assert_eq!(fs::metadata(m.p("tmp/mine")).unwrap().uid(), 1000);
+    assert!(as_user(&format!("rm {}", p("tmp/mine"))));
+    assert!(as_user(&format!(
+        "echo s > {} && mkdir {}",
+        p("shared/f"),
+        p("shared/d")
+    )));
+    let f = fs::metadata(m.p("shared/f")).unwrap();
+    assert_eq!(
+        (f.uid(), f.gid()),
+        (1000, 3000),
+        "setgid dir gives its group"
+    );
+    let dm = fs::metadata(m.p("shared/d")).unwrap();
+    assert_eq!(dm.gid(), 3000);
+    assert!(dm.mode() & 0o2000 != 0, "new dirs inherit setgid");
+}
+
+#[test]
+fn killed_during_copy_up_leaves_old_content_and_clean_work_dir() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    {
+        let mut f = fs::File::create(bot.join("big")).unwrap();
+        let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        for _ in 0..768 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let lower_len = fs::metadata(bot.join("big")).unwrap().len();
+    let mnt = d.path().join("m");
+    let mut m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &[]);
+    let pid = m.daemon.expect("daemon pid");
+    let target = m.p("big");
+    let writer = std::thread::spawn(move || {
+        // Triggers a copy-up of 768 MiB; fails once the daemon dies.
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .and_then(|mut f| f.write_all(b"NEW"));
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    let _ = Command::new("umount").arg("-l").arg(&m.path).status();
+    writer.join().unwrap();
+    m.daemon = None;
+    drop(m);
+    // Either no upper copy or a complete one; never a partial file.
+    if let Ok(md) = fs::metadata(u.join("big")) {
+        assert_eq!(md.len(), lower_len, "a visible upper copy must be complete");
+    }
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &[]);
+    assert_eq!(fs::metadata(m.p("big")).unwrap().len(), lower_len);
+    let mut head = [0u8; 3];
+    fs::File::open(m.p("big"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(
+        head == [0, 1, 2] || &head == b"NEW",
+        "old or new content: {head:?}"
+    );
+    let leftovers: Vec<_> = fs::read_dir(w.join("work")).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "work dir cleaned on mount: {leftovers:?}"
+    );
+}

@@ -79,8 +79,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     pub allow_root: bool,
     pub default_permissions: Option<bool>,
-    pub suid: bool,
-    pub dev: bool,
+    pub suid: Option<bool>,
+    pub dev: Option<bool>,
     pub noexec: bool,
     pub noatime: bool,
     pub squash_uid: Option<u32>,
@@ -90,6 +90,8 @@ pub struct MountOptions {
     pub timeout: Option<Duration>,
     pub threads: Option<usize>,
     pub debug: bool,
+    /// Where the daemon writes its log (stderr is closed once it is up).
+    pub log_file: Option<PathBuf>,
 }
 
 /// Split an option string on commas, keeping commas inside double quotes (SELinux contexts
@@ -191,10 +193,10 @@ impl MountOptions {
                     ("allow_other", None) => o.allow_other = true,
                     ("allow_root", None) => o.allow_root = true,
                     ("default_permissions", None) => o.default_permissions = Some(true),
-                    ("suid", None) => o.suid = true,
-                    ("nosuid", None) => o.suid = false,
-                    ("dev", None) => o.dev = true,
-                    ("nodev", None) => o.dev = false,
+                    ("suid", None) => o.suid = Some(true),
+                    ("nosuid", None) => o.suid = Some(false),
+                    ("dev", None) => o.dev = Some(true),
+                    ("nodev", None) => o.dev = Some(false),
                     ("noexec", None) => o.noexec = true,
                     ("noatime", None) => o.noatime = true,
                     ("squash_to_root", None) => {
@@ -227,6 +229,7 @@ impl MountOptions {
                         o.threads = Some(n);
                     }
                     ("debug", None) => o.debug = true,
+                    ("log", Some(v)) => o.log_file = Some(PathBuf::from(v)),
                     (k, _) if IGNORED_OPTIONS.contains(&k) => {
                         log::info!("ignoring mount option {opt}");
                     }
@@ -325,12 +328,13 @@ pub fn plan_mount(
         allow_other: opts.allow_other || root,
         allow_root: opts.allow_root,
         read_only: opts.read_only,
-        suid: opts.suid,
-        dev: opts.dev,
+        suid: opts.suid.unwrap_or(false),
+        dev: opts.dev.unwrap_or(false),
         noexec: opts.noexec,
         noatime: opts.noatime,
         threads: opts.threads,
         foreground: foreground || opts.debug,
+        log_file: opts.log_file.clone(),
     })
 }
 
@@ -385,7 +389,12 @@ fn parse_compat(args: &[OsString]) -> Result<MountPlan> {
         [] => bail!("missing mountpoint"),
         _ => bail!("too many arguments: want [SOURCE] MOUNTPOINT"),
     };
-    let parsed = MountOptions::parse(&opts)?;
+    let mut parsed = MountOptions::parse(&opts)?;
+    // As a mount program, behave like fuse-overlayfs run by root: setuid programs in
+    // containers work unless the caller says nosuid.
+    if parsed.suid.is_none() && sys::geteuid() == 0 {
+        parsed.suid = Some(true);
+    }
     plan_mount(&[], None, None, &mountpoint, parsed, foreground)
 }
 

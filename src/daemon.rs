@@ -9,7 +9,7 @@
 //! line on stderr and exit status 1, and nothing stays mounted.
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,6 +35,7 @@ pub struct MountPlan {
     pub noatime: bool,
     pub threads: Option<usize>,
     pub foreground: bool,
+    pub log_file: Option<PathBuf>,
 }
 
 impl MountPlan {
@@ -124,11 +125,55 @@ pub fn mount(plan: MountPlan) -> Result<()> {
     }
 }
 
+/// Mount `/dev/fuse` ourselves (as root) so that the session never unmounts anything by path
+/// when it ends: fuser's own mount does, and that can take down a newer mount made at the same
+/// path after ours was unmounted.
+fn mount_dev_fuse(union: &Union, plan: &MountPlan) -> std::io::Result<OwnedFd> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let root_mode = sys::fstat(union.layers()[0].root.as_fd())?.mode;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        root_mode & sys::S_IFMT,
+        sys::getuid(),
+        sys::getgid()
+    );
+    if plan.fuse.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    if plan.allow_other || plan.allow_root {
+        data.push_str(",allow_other");
+    }
+    let flags = sys::MountFlags {
+        read_only: plan.read_only,
+        nosuid: !plan.suid,
+        nodev: !plan.dev,
+        noexec: plan.noexec,
+        noatime: plan.noatime,
+    };
+    sys::mount_fuse("layerfs", &plan.mountpoint, "fuse.layerfs", flags, &data)?;
+    Ok(OwnedFd::from(dev))
+}
+
 fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result<()> {
     let signals = sys::SignalSet::block(&[sys::SIGTERM, sys::SIGINT, sys::SIGHUP])
         .context("blocking signals")?;
-    let fs = LayerFs::new(union, plan.fuse.clone());
-    let session = match fuser::Session::new(fs, &plan.mountpoint, &plan.fuser_config()) {
+    let config = plan.fuser_config();
+    let session = if sys::geteuid() == 0 {
+        mount_dev_fuse(&union, plan).and_then(|fd| {
+            let acl = config.acl;
+            let fs = LayerFs::new(union.clone(), plan.fuse.clone());
+            fuser::Session::from_fd(fs, fd, acl, config.clone())
+        })
+    } else {
+        // Unprivileged: fusermount3 does the mount.
+        let fs = LayerFs::new(union.clone(), plan.fuse.clone());
+        fuser::Session::new(fs, &plan.mountpoint, &config)
+    };
+    let session = match session {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("mounting {}: {e}", plan.mountpoint.display());
@@ -153,6 +198,18 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     if let Some(tx) = notify {
         let _ = std::fs::File::from(tx).write_all(b"ok\n");
         let _ = sys::stdio_to_devnull();
+        if let Some(path) = &plan.log_file {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => {
+                    let _ = sys::stderr_to(&f);
+                }
+                Err(e) => log::warn!("log file {}: {e}", path.display()),
+            }
+        }
     }
     log::info!("serving {}", plan.mountpoint.display());
     session

@@ -1227,6 +1227,12 @@ pub fn stdio_to_devnull() -> io::Result<()> {
     Ok(())
 }
 
+/// Point stderr at an open file (a daemon's log file).
+pub fn stderr_to(file: &std::fs::File) -> io::Result<()> {
+    // SAFETY: dup2 onto fd 2; `file` is a valid open fd.
+    cvt(unsafe { libc::dup2(file.as_raw_fd(), 2) }).map(drop)
+}
+
 /// A pipe whose ends are close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
@@ -1317,6 +1323,62 @@ pub fn umount(path: &Path, detach: bool) -> io::Result<()> {
     with_cstr(path.as_os_str().as_bytes(), |c| {
         // SAFETY: valid C string.
         cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+    })
+}
+
+/// Mount flags for [`mount_fuse`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MountFlags {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+}
+
+/// `mount(source, target, fstype, flags, data)` for a FUSE filesystem whose `/dev/fuse`
+/// descriptor is named in `data` (`fd=N,...`).
+pub fn mount_fuse(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    let mut f: libc::c_ulong = 0;
+    if flags.read_only {
+        f |= libc::MS_RDONLY;
+    }
+    if flags.nosuid {
+        f |= libc::MS_NOSUID;
+    }
+    if flags.nodev {
+        f |= libc::MS_NODEV;
+    }
+    if flags.noexec {
+        f |= libc::MS_NOEXEC;
+    }
+    if flags.noatime {
+        f |= libc::MS_NOATIME;
+    }
+    with_cstr(source.as_bytes(), |src| {
+        with_cstr(target.as_os_str().as_bytes(), |tgt| {
+            with_cstr(fstype.as_bytes(), |ty| {
+                with_cstr(data.as_bytes(), |d| {
+                    // SAFETY: valid C strings for every argument.
+                    cvt(unsafe {
+                        libc::mount(
+                            src.as_ptr(),
+                            tgt.as_ptr(),
+                            ty.as_ptr(),
+                            f,
+                            d.as_ptr().cast(),
+                        )
+                    })
+                    .map(drop)
+                })
+            })
+        })
     })
 }
 

@@ -60,6 +60,9 @@ fn fuse_overlayfs_form_as_a_mount_program() {
     assert!(start.elapsed() < Duration::from_secs(20));
     let mnt = fs::canonicalize(d.path().join("m")).unwrap();
     assert!(is_mounted(&mnt), "live when the parent exits");
+    // As a mount program run by root, setuid programs work (fuse-overlayfs does the same).
+    let opts = mount_options(&mnt);
+    assert!(!opts.contains("nosuid") && opts.contains("nodev"), "{opts}");
     let mut m = Mount {
         daemon: daemon_pid(&mnt),
         path: mnt,
@@ -270,4 +273,34 @@ fn unsafe_free_kill(pid: u32, sig: &str) {
     run(Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string()));
+}
+
+#[test]
+fn an_ending_daemon_never_unmounts_a_newer_mount_at_the_same_path() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    stack(d.path());
+    let mnt = fs::canonicalize(d.path().join("m")).unwrap();
+    let old = layerfs_stack(&[&d.path().join("top")], None, &mnt, &[]);
+    let old_pid = old.daemon.expect("daemon");
+    std::mem::forget(old);
+    // Freeze the old daemon, unmount it, mount a new one at the same path, then let the old
+    // one see its connection gone and exit.
+    unsafe_free_kill(old_pid, "STOP");
+    // A plain umount would wait for the frozen daemon to answer; detach instead.
+    run(Command::new("umount").arg("-l").arg(&mnt));
+    let new = layerfs_stack(&[&d.path().join("bot")], None, &mnt, &[]);
+    unsafe_free_kill(old_pid, "CONT");
+    assert!(
+        wait_gone(old_pid, Duration::from_secs(10)),
+        "old daemon exits"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        is_mounted(&mnt),
+        "the new mount survived the old daemon's exit"
+    );
+    assert_eq!(fs::read_to_string(new.p("b")).unwrap(), "b\n");
 }

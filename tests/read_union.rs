@@ -247,6 +247,9 @@ fn long_names_and_missing_names() {
     let d = tempfile::tempdir().unwrap();
     wfile(d.path().join("l/f"), "f");
     let m = layerfs_stack(&[&d.path().join("l")], None, &d.path().join("m"), &[]);
+    // `layerfs mount` defaults: no setuid, no devices unless asked.
+    let opts = mount_options(&m.path);
+    assert!(opts.contains("nosuid") && opts.contains("nodev"), "{opts}");
     let long = "x".repeat(256);
     assert_eq!(
         fs::metadata(m.p(&long)).unwrap_err().raw_os_error(),

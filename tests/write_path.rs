@@ -611,3 +611,52 @@ fn killed_during_copy_up_leaves_old_content_and_clean_work_dir() {
         "work dir cleaned on mount: {leftovers:?}"
     );
 }
+
+#[test]
+fn copy_up_keeps_metadata_capabilities_and_xattrs() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("bin/ping"), "elf\n");
+    std::os::unix::fs::chown(bot.join("bin/ping"), Some(12), Some(34)).unwrap();
+    chmod(bot.join("bin/ping"), 0o4755);
+    // VFS_CAP_REVISION_2 with CAP_NET_RAW (13) permitted and effective.
+    let mut cap = vec![0x01, 0, 0, 0x02];
+    cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+    cap.extend_from_slice(&[0; 12]);
+    setxattr(bot.join("bin/ping"), "security.capability", &cap);
+    setxattr(bot.join("bin/ping"), "user.note", b"kept");
+    let (dir, name) = parent_and_name(&bot.join("bin/ping"));
+    let t = sys::SetTime::At(sys::Timespec {
+        sec: 1_234_567_890,
+        nsec: 5,
+    });
+    sys::utimens_at(dir.as_fd(), &name, t, t).unwrap();
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    // A metadata-only change copies the file up.
+    setxattr(m.p("bin/ping"), "user.added", b"1");
+    let up = u.join("bin/ping");
+    let md = fs::metadata(&up).unwrap();
+    assert_eq!((md.uid(), md.gid()), (12, 34));
+    assert_eq!(
+        md.mode() & 0o7777,
+        0o4755,
+        "setuid survives the chown of copy-up"
+    );
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_234_567_890, 5));
+    assert_eq!(getxattr(&up, "security.capability"), Some(cap));
+    assert_eq!(getxattr(&up, "user.note").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(
+        getxattr(m.p("bin/ping"), "user.added").as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(fs::read_to_string(m.p("bin/ping")).unwrap(), "elf\n");
+    // The copied-up parent directory has its lower metadata too.
+    let (lo, hi) = (
+        fs::metadata(bot.join("bin")).unwrap(),
+        fs::metadata(u.join("bin")).unwrap(),
+    );
+    assert_eq!(lo.mode(), hi.mode());
+}

@@ -166,6 +166,17 @@ pub fn is_mounted(p: &Path) -> bool {
     })
 }
 
+/// The per-mount options (field 6 of mountinfo) of the mount at `p`.
+pub fn mount_options(p: &Path) -> String {
+    let want = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&*want.to_string_lossy()))
+        .filter_map(|l| l.split(' ').nth(5).map(str::to_owned))
+        .next_back()
+        .unwrap_or_default()
+}
+
 /// Pid of the layerfs daemon serving `mnt`, found by its command line.
 pub fn daemon_pid(mnt: &Path) -> Option<u32> {
     let want = mnt.as_os_str().as_bytes();

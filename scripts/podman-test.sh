@@ -4,23 +4,27 @@
 #
 #   scripts/podman-test.sh [--driver layerfs|kernel|fuse-overlayfs] [--layerfs PATH] [--keep]
 #
-#   --driver layerfs         mount_program = layerfs (default; built with cargo if PATH is missing)
+#   --driver layerfs         mount_program = layerfs (default: `cargo build --release` of this
+#                            repo, unless --layerfs PATH names a binary)
 #   --driver fuse-overlayfs  mount_program = /usr/bin/fuse-overlayfs (a second reference)
 #   --driver kernel          the kernel overlay driver, no mount program (the oracle)
-#   --keep                   keep the temp dir (logs, configs) for a post-mortem
+#   --keep                   keep the temp dir (logs, configs, unmounted storage) for a post-mortem
 #
 # Needs root. Installs podman, buildah, runc, skopeo, busybox-static (and fuse3/fuse-overlayfs)
 # with apt-get when missing. Never touches /etc, /var/lib/containers or the host's default storage:
 # everything lives under one temp dir (/tmp/lfpt.XXXX, short on purpose: runtime socket paths have
-# a length limit) that is removed on exit. Prints PASS/FAIL per check, the build timings, the argv
-# containers-storage gave the mount program, and "N passed, N failed"; exits non-zero on a failure.
+# a length limit) that is removed on exit, and the test runs in a private mount namespace where
+# /etc, /var and /run are overlays whose upper dirs are in that temp dir (so the tools' stray
+# writes, e.g. /var/lib/containers/cache, never reach the host). Prints PASS/FAIL per check, the
+# build timings, the argv containers-storage gave the mount program, and "N passed, N failed";
+# exits non-zero on a failure.
 set -uo pipefail
 
 DRIVER=layerfs
 LAYERFS=""
 KEEP=0
 ORIG_ARGS=("$@")
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --driver) DRIVER="${2:-}"; shift 2 ;;
@@ -59,9 +63,8 @@ case "$DRIVER" in
   layerfs)
     if [ -z "$LAYERFS" ]; then
       LAYERFS="$REPO/target/release/layerfs"
-      if [ ! -x "$LAYERFS" ]; then
-        echo "building layerfs (cargo build --release)"
-        (cd "$REPO" && cargo build --release -q) || { echo "podman-test: cargo build failed" >&2; exit 1; }
+      if [ "${LFPT_IN_NS:-}" != 1 ]; then
+        (cd "$REPO" && cargo build --release -q) || { echo "podman-test: cargo build --release failed" >&2; exit 1; }
       fi
     fi
     [ -x "$LAYERFS" ] || { echo "podman-test: no layerfs binary at $LAYERFS" >&2; exit 1; }
@@ -131,7 +134,8 @@ fi
 # the runtime cannot raise RLIMIT_NOFILE/NPROC above our hard limits (no CAP_SYS_RESOURCE in some
 # sandboxes), and podman/buildah would ask for 1048576 by default.
 NOFILE=$(ulimit -Hn); [ "$NOFILE" = unlimited ] && NOFILE=1048576; [ "$NOFILE" -gt 65536 ] && NOFILE=65536
-NPROC=$(ulimit -Hu); [ "$NPROC" = unlimited ] && NPROC=4194304; [ "$NPROC" -gt 32768 ] && NPROC=32768 # podman lowers its own to 32768
+# (conmon, and so runc, run with at most 32768 processes here, whatever our own limit)
+NPROC=$(ulimit -Hu); [ "$NPROC" = unlimited ] && NPROC=4194304; [ "$NPROC" -gt 32768 ] && NPROC=32768
 cat >"$CONTAINERS_CONF" <<EOF
 [containers]
 default_ulimits = ["nofile=$NOFILE:$NOFILE", "nproc=$NPROC:$NPROC"]
@@ -148,7 +152,6 @@ tmp_dir = "$T/libpod"
 static_dir = "$T/root/libpod"
 volume_path = "$T/root/volumes"
 image_copy_tmp_dir = "$T/tmp"
-infra_image = "localhost/none-infra"
 
 [network]
 network_backend = "netavark"
@@ -182,17 +185,35 @@ our_daemons() { # pids of mount-program daemons serving a directory under $T
   done
   return 0
 }
+ns_procs() { # every other process in our private mount namespace: all started by this script
+  local d p
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = "$$" ] || [ "$p" = "$BASHPID" ] && continue
+    [[ $d/ns/mnt -ef /proc/$$/ns/mnt ]] && echo "$p"
+  done
+  return 0
+}
 cleanup() {
-  local rc=$? m p
+  local rc=$? m p left
   trap - EXIT INT TERM
   set +e
   if [ "$KEEP" != 1 ]; then
     timeout 60 podman rm -a -f -t 0 >/dev/null 2>&1
     timeout 60 podman image umount -a -f >/dev/null 2>&1
     timeout 120 podman system reset -f >/dev/null 2>&1
+  else
+    timeout 60 podman stop -a -t 0 >/dev/null 2>&1
   fi
   for m in $(mounts_under "$T"); do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
-  for p in $(our_daemons); do kill "$p" 2>/dev/null; done
+  # wait for what podman left running (conmon's "container cleanup" runs, unmounted daemons), so
+  # that nothing of ours outlives the /etc, /var, /run overlays; end any straggler by its pid
+  for _ in $(seq 40); do left=$(ns_procs); [ -z "$left" ] && break; sleep 0.25; done
+  if [ -n "$left" ]; then
+    for p in $left; do echo "podman-test: ending leftover process $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-150)" >&2; done
+    # shellcheck disable=SC2086,SC2046 # lists of pids
+    { kill $left; sleep 1; kill -9 $(ns_procs); } 2>/dev/null
+  fi
   umount /run /var /etc 2>/dev/null
   if [ "$KEEP" = 1 ]; then
     echo "kept $T (logs in $LOG; storage in $T/root, unmounted)"
@@ -202,7 +223,7 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "podman-test: interrupted, cleaning up" >&2; exit 130' INT TERM
 
 # ---------------------------------------------------------------- checks
 PASS=0 FAIL=0 FAILED=()
@@ -214,7 +235,9 @@ check() { # check NAME FUNCTION: run FUNCTION in a subshell with set -e, log to 
     PASS=$((PASS + 1)); echo "PASS $name"
   else
     FAIL=$((FAIL + 1)); FAILED+=("$name"); echo "FAIL $name"
-    tail -n 16 "$LOG/$name.log" | sed 's/^/    | /'
+    { grep -E '^(MISMATCH|  [-+])' "$LOG/$name.log" | head -n 30
+      grep -vE '^(MISMATCH|  [-+]|Copying |Getting image|Writing manifest|Storing signatures|[0-9a-f]{64}$)' "$LOG/$name.log" | tail -n 6
+    } | sed 's/^/    | /'
   fi
 }
 eq() { # eq WHAT GOT WANT: on a mismatch, print a diff and mark the check failed (it goes on)
@@ -448,14 +471,18 @@ main_view_want() {
     "/data/re-dir: new  /data/ren-dir2: sub x " 2 fifo "$BIG_SUM"
 }
 c_stop_start() {
-  local out before
+  local out before inos inos2
+  local ino_cmd='stat -c "%n %i" /data/file.txt /data/hl1 /data/hl2 /data/big8 /data/ren-dir2 /data/re-dir'
   before=$(mx main sh -c "$MAIN_VIEW")
   eq "view before stop" "$before" "$(main_view_want)"
+  inos=$(mx main sh -c "$ino_cmd")
   pm stop -t 0 main
   eq "state after stop" "$(pm inspect --format '{{.State.Status}}' main)" exited
   pm start main
   out=$(mx main sh -c "$MAIN_VIEW")
   eq "view after start" "$out" "$(main_view_want)"
+  inos2=$(mx main sh -c "$ino_cmd")
+  eq "inode numbers across stop/start (copied-up, lower, hard-linked, new, renamed, re-created)" "$inos2" "$inos"
 }
 
 c_commit() {

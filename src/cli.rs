@@ -89,6 +89,8 @@ pub struct MountOptions {
     pub gid_map: IdMap,
     pub timeout: Option<Duration>,
     pub threads: Option<usize>,
+    pub passthrough: Option<bool>,
+    pub cache_dirs: Option<bool>,
     pub debug: bool,
     /// Where the daemon writes its log (stderr is closed once it is up).
     pub log_file: Option<PathBuf>,
@@ -135,6 +137,14 @@ pub fn split_lowerdirs(s: &str) -> Vec<PathBuf> {
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .collect()
+}
+
+fn parse_switch(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "1" | "yes" => Ok(true),
+        "off" | "0" | "no" => Ok(false),
+        _ => bail!("bad value for mount option {key}: {v:?} (on or off)"),
+    }
 }
 
 fn parse_u32(key: &str, v: &str) -> Result<u32> {
@@ -229,6 +239,8 @@ impl MountOptions {
                         o.threads = Some(n);
                     }
                     ("debug", None) => o.debug = true,
+                    ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
+                    ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("log", Some(v)) => o.log_file = Some(PathBuf::from(v)),
                     (k, _) if IGNORED_OPTIONS.contains(&k) => {
                         log::info!("ignoring mount option {opt}");
@@ -316,6 +328,8 @@ pub fn plan_mount(
             gid_map: opts.gid_map.clone(),
         },
         default_permissions,
+        passthrough: opts.passthrough.unwrap_or(true),
+        cache_dirs: opts.cache_dirs.unwrap_or(true),
     };
     Ok(MountPlan {
         union: UnionConfig {

@@ -72,7 +72,9 @@ impl MountPlan {
         } else {
             SessionACL::Owner
         };
-        config.n_threads = Some(self.threads.unwrap_or(2));
+        // One event loop: requests mostly come one at a time from blocking callers, and a second
+        // loop costs cross-core wake-ups; slow requests (copy-up) run on their own threads.
+        config.n_threads = Some(self.threads.unwrap_or(1));
         config.clone_fd = true;
         config
     }

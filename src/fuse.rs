@@ -14,18 +14,18 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
+    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -101,6 +101,10 @@ pub struct FuseOptions {
     pub ids: IdView,
     /// The kernel checks permissions (`default_permissions`); otherwise `access` does.
     pub default_permissions: bool,
+    /// Let the kernel read and write open files directly (FUSE passthrough) when it can.
+    pub passthrough: bool,
+    /// Let the kernel cache directory listings and negative lookups.
+    pub cache_dirs: bool,
 }
 
 impl Default for FuseOptions {
@@ -109,12 +113,18 @@ impl Default for FuseOptions {
             ttl: Duration::from_secs(86400),
             ids: IdView::default(),
             default_permissions: true,
+            passthrough: true,
+            cache_dirs: true,
         }
     }
 }
 
 enum Handle {
-    File(OpenFile),
+    File {
+        file: OpenFile,
+        /// Held while the kernel reads/writes this file directly.
+        backing: Option<Arc<BackingId>>,
+    },
     Dir {
         ino: u64,
         entries: Mutex<DirSnapshot>,
@@ -127,12 +137,42 @@ struct DirSnapshot {
     read_once: bool,
 }
 
-/// The filesystem the FUSE session runs.
-pub struct LayerFs {
+/// The filesystem the FUSE session runs: a cheap handle on the shared core, so slow requests
+/// can finish on their own thread while the session keeps answering others.
+pub struct LayerFs(Arc<Core>);
+
+impl std::ops::Deref for LayerFs {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
+
+/// State shared by every request.
+pub struct Core {
     union: Arc<Union>,
     opts: FuseOptions,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    /// Passthrough is on (asked for, granted by the kernel, and not refused since).
+    passthrough: AtomicBool,
+    /// The backing file registered for each inode with open passthrough handles, and the node
+    /// generation it belongs to: the kernel allows one backing file per inode at a time.
+    backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
+}
+
+/// How an open file is served.
+enum OpenMode {
+    /// Registered with a backing file. Normally the kernel then does the I/O on it; with
+    /// `direct`, reads and writes still come to the daemon: the inode has passthrough handles
+    /// on the file it had before a copy-up, and the kernel wants every open of an inode in
+    /// passthrough mode to name that same backing file (only mmap uses it then).
+    Passthrough {
+        backing: Arc<BackingId>,
+        direct: bool,
+    },
+    /// Through the page cache.
+    Cached,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -202,14 +242,31 @@ fn guarded(what: &str, f: impl FnOnce()) {
 
 impl LayerFs {
     pub fn new(union: Arc<Union>, opts: FuseOptions) -> Self {
-        LayerFs {
+        LayerFs(Arc::new(Core {
             union,
             opts,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-        }
+            passthrough: AtomicBool::new(false),
+            backings: Mutex::new(HashMap::new()),
+        }))
     }
 
+    /// Run `f` on a thread of its own: for requests that may copy file data up, so one large
+    /// copy never holds up unrelated requests.
+    fn offload(&self, what: &'static str, f: impl FnOnce(&Core) + Send + 'static) {
+        let core = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("layerfs-slow".into())
+            .spawn(move || guarded(what, || f(&core)));
+        if let Err(e) = spawned {
+            // The closure (and its reply, which answers EIO when dropped) is gone with it.
+            log::error!("{what}: cannot start a worker thread: {e}");
+        }
+    }
+}
+
+impl Core {
     fn handles(&self) -> MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -262,6 +319,22 @@ impl LayerFs {
         }
     }
 
+    /// A lookup answer; a missing name is cached by the kernel as a negative entry (node id 0)
+    /// since names appear only through this mount, which the kernel sees.
+    fn reply_lookup(&self, reply: ReplyEntry, res: Result<Attr, Error>) {
+        match res {
+            Err(e) if e.is(libc::ENOENT) && self.opts.cache_dirs => {
+                let mut none = self.file_attr(&Attr {
+                    ino: 0,
+                    st: sys::FileStat::default(),
+                });
+                none.ino = INodeNo(0);
+                reply.entry(&self.opts.ttl, &none, Generation(0))
+            }
+            other => self.reply_entry(reply, other),
+        }
+    }
+
     fn reply_attr(&self, reply: ReplyAttr, res: Result<Attr, Error>) {
         match res {
             Ok(a) => reply.attr(&self.opts.ttl, &self.file_attr(&a)),
@@ -277,10 +350,104 @@ impl LayerFs {
         }
     }
 
+    /// Decide how to serve a new open of `file`; `register` turns a descriptor into a
+    /// backing id with the kernel.
+    fn open_mode(
+        &self,
+        file: &OpenFile,
+        register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> OpenMode {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return OpenMode::Cached;
+        }
+        let generation = file.generation();
+        let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, weak)) = backings.get(&file.ino()) {
+            if let Some(b) = weak.upgrade() {
+                return OpenMode::Passthrough {
+                    backing: b,
+                    direct: *g != generation,
+                };
+            }
+        }
+        let fd = match self.union.file_fd(file) {
+            Ok(fd) => fd,
+            Err(_) => return OpenMode::Cached,
+        };
+        match register(fd.as_fd()) {
+            Ok(b) => {
+                let b = Arc::new(b);
+                backings.insert(file.ino(), (generation, Arc::downgrade(&b)));
+                OpenMode::Passthrough {
+                    backing: b,
+                    direct: false,
+                }
+            }
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM) | Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)
+                ) {
+                    log::warn!("FUSE passthrough refused ({e}); serving file I/O from the daemon");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                } else {
+                    log::debug!("passthrough for inode {}: {e}", file.ino());
+                }
+                // No backing is attached to this inode (none was live above), so the page
+                // cache is free to use.
+                OpenMode::Cached
+            }
+        }
+    }
+
+    fn drop_handle(&self, fh: FileHandle) {
+        let h = self.handles().remove(&fh.0);
+        if let Some(h) = h {
+            if let Handle::File {
+                file,
+                backing: Some(_),
+            } = &*h
+            {
+                let ino = file.ino();
+                drop(h);
+                let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+                if backings
+                    .get(&ino)
+                    .is_some_and(|(_, w)| w.strong_count() == 0)
+                {
+                    backings.remove(&ino);
+                }
+            }
+        }
+    }
+
+    fn do_open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
+        match self.union.open(ino, flags) {
+            Ok(file) => match self.open_mode(&file, |fd| reply.open_backing(fd)) {
+                OpenMode::Cached => {
+                    let fh = self.add_handle(Handle::File {
+                        file,
+                        backing: None,
+                    });
+                    reply.opened(FileHandle(fh), cached_flags())
+                }
+                OpenMode::Passthrough { backing: b, direct } => {
+                    let flags = passthrough_flags(direct);
+                    let fh = self.add_handle(Handle::File {
+                        file,
+                        backing: Some(b.clone()),
+                    });
+                    reply.opened_passthrough(FileHandle(fh), flags, &b)
+                }
+            },
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     /// Some open handle of inode `ino`.
     fn open_handle_of(&self, ino: u64) -> Option<FileHandle> {
         self.handles().iter().find_map(|(fh, h)| match &**h {
-            Handle::File(f) if f.ino() == ino => Some(FileHandle(*fh)),
+            Handle::File { file, .. } if file.ino() == ino => Some(FileHandle(*fh)),
             _ => None,
         })
     }
@@ -289,7 +456,7 @@ impl LayerFs {
     fn file_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Error> {
         let h = self.handle(fh)?;
         match &*h {
-            Handle::File(f) => self.union.file_fd(f),
+            Handle::File { file, .. } => self.union.file_fd(file),
             Handle::Dir { .. } => Err(Error::os(libc::EISDIR)),
         }
     }
@@ -417,20 +584,43 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // The kernel keeps POSIX ACLs (and their absence) cached per inode instead of
+            // asking on every `ls -l`; with default_permissions it also enforces them.
+            | if self.opts.default_permissions {
+                InitFlags::FUSE_POSIX_ACL
+            } else {
+                InitFlags::empty()
+            };
         let supported = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(supported) {
             log::debug!("kernel lacks {missing:?}");
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        if self.opts.passthrough
+            && sys::geteuid() == 0
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
+        log::info!(
+            "passthrough {}",
+            if self.passthrough.load(Ordering::Relaxed) {
+                "on"
+            } else {
+                "off"
+            }
+        );
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         guarded("lookup", || {
             let res = self.union.lookup(parent.0, name.as_bytes());
-            self.reply_entry(reply, res)
+            self.reply_lookup(reply, res)
         })
     }
 
@@ -468,13 +658,12 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guarded("open", || match self.union.open(ino.0, flags.0) {
-            Ok(fd) => {
-                let fh = self.add_handle(Handle::File(fd));
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Err(e) => reply.error(errno(&e)),
-        })
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        if writes && flags.0 & libc::O_TRUNC == 0 && self.union.needs_copy_up(ino.0) {
+            self.offload("open", move |core| core.do_open(ino.0, flags.0, reply));
+        } else {
+            guarded("open", || self.do_open(ino.0, flags.0, reply))
+        }
     }
 
     fn read(
@@ -516,7 +705,7 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         guarded("release", || {
-            self.handles().remove(&fh.0);
+            self.drop_handle(fh);
             reply.ok()
         })
     }
@@ -531,7 +720,14 @@ impl Filesystem for LayerFs {
                         read_once: false,
                     }),
                 });
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+                let flags = if self.opts.cache_dirs {
+                    // The kernel may keep the listing: it changes only through this mount,
+                    // and every change bumps the directory's version in the kernel.
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
             }
             Err(e) => reply.error(errno(&e)),
         })
@@ -694,22 +890,27 @@ impl Filesystem for LayerFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        guarded("setattr", || {
+        let run = move |core: &Core| {
             let res = (|| {
                 let changes = SetAttr {
                     mode,
-                    uid: self.host_uid(uid)?,
-                    gid: self.host_gid(gid)?,
+                    uid: core.host_uid(uid)?,
+                    gid: core.host_gid(gid)?,
                     size,
                     atime: set_time(atime),
                     mtime: set_time(mtime),
                 };
-                let fd = fh.and_then(|fh| self.file_fd(fh).ok());
-                self.union
+                let fd = fh.and_then(|fh| core.file_fd(fh).ok());
+                core.union
                     .setattr(ino.0, &changes, fd.as_ref().map(|f| f.as_fd()))
             })();
-            self.reply_attr(reply, res)
-        })
+            core.reply_attr(reply, res)
+        };
+        if size != Some(0) && self.union.needs_copy_up(ino.0) {
+            self.offload("setattr", run);
+        } else {
+            guarded("setattr", || run(self))
+        }
     }
 
     fn mknod(
@@ -728,7 +929,7 @@ impl Filesystem for LayerFs {
                 name.as_bytes(),
                 mode,
                 rdev as u64,
-                &Self::caller(req),
+                &Core::caller(req),
             );
             self.reply_entry(reply, res)
         })
@@ -746,7 +947,7 @@ impl Filesystem for LayerFs {
         guarded("mkdir", || {
             let res = self
                 .union
-                .mkdir(parent.0, name.as_bytes(), mode, &Self::caller(req));
+                .mkdir(parent.0, name.as_bytes(), mode, &Core::caller(req));
             self.reply_entry(reply, res)
         })
     }
@@ -782,7 +983,7 @@ impl Filesystem for LayerFs {
                 parent.0,
                 link_name.as_bytes(),
                 target.as_os_str().as_bytes(),
-                &Self::caller(req),
+                &Core::caller(req),
             );
             self.reply_entry(reply, res)
         })
@@ -798,18 +999,26 @@ impl Filesystem for LayerFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        guarded("rename", || {
-            match self.union.rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                flags.bits(),
-            ) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        })
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        let slow = self.union.child_needs_copy_up(parent.0, name.as_bytes())
+            || self
+                .union
+                .child_needs_copy_up(newparent.0, newname.as_bytes());
+        let run = move |core: &Core| match core.union.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        };
+        if slow {
+            self.offload("rename", run);
+        } else {
+            guarded("rename", || run(self))
+        }
     }
 
     fn link(
@@ -820,10 +1029,16 @@ impl Filesystem for LayerFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        guarded("link", || {
-            let res = self.union.link(ino.0, newparent.0, newname.as_bytes());
-            self.reply_entry(reply, res)
-        })
+        let newname = newname.to_owned();
+        let run = move |core: &Core| {
+            let res = core.union.link(ino.0, newparent.0, newname.as_bytes());
+            core.reply_entry(reply, res)
+        };
+        if self.union.needs_copy_up(ino.0) {
+            self.offload("link", run);
+        } else {
+            guarded("link", || run(self))
+        }
     }
 
     fn create(
@@ -839,17 +1054,40 @@ impl Filesystem for LayerFs {
         guarded("create", || {
             match self
                 .union
-                .create(parent.0, name.as_bytes(), mode, flags, &Self::caller(req))
+                .create(parent.0, name.as_bytes(), mode, flags, &Core::caller(req))
             {
-                Ok((attr, fd)) => {
-                    let fh = self.add_handle(Handle::File(fd));
-                    reply.created(
-                        &self.opts.ttl,
-                        &self.file_attr(&attr),
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                    )
+                Ok((attr, file)) => {
+                    let fa = self.file_attr(&attr);
+                    match self.open_mode(&file, |fd| reply.open_backing(fd)) {
+                        OpenMode::Cached => {
+                            let fh = self.add_handle(Handle::File {
+                                file,
+                                backing: None,
+                            });
+                            reply.created(
+                                &self.opts.ttl,
+                                &fa,
+                                Generation(0),
+                                FileHandle(fh),
+                                cached_flags(),
+                            )
+                        }
+                        OpenMode::Passthrough { backing: b, direct } => {
+                            let flags = passthrough_flags(direct);
+                            let fh = self.add_handle(Handle::File {
+                                file,
+                                backing: Some(b.clone()),
+                            });
+                            reply.created_passthrough(
+                                &self.opts.ttl,
+                                &fa,
+                                Generation(0),
+                                FileHandle(fh),
+                                flags,
+                                &b,
+                            )
+                        }
+                    }
                 }
                 Err(e) => reply.error(errno(&e)),
             }
@@ -914,21 +1152,30 @@ impl Filesystem for LayerFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        guarded("setxattr", || {
-            match self.union.setxattr(ino.0, name.as_bytes(), value, flags) {
+        let (name, value) = (name.to_owned(), value.to_vec());
+        let run =
+            move |core: &Core| match core.union.setxattr(ino.0, name.as_bytes(), &value, flags) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
-            }
-        })
+            };
+        if self.union.needs_copy_up(ino.0) {
+            self.offload("setxattr", run);
+        } else {
+            guarded("setxattr", || run(self))
+        }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guarded("removexattr", || {
-            match self.union.removexattr(ino.0, name.as_bytes()) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        })
+        let name = name.to_owned();
+        let run = move |core: &Core| match core.union.removexattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        };
+        if self.union.needs_copy_up(ino.0) {
+            self.offload("removexattr", run);
+        } else {
+            guarded("removexattr", || run(self))
+        }
     }
 
     fn fallocate(
@@ -998,6 +1245,21 @@ impl Filesystem for LayerFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         })
+    }
+}
+
+/// Open flags for a file served through the page cache. No FLUSH on close: writes reach the
+/// backing file synchronously, so there is nothing to report at close.
+fn cached_flags() -> FopenFlags {
+    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+}
+
+/// Open flags of a passthrough open (`direct`: reads and writes still come to the daemon).
+fn passthrough_flags(direct: bool) -> FopenFlags {
+    if direct {
+        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
     }
 }
 

@@ -373,23 +373,42 @@ fn open_files_keep_working_across_copy_up() {
     if !can_mount() {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let (top, bot, u, w) = rw_stack(d.path());
-    wfile(bot.join("f"), "0123456789");
-    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
-    let mut reader = fs::File::open(m.p("f")).unwrap();
-    let mut buf = [0u8; 4];
-    reader.read_exact(&mut buf).unwrap();
-    let mut writer = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
-    writer.write_all(b"AB").unwrap();
-    drop(writer);
-    // The old descriptor keeps working and sees the copied-up file (kernel overlayfs would
-    // keep reading the stale lower file here).
-    reader.seek(SeekFrom::Start(0)).unwrap();
-    let mut all = String::new();
-    reader.read_to_string(&mut all).unwrap();
-    assert_eq!(all, "AB23456789");
-    assert_eq!(fs::read_to_string(m.p("f")).unwrap(), "AB23456789");
+    // With passthrough the kernel reads an open lower file itself, so a descriptor opened
+    // before the copy-up keeps its old data (as with kernel overlayfs); without it, layerfs
+    // moves the descriptor to the upper copy.
+    for (opts, old_fd_sees_new) in [(&[][..], false), (&["passthrough=off"][..], true)] {
+        let d = tempfile::tempdir().unwrap();
+        let (top, bot, u, w) = rw_stack(d.path());
+        wfile(bot.join("f"), "0123456789");
+        let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), opts);
+        let mut reader = fs::File::open(m.p("f")).unwrap();
+        let mut buf = [0u8; 4];
+        reader.read_exact(&mut buf).unwrap();
+        let mut writer = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
+        writer.write_all(b"AB").unwrap();
+        // Opened while the old descriptor is still open: sees the new data.
+        assert_eq!(
+            fs::read_to_string(m.p("f")).unwrap(),
+            "AB23456789",
+            "{opts:?}"
+        );
+        drop(writer);
+        reader.seek(SeekFrom::Start(0)).unwrap();
+        let mut all = String::new();
+        reader.read_to_string(&mut all).unwrap();
+        let want = if old_fd_sees_new {
+            "AB23456789"
+        } else {
+            "0123456789"
+        };
+        assert_eq!(all, want, "{opts:?}");
+        drop(reader);
+        assert_eq!(
+            fs::read_to_string(m.p("f")).unwrap(),
+            "AB23456789",
+            "{opts:?}"
+        );
+    }
 }
 
 #[test]

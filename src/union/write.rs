@@ -67,6 +67,11 @@ impl OpenFile {
     pub fn ino(&self) -> u64 {
         self.ino
     }
+
+    /// The node generation the descriptor was opened at (changes with copy-up).
+    pub fn generation(&self) -> u64 {
+        self.fd.read().unwrap_or_else(|p| p.into_inner()).0
+    }
 }
 
 /// `RENAME_*` flags the union accepts.
@@ -435,6 +440,24 @@ impl Union {
         let new = sys::fstat(tmp.as_fd())?;
         self.finish_copy_up(node, parent, name, &new);
         Ok(())
+    }
+
+    /// Whether changing `ino` would first copy it up (possibly a lot of data).
+    pub fn needs_copy_up(&self, ino: u64) -> bool {
+        self.upper.is_some() && self.node(ino).is_ok_and(|n| !self.is_upper_node(&n))
+    }
+
+    /// [`Union::needs_copy_up`] for the node known as `parent`/`name`; a directory counts
+    /// when it merges lower layers (renaming it copies its tree).
+    pub fn child_needs_copy_up(&self, parent: u64, name: &[u8]) -> bool {
+        let Some(ino) = self.table().child(parent, name) else {
+            return false;
+        };
+        let Ok(node) = self.node(ino) else {
+            return false;
+        };
+        let s = node.lock();
+        self.upper.is_some() && (Some(s.layer) != self.upper || s.merge.len() > 1)
     }
 
     /// Copy node `ino` up (with its ancestors).

@@ -387,3 +387,45 @@ fn hundred_thousand_entries_list_once_in_small_chunks() {
     let next = reader.next_entry().unwrap().unwrap();
     assert_eq!(next.name, names[k + 1]);
 }
+
+/// Count the FUSE requests of one kind in a daemon debug log.
+fn requests(log: &Path, op: &str) -> usize {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("fuser::request") && l.contains(&format!(" {op} ")))
+        .count()
+}
+
+#[test]
+fn passthrough_reads_never_reach_the_daemon() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    wfile(d.path().join("l/f"), &data);
+    for (pt, expect_reads) in [("on", false), ("off", true)] {
+        let log = d.path().join(format!("log-{pt}"));
+        let mnt = d.path().join(format!("m-{pt}"));
+        mkdirp(&mnt);
+        let mut cmd = std::process::Command::new(bin());
+        cmd.env("RUST_LOG", "debug")
+            .arg("mount")
+            .arg("--lower")
+            .arg(d.path().join("l"))
+            .arg(&mnt)
+            .arg("-o")
+            .arg(format!("passthrough={pt},log={}", log.display()));
+        run(&mut cmd);
+        let mnt = fs::canonicalize(&mnt).unwrap();
+        let m = Mount {
+            daemon: daemon_pid(&mnt),
+            path: mnt,
+        };
+        assert_eq!(fs::read(m.p("f")).unwrap(), data);
+        drop(m);
+        assert_eq!(requests(&log, "OPEN"), 1, "passthrough={pt}");
+        assert_eq!(requests(&log, "READ") > 0, expect_reads, "passthrough={pt}");
+    }
+}

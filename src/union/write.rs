@@ -54,6 +54,16 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+/// Copies made during a tree copy wait unnamed in batches of this size for one `syncfs`.
+const TREE_COPY_BATCH: usize = 128;
+
+/// A regular file copied during a tree copy, complete but not yet given its name.
+struct PendingCopy {
+    file: OwnedFd,
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+}
+
 /// An open regular file.
 pub struct OpenFile {
     ino: u64,
@@ -205,10 +215,23 @@ impl Union {
         }
         let origin = self.origin_for(origin, &st);
         self.apply_meta_fd(tmp.as_fd(), &st, XTarget::Fd(src.as_fd()), origin)?;
-        if self.fsync {
-            sys::fsync(tmp.as_fd(), false)?;
-        }
         Ok((tmp, st))
+    }
+
+    /// Give the pending copies of a tree copy their names, after one `syncfs` has made all
+    /// their data durable (one sync per batch instead of one per file).
+    fn link_pending(&self, pending: &mut Vec<PendingCopy>) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if self.fsync {
+            let upper = self.upper_layer()?;
+            sys::syncfs(self.root_fd(upper))?;
+        }
+        for p in pending.drain(..) {
+            sys::link_fd_at(p.file.as_fd(), p.dir.as_fd(), &p.name)?;
+        }
+        Ok(())
     }
 
     /// Copy a non-regular, non-directory object (symlink, fifo, device, socket) into
@@ -493,7 +516,9 @@ impl Union {
             .ok_or_else(|| Error::os(libc::ENOENT))?;
         let merge = node.lock().merge.clone();
         let mut links = HashMap::new();
-        self.copy_tree_locked(&path, &merge, Some(ino), &mut links)?;
+        let mut pending = Vec::new();
+        self.copy_tree_locked(&path, &merge, Some(ino), &mut links, &mut pending)?;
+        self.link_pending(&mut pending)?;
         let dir = self.upper_dir(&path)?;
         self.set_opaque(dir.as_fd(), b"")?;
         {
@@ -510,10 +535,11 @@ impl Union {
         merge: &[u16],
         dir_ino: Option<u64>,
         links: &mut HashMap<(u64, u64), Vec<u8>>,
+        pending: &mut Vec<PendingCopy>,
     ) -> Result<()> {
         let upper = self.upper_layer()?;
         let index = self.build_index(merge, path)?;
-        let dst_dir = self.upper_dir(path)?;
+        let dst_dir = Arc::new(self.upper_dir(path)?);
         // The directory becomes self-contained: whiteouts in it have nothing left to hide.
         for name in index.upper_whiteouts() {
             let _ = sys::unlink_at(dst_dir.as_fd(), name, false);
@@ -534,6 +560,8 @@ impl Union {
                 } else if st.is_reg() {
                     match links.get(&(st.dev, st.ino)) {
                         Some(first) if st.nlink > 1 => {
+                            // The first name must exist before another can link to it.
+                            self.link_pending(pending)?;
                             let (fdir, fname) = split_path(first);
                             let fdir = self.upper_dir(fdir)?;
                             sys::link_at(fdir.as_fd(), fname, dst_dir.as_fd(), &name)?;
@@ -546,7 +574,14 @@ impl Union {
                                 origin,
                                 true,
                             )?;
-                            sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), &name)?;
+                            pending.push(PendingCopy {
+                                file: tmp,
+                                dir: dst_dir.clone(),
+                                name: name.to_vec(),
+                            });
+                            if pending.len() >= TREE_COPY_BATCH {
+                                self.link_pending(pending)?;
+                            }
                             if st.nlink > 1 {
                                 links.insert((st.dev, st.ino), child_path.clone());
                             }
@@ -563,12 +598,13 @@ impl Union {
                     sub.extend(cut.into_iter().filter(|&l| l != upper));
                 }
                 if sub.len() > 1 {
-                    self.copy_tree_locked(&child_path, &sub, child_ino, links)?;
+                    self.copy_tree_locked(&child_path, &sub, child_ino, links, pending)?;
                 }
             }
             if let Some(ci) = child_ino {
                 let child = self.table().get(ci).cloned();
                 if let Some(child) = child {
+                    self.link_pending(pending)?;
                     let new = sys::stat_at(dst_dir.as_fd(), &name)?;
                     {
                         let mut s = child.lock();
@@ -583,9 +619,6 @@ impl Union {
                     self.table().rebind(ci, (new.dev, new.ino));
                 }
             }
-        }
-        if self.fsync {
-            let _ = sys::fsync(dst_dir.as_fd(), false);
         }
         Ok(())
     }

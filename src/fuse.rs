@@ -444,14 +444,6 @@ impl Core {
         }
     }
 
-    /// Some open handle of inode `ino`.
-    fn open_handle_of(&self, ino: u64) -> Option<FileHandle> {
-        self.handles().iter().find_map(|(fh, h)| match &**h {
-            Handle::File { file, .. } if file.ino() == ino => Some(FileHandle(*fh)),
-            _ => None,
-        })
-    }
-
     /// The current descriptor of an open file handle.
     fn file_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Error> {
         let h = self.handle(fh)?;
@@ -636,15 +628,7 @@ impl Filesystem for LayerFs {
             };
             let res = match fh {
                 Some(fh) => by_handle(fh).or_else(|_| self.union.getattr(ino.0)),
-                None => match self.union.getattr(ino.0) {
-                    // fstat of a file whose names are all gone: the kernel sends no handle, so
-                    // find one of the node's open handles.
-                    Err(e) if e.is(libc::ENOENT) => match self.open_handle_of(ino.0) {
-                        Some(fh) => by_handle(fh),
-                        None => Err(e),
-                    },
-                    other => other,
-                },
+                None => self.union.getattr(ino.0),
             };
             self.reply_attr(reply, res)
         })

@@ -298,6 +298,17 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &[u8], flags: i32, mode: u32) -> io::R
     })
 }
 
+/// Open the object behind a descriptor again (`/proc/self/fd/N`) with new flags: how an
+/// `O_PATH` descriptor of an unlinked file becomes readable or writable.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    with_cstr(&proc_fd_path(fd), |c| {
+        // SAFETY: valid C string; the fd returned on success is fresh and owned by us.
+        let fd = cvt(unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0) })?;
+        // SAFETY: `fd` was just returned by open and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+}
+
 /// Open an unnamed temporary file in `dir` (`O_TMPFILE`), to be linked in with [`link_fd_at`].
 pub fn open_tmpfile(dir: BorrowedFd<'_>, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     with_cstr(b".", |c| {

@@ -40,6 +40,9 @@ pub struct NodeState {
     pub index: Option<DirIndex>,
     /// All names are gone (unlinked or rmdir'ed) but the kernel still references the node.
     pub unlinked: bool,
+    /// Once unlinked: an `O_PATH` descriptor of the object, so `fstat` and reopening still
+    /// reach it (the kernel keeps using the inode while a file is open or a fifo in use).
+    pub orphan: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 /// One union inode.
@@ -456,6 +459,7 @@ mod tests {
             backing: (0, 0),
             index: None,
             unlinked: false,
+            orphan: None,
         }
     }
 

@@ -209,6 +209,7 @@ impl Union {
                 backing: (root_st.dev, root_st.ino),
                 index: None,
                 unlinked: false,
+                orphan: None,
             },
         );
         let mut table = Table::new(root, (root_st.dev, root_st.ino));
@@ -513,6 +514,7 @@ impl Union {
                         backing: (st.dev, st.ino),
                         index: None,
                         unlinked: false,
+                        orphan: None,
                     },
                 )
             })
@@ -564,7 +566,19 @@ impl Union {
     /// Attributes of a node, from its current backing object.
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let _ns = self.read_ns();
-        let (node, path) = self.node_path(ino)?;
+        let (node, path) = match self.node_path(ino) {
+            Ok(found) => found,
+            Err(e) => {
+                // No name left: the object is reached through the descriptor kept at unlink.
+                let node = self.node(ino)?;
+                let orphan = node.lock().orphan.clone();
+                let Some(fd) = orphan else {
+                    return Err(e);
+                };
+                let st = sys::fstat(fd.as_fd())?;
+                return Ok(self.attr_of(&node, st));
+            }
+        };
         let layer = node.lock().layer;
         let st = self.at(layer, &path, sys::stat_at)?;
         Ok(self.attr_of(&node, st))

@@ -517,10 +517,21 @@ impl Union {
         let merge = node.lock().merge.clone();
         let mut links = HashMap::new();
         let mut pending = Vec::new();
-        self.copy_tree_locked(&path, &merge, Some(ino), &mut links, &mut pending)?;
+        let mut stale_whiteouts = Vec::new();
+        self.copy_tree_locked(
+            &path,
+            &merge,
+            Some(ino),
+            &mut links,
+            &mut pending,
+            &mut stale_whiteouts,
+        )?;
         self.link_pending(&mut pending)?;
         let dir = self.upper_dir(&path)?;
         self.set_opaque(dir.as_fd(), b"")?;
+        for (wdir, name) in stale_whiteouts {
+            let _ = sys::unlink_at(wdir.as_fd(), &name, false);
+        }
         {
             let mut s = node.lock();
             s.merge = vec![self.upper.unwrap_or(0)];
@@ -536,13 +547,15 @@ impl Union {
         dir_ino: Option<u64>,
         links: &mut HashMap<(u64, u64), Vec<u8>>,
         pending: &mut Vec<PendingCopy>,
+        stale_whiteouts: &mut Vec<(Arc<OwnedFd>, Vec<u8>)>,
     ) -> Result<()> {
         let upper = self.upper_layer()?;
         let index = self.build_index(merge, path)?;
         let dst_dir = Arc::new(self.upper_dir(path)?);
-        // The directory becomes self-contained: whiteouts in it have nothing left to hide.
+        // Once the tree's root is opaque its whiteouts hide nothing; they are removed only
+        // then, so a crash in between never uncovers a deleted lower file.
         for name in index.upper_whiteouts() {
-            let _ = sys::unlink_at(dst_dir.as_fd(), name, false);
+            stale_whiteouts.push((dst_dir.clone(), name.to_vec()));
         }
         for (name, top) in index.listing() {
             let child_path = join_path(path, &name);
@@ -598,7 +611,14 @@ impl Union {
                     sub.extend(cut.into_iter().filter(|&l| l != upper));
                 }
                 if sub.len() > 1 {
-                    self.copy_tree_locked(&child_path, &sub, child_ino, links, pending)?;
+                    self.copy_tree_locked(
+                        &child_path,
+                        &sub,
+                        child_ino,
+                        links,
+                        pending,
+                        stale_whiteouts,
+                    )?;
                 }
             }
             if let Some(ci) = child_ino {
@@ -686,6 +706,39 @@ impl Union {
             sys::rename_at(dir, name, work, &tmp, 0)?;
             tmp
         };
+        let old = sys::open_dir_beneath(work, &tmp)?;
+        super::remove_contents(old.as_fd())?;
+        sys::unlink_at(work, &tmp, true)?;
+        Ok(())
+    }
+
+    /// Make the upper directory `dir`/`name`, empty in the union but possibly holding
+    /// whiteouts, really empty: an empty opaque copy of it is built in the work directory and
+    /// swapped in with one exchange, then the old one is removed. A crash at any point leaves
+    /// either the old directory or the empty opaque one, never a half-emptied directory whose
+    /// lower files show again.
+    fn clear_empty_dir(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
+        let sub = sys::open_dir_beneath(dir, name)?;
+        if sys::read_dir_all(sys::open_dir_beneath(sub.as_fd(), b"")?)?.is_empty() {
+            return Ok(());
+        }
+        let work = self.work_fd()?;
+        let st = sys::stat_at(dir, name)?;
+        let tmp = self.tmp_name();
+        sys::mkdir_at(work, &tmp, 0o700)?;
+        let origin = self
+            .read_origin(dir, name)
+            .unwrap_or_else(|| self.origin_for(None, &st));
+        let swap = (|| -> Result<()> {
+            self.apply_meta_at(work, &tmp, &st, XTarget::At(dir, name), origin)?;
+            self.set_opaque(work, &tmp)?;
+            sys::rename_at(work, &tmp, dir, name, sys::RENAME_EXCHANGE)?;
+            Ok(())
+        })();
+        if let Err(e) = swap {
+            let _ = sys::unlink_at(work, &tmp, true);
+            return Err(e);
+        }
         let old = sys::open_dir_beneath(work, &tmp)?;
         super::remove_contents(old.as_fd())?;
         sys::unlink_at(work, &tmp, true)?;
@@ -832,6 +885,7 @@ impl Union {
                         backing: (st.dev, st.ino),
                         index: None,
                         unlinked: false,
+                        orphan: None,
                     },
                 )
             })
@@ -989,6 +1043,17 @@ impl Union {
             .ok_or_else(|| Error::os(libc::ENOENT))?;
         let upper = self.upper_layer()?;
         let udir = self.upper_dir(&ppath)?;
+        let known = self.table().child(parent, name);
+        // The object may outlive its name (open files, fifos in use): keep a way to it.
+        let orphan = known.and_then(|_| {
+            let dir = if top.layer == upper {
+                None
+            } else {
+                self.open_dir_in(top.layer, &ppath).ok()
+            };
+            let dir = dir.as_ref().map_or(udir.as_fd(), |d| d.as_fd());
+            sys::open_at(dir, name, libc::O_PATH, 0).ok().map(Arc::new)
+        });
         let mut last_link = true;
         if top.layer == upper {
             let st = sys::stat_at(udir.as_fd(), name)?;
@@ -1014,7 +1079,10 @@ impl Union {
         if let Some(ino) = t.remove_link(parent, name) {
             if let Some(node) = t.get(ino).cloned() {
                 if !t.has_links(ino) && last_link {
-                    node.lock().unlinked = true;
+                    let mut s = node.lock();
+                    s.unlinked = true;
+                    s.orphan = orphan;
+                    drop(s);
                     t.unbind(ino);
                 }
             }
@@ -1156,14 +1224,25 @@ impl Union {
             self.set_opaque(sdir.as_fd(), name)?;
         }
         let mut replaced_last_link = false;
+        let replaced_orphan = dst.as_ref().and_then(|_| {
+            let layer = dst_visible?.layer;
+            let dir = if layer == upper {
+                None
+            } else {
+                self.open_dir_in(layer, &nppath).ok()
+            };
+            let dir = dir.as_ref().map_or(ddir.as_fd(), |d| d.as_fd());
+            sys::open_at(dir, newname, libc::O_PATH, 0)
+                .ok()
+                .map(Arc::new)
+        });
         if let Some(dt) = dst_visible {
             if dt.layer == upper {
                 let st = sys::stat_at(ddir.as_fd(), newname)?;
                 replaced_last_link = st.nlink <= 1 || dt.is_dir();
                 if dt.is_dir() {
                     // Empty in the union, but its upper copy may still hold whiteouts.
-                    let sub = sys::open_dir_beneath(ddir.as_fd(), newname)?;
-                    super::remove_contents(sub.as_fd())?;
+                    self.clear_empty_dir(ddir.as_fd(), newname)?;
                 }
             } else {
                 replaced_last_link = true;
@@ -1209,7 +1288,10 @@ impl Union {
             if let Some(dn) = t.get(d.ino).cloned() {
                 t.remove_link(newparent, newname);
                 if !t.has_links(d.ino) {
-                    dn.lock().unlinked = true;
+                    let mut s = dn.lock();
+                    s.unlinked = true;
+                    s.orphan = replaced_orphan;
+                    drop(s);
                     t.unbind(d.ino);
                 }
             }
@@ -1283,10 +1365,16 @@ impl Union {
                 *cur = fresh;
                 Ok(cur.1.clone())
             }
-            // Unlinked meanwhile: the old descriptor is all there is.
+            // Unlinked meanwhile: reopen the object through the descriptor kept at unlink,
+            // or keep the old descriptor when there is none.
             Err(_) => {
+                let orphan = file.node.lock().orphan.clone();
+                let reopened = orphan.and_then(|o| sys::reopen(o.as_fd(), file.flags).ok());
                 let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
                 cur.0 = now;
+                if let Some(fd) = reopened {
+                    cur.1 = Arc::new(fd);
+                }
                 Ok(cur.1.clone())
             }
         }

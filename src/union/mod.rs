@@ -612,8 +612,8 @@ impl Union {
 
     /// Inode number of a directory entry without counting a lookup (plain readdir).
     pub fn entry_ino(&self, parent: u64, entry: &DirEntry) -> Result<u64> {
-        let ino_found = self.table().child(parent, &entry.name);
-        if let Some(ino) = ino_found {
+        let known = self.table().child(parent, &entry.name);
+        if let Some(ino) = known {
             return Ok(ino);
         }
         let _ns = self.read_ns();

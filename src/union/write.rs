@@ -372,7 +372,7 @@ impl Union {
         let layer = node.lock().layer;
         let src_dir = self.open_dir_in(layer, ppath)?;
         let dst_dir = self.upper_dir(ppath)?;
-        let st = self.keep_times(dst_dir.as_fd(), || {
+        self.keep_times(dst_dir.as_fd(), || {
             if kind == sys::S_IFDIR {
                 self.copy_dir_shell(
                     src_dir.as_fd(),
@@ -381,12 +381,13 @@ impl Union {
                     Some(node.ino),
                     false,
                 )
+                .map(drop)
             } else {
                 self.copy_special(src_dir.as_fd(), name, dst_dir.as_fd(), Some(node.ino))
+                    .map(drop)
             }
         })?;
         let new = sys::stat_at(dst_dir.as_fd(), name)?;
-        let _ = st;
         self.finish_copy_up(node, parent, name, &new);
         Ok(())
     }
@@ -490,8 +491,8 @@ impl Union {
         if self.is_upper_node(&node) {
             return Ok(());
         }
-        let parent_found = self.table().parent(ino);
-        if let Some(parent) = parent_found {
+        let parent = self.table().parent(ino);
+        if let Some(parent) = parent {
             self.ensure_upper_dir(parent)?;
         }
         self.copy_up_node(&node, true)
@@ -1093,8 +1094,8 @@ impl Union {
     /// The node known as `parent`/`name`, looked up if the table lacks it (the lookup is
     /// given back at once).
     fn lookup_known(&self, parent: u64, name: &[u8]) -> Result<Arc<Node>> {
-        let ino_found = self.table().child(parent, name);
-        if let Some(ino) = ino_found {
+        let known = self.table().child(parent, name);
+        if let Some(ino) = known {
             return self.node(ino);
         }
         let attr = self.lookup(parent, name)?;
@@ -1386,8 +1387,8 @@ impl Union {
         self.upper_layer()?;
         let node = self.node(ino)?;
         if !self.is_upper_node(&node) {
-            let parent_found = self.table().parent(ino);
-            if let Some(parent) = parent_found {
+            let parent = self.table().parent(ino);
+            if let Some(parent) = parent {
                 self.ensure_upper_dir(parent)?;
             }
             self.copy_up_node(&node, changes.size != Some(0))?;

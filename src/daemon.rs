@@ -163,6 +163,9 @@ fn mount_dev_fuse(union: &Union, plan: &MountPlan) -> std::io::Result<OwnedFd> {
 fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result<()> {
     let signals = sys::SignalSet::block(&[sys::SIGTERM, sys::SIGINT, sys::SIGHUP])
         .context("blocking signals")?;
+    // Objects are created with exactly the mode the kernel asked for (it applied the caller's
+    // umask already).
+    sys::umask(0);
     let config = plan.fuser_config();
     let session = if sys::geteuid() == 0 {
         mount_dev_fuse(&union, plan).and_then(|fd| {

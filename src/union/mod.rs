@@ -80,6 +80,9 @@ pub struct Union {
     ns: RwLock<()>,
     fsync: bool,
     tmp_seq: AtomicU64,
+    /// Owner of what the daemon creates before any chown.
+    own_uid: u32,
+    own_gid: u32,
 }
 
 /// Open flags passed through to the backing file.
@@ -233,6 +236,8 @@ impl Union {
             ns: RwLock::new(()),
             fsync: config.fsync,
             tmp_seq: AtomicU64::new(0),
+            own_uid: sys::geteuid(),
+            own_gid: sys::getegid(),
         })
     }
 

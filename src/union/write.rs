@@ -786,8 +786,27 @@ impl Union {
         let dir = self.upper_dir(&ppath)?;
         let pst = sys::fstat(dir.as_fd())?;
         let (uid, gid, sgid_dir) = self.new_owner(caller, &pst);
-        let perm = mode & 0o7777;
         let work = self.work_fd()?;
+        // The final permission bits, known before creation so the object is made with them
+        // (the daemon runs with umask 0) and most creations need no chmod afterwards.
+        let kind_bits = match &what {
+            NewObject::File { .. } => sys::S_IFREG,
+            NewObject::Dir => sys::S_IFDIR,
+            NewObject::Special { .. } => mode & sys::S_IFMT,
+            NewObject::Symlink { .. } => sys::S_IFLNK,
+        };
+        let mut perm = mode & 0o7777;
+        if kind_bits == sys::S_IFDIR && sgid_dir {
+            perm |= libc::S_ISGID;
+        }
+        if kind_bits != sys::S_IFDIR
+            && perm & libc::S_ISGID != 0
+            && caller.uid != 0
+            && gid != caller.gid
+            && !sys::process_groups(caller.pid).contains(&gid)
+        {
+            perm &= !libc::S_ISGID;
+        }
         // Where the object is made: in place, or in the work dir to be renamed over a whiteout.
         let (mk_dir, mk_name): (BorrowedFd<'_>, Vec<u8>) = if over_whiteout {
             (work, self.tmp_name())
@@ -795,7 +814,7 @@ impl Union {
             (dir.as_fd(), name.to_vec())
         };
         let mut fd = None;
-        let kind;
+        let kind = kind_bits;
         match &what {
             NewObject::File { flags } => {
                 let f = sys::open_at(
@@ -804,45 +823,27 @@ impl Union {
                     (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
                         | libc::O_CREAT
                         | libc::O_EXCL,
-                    0o600,
+                    perm & 0o777,
                 )?;
                 fd = Some(f);
-                kind = sys::S_IFREG;
             }
-            NewObject::Dir => {
-                sys::mkdir_at(mk_dir, &mk_name, 0o700)?;
-                kind = sys::S_IFDIR;
-            }
+            NewObject::Dir => sys::mkdir_at(mk_dir, &mk_name, perm & 0o1777)?,
             NewObject::Special { rdev } => {
-                let t = mode & sys::S_IFMT;
-                if t == sys::S_IFCHR && *rdev == 0 {
+                if kind == sys::S_IFCHR && *rdev == 0 {
                     // A 0/0 character device is how whiteouts are stored; users may not make one.
                     return Err(Error::os(libc::EPERM));
                 }
-                sys::mknod_at(mk_dir, &mk_name, t | 0o600, *rdev)?;
-                kind = t;
+                sys::mknod_at(mk_dir, &mk_name, kind | (perm & 0o777), *rdev)?;
             }
-            NewObject::Symlink { target } => {
-                sys::symlink_at(target, mk_dir, &mk_name)?;
-                kind = sys::S_IFLNK;
-            }
+            NewObject::Symlink { target } => sys::symlink_at(target, mk_dir, &mk_name)?,
         }
         let finish = || -> Result<()> {
-            sys::chown_at(mk_dir, &mk_name, Some(uid), Some(gid))?;
-            if kind != sys::S_IFLNK {
-                let mut p = perm;
-                if kind == sys::S_IFDIR && sgid_dir {
-                    p |= libc::S_ISGID;
-                }
-                if kind != sys::S_IFDIR
-                    && p & libc::S_ISGID != 0
-                    && caller.uid != 0
-                    && gid != caller.gid
-                    && !sys::process_groups(caller.pid).contains(&gid)
-                {
-                    p &= !libc::S_ISGID;
-                }
-                sys::chmod_at(mk_dir, &mk_name, p)?;
+            if uid != self.own_uid || gid != self.own_gid {
+                sys::chown_at(mk_dir, &mk_name, Some(uid), Some(gid))?;
+            }
+            // Special bits: chown clears setuid/setgid, mkdir ignores setgid.
+            if kind != sys::S_IFLNK && perm & 0o7000 != 0 {
+                sys::chmod_at(mk_dir, &mk_name, perm)?;
             }
             if kind == sys::S_IFDIR && lower_below {
                 self.set_opaque(mk_dir, &mk_name)?;

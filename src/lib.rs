@@ -6,7 +6,10 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod digest;
 pub mod error;
+pub mod fsutil;
 pub mod fuse;
+pub mod oci;
 pub mod sys;
 pub mod union;

@@ -11,5 +11,6 @@ pub mod error;
 pub mod fsutil;
 pub mod fuse;
 pub mod oci;
+pub mod store;
 pub mod sys;
 pub mod union;

@@ -93,9 +93,11 @@ fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<DirMarks> {
         whiteout::USER_OPAQUE,
         whiteout::FUSEOVERLAYFS_OPAQUE,
     ] {
-        if names.iter().any(|n| n == attr)
-            && let Some(v) =
-                sys::xattr_get(XTarget::Fd(fd), attr).map_err(io_ctx("reading xattrs of", path))?
+        if !names.iter().any(|n| n == attr) {
+            continue;
+        }
+        if let Some(v) =
+            sys::xattr_get(XTarget::Fd(fd), attr).map_err(io_ctx("reading xattrs of", path))?
         {
             let m = whiteout::opaque_value(&v);
             marks.opaque |= m.opaque;

@@ -100,9 +100,8 @@ fn io_err(e: io::Error) -> Error {
 /// Parse a numeric header field: octal text, or base-256 when the top bit of the first byte
 /// is set (GNU/star extension for values that do not fit).
 fn parse_num(field: &[u8], what: &str) -> Result<u64> {
-    if let Some(&first) = field.first()
-        && first & 0x80 != 0
-    {
+    let first = field.first().copied().unwrap_or(0);
+    if first & 0x80 != 0 {
         if first & 0x40 != 0 {
             return Err(bad(format!("tar header: negative {what}")));
         }

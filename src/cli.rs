@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::daemon::{self, MountPlan};
 use crate::digest::Digest;
 use crate::fuse::{FuseOptions, IdMap};
-use crate::oci::compress::{Compression, Limits};
+use crate::oci::compress::{Codec, Compression, Limits};
 use crate::oci::export;
 use crate::store::images::{self, LeaseRecord};
 use crate::store::{self, Store, layers, ops};
@@ -160,6 +160,9 @@ pub struct DiffArgs {
     pub output: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "none")]
     pub compression: CompressionArg,
+    /// Compression level (gzip 1-9, default 1; zstd 1-19, default 3).
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
     /// Clamp file times to at most this (seconds since the epoch).
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "N")]
     pub source_date_epoch: Option<i64>,
@@ -184,6 +187,9 @@ pub struct CommitArgs {
     pub message: Option<String>,
     #[arg(long, value_enum, default_value = "gzip")]
     pub compression: CompressionArg,
+    /// Compression level (gzip 1-9, default 1; zstd 1-19, default 3).
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
     /// Clamp file times (and the image's creation time) to this (seconds since the epoch).
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "N")]
     pub source_date_epoch: Option<i64>,
@@ -829,11 +835,12 @@ fn run_diff(quiet: bool, a: DiffArgs) -> Result<()> {
         Some(p) => ops::Output::File(p),
     };
     let compression: Compression = a.compression.into();
+    let codec = Codec::new(compression, a.level)?;
     let bar = progress_bar(quiet, None, "diff");
     let opts = export::Options {
         source_date_epoch: a.source_date_epoch,
     };
-    let r = ops::diff(&a.upper, out, compression, opts, &|n| bar.inc(n));
+    let r = ops::diff(&a.upper, out, codec, opts, &|n| bar.inc(n));
     bar.finish_and_clear();
     let d = r?;
     let mut lines = vec![d.diff_id.to_string()];
@@ -875,7 +882,7 @@ fn run_commit(root: &Option<PathBuf>, quiet: bool, a: CommitArgs) -> Result<()> 
         from,
         &a.name,
         a.message.as_deref(),
-        a.compression.into(),
+        Codec::new(a.compression.into(), a.level)?,
         opts,
         &|n| bar.inc(n),
     );

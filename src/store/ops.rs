@@ -6,6 +6,8 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::images::{self, Image, NewLayer};
 use super::layers::{self, StagedLayer};
@@ -14,7 +16,7 @@ use super::{Staging, Store};
 use crate::digest::{Digest, HashWriter};
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::oci::compress::{Compression, Encoder, Limits};
+use crate::oci::compress::{Codec, Encoder, Limits};
 use crate::oci::tarfmt::TarReader;
 use crate::oci::{export, import};
 use crate::sys::{self, LockKind};
@@ -294,60 +296,188 @@ pub struct Diffed {
     pub stats: export::Stats,
 }
 
-/// Tar -> sha256 (diffID) -> compressor -> sha256 (blob) -> sink.
-type Chain<W> = HashWriter<Encoder<HashWriter<W>>>;
-
-fn chain<W: Write>(sink: W, compression: Compression) -> io::Result<Chain<W>> {
-    Ok(HashWriter::new(Encoder::new(
-        compression,
-        HashWriter::new(sink),
-    )?))
-}
-
-fn finish_chain<W: Write>(c: Chain<W>, stats: export::Stats) -> Result<(Diffed, W)> {
-    let diff_id = c.hasher.finish();
-    let mut blob = c
-        .inner
-        .finish()
-        .map_err(|e| Error::io("writing the layer", e))?;
-    blob.flush()
-        .map_err(|e| Error::io("writing the layer", e))?;
-    let size = blob.hasher.bytes;
-    Ok((
-        Diffed {
-            diff_id,
-            blob: blob.hasher.finish(),
-            blob_size: size,
-            stats,
-        },
-        blob.inner,
-    ))
-}
-
 fn open_upper(upper: &Path) -> Result<std::os::fd::OwnedFd> {
     sys::open_dir_path(upper).map_err(|e| Error::io(format!("upper {}", upper.display()), e))
+}
+
+/// Chunks handed from the walking thread to its consumers.
+const CHUNK: usize = 1 << 20;
+type Chunk = Arc<Vec<u8>>;
+
+/// The walking side of the pipeline: buffers the tar and hands each full chunk to every
+/// consumer thread (bounded queues: memory stays at a few chunks).
+struct Fanout {
+    buf: Vec<u8>,
+    txs: Vec<SyncSender<Chunk>>,
+}
+
+impl Fanout {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Arc::new(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        for tx in &self.txs {
+            tx.send(chunk.clone())
+                .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for Fanout {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// The consuming side: reads the chunks as one stream; EOF when the walker is done.
+struct ChunkReader {
+    rx: Receiver<Chunk>,
+    cur: Chunk,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Where a walk also extracts to (commit).
+struct ExtractTo {
+    dir: std::os::fd::OwnedFd,
+    formats: import::Formats,
+}
+
+/// Walk `upper` into a canonical tar and, on other threads, compress it into `sink` (hashing
+/// the blob) and optionally extract it into a layer directory. The walk, the compression and
+/// the extraction run in parallel, with a few MiB of chunks between them.
+fn pipeline<W: Write + Send>(
+    upper: &Path,
+    codec: Codec,
+    sink: W,
+    extract: Option<ExtractTo>,
+    opts: export::Options,
+    progress: &dyn Fn(u64),
+) -> Result<(Diffed, W, Option<import::Stats>)> {
+    let ufd = open_upper(upper)?;
+    let (ctx, crx) = sync_channel::<Chunk>(4);
+    let mut txs = vec![ctx];
+    let mut erx = None;
+    if extract.is_some() {
+        let (etx, rx) = sync_channel::<Chunk>(4);
+        txs.push(etx);
+        erx = Some(rx);
+    }
+    let reader = |rx| ChunkReader {
+        rx,
+        cur: Arc::new(Vec::new()),
+        pos: 0,
+    };
+    std::thread::scope(|s| {
+        let compressor = s.spawn(move || -> Result<(Digest, u64, W)> {
+            let mut enc = Encoder::new(codec, HashWriter::new(sink))
+                .map_err(|e| Error::io("starting the compressor", e))?;
+            for chunk in crx {
+                enc.write_all(&chunk)
+                    .map_err(|e| Error::io("writing the layer", e))?;
+            }
+            let mut out = enc
+                .finish()
+                .map_err(|e| Error::io("writing the layer", e))?;
+            out.flush().map_err(|e| Error::io("writing the layer", e))?;
+            let size = out.hasher.bytes;
+            Ok((out.hasher.finish(), size, out.inner))
+        });
+        let extractor = match (extract, erx) {
+            (Some(to), Some(rx)) => Some(s.spawn(move || -> Result<import::Stats> {
+                let mut tar = TarReader::new(reader(rx));
+                let stats = import::extract(&mut tar, to.dir.as_fd(), to.formats, &|_| {})?;
+                tar.finish()?;
+                Ok(stats)
+            })),
+            _ => None,
+        };
+        let walked = (|| -> Result<(export::Stats, Digest)> {
+            let out = HashWriter::new(Fanout {
+                buf: Vec::with_capacity(CHUNK),
+                txs,
+            });
+            let (stats, mut out) = export::export(ufd.as_fd(), out, opts, progress)?;
+            out.flush().map_err(|e| Error::io("writing the layer", e))?;
+            Ok((stats, out.hasher.finish()))
+            // Dropping the fanout closes the queues: the consumers see the end.
+        })();
+        let compressed = compressor
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid("the compression thread panicked")));
+        let extracted = extractor.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::invalid("the extraction thread panicked")))
+        });
+        // A consumer that fails makes the walk fail with a broken pipe: report the consumer's
+        // error. A walk that fails makes the extractor see a truncated tar: report the walk's.
+        let (stats, diff_id) = match walked {
+            Ok(w) => w,
+            Err(e) if e.is(libc::EPIPE) => {
+                compressed?;
+                if let Some(x) = extracted {
+                    x?;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let (blob, blob_size, sink) = compressed?;
+        let xstats = extracted.transpose()?;
+        Ok((
+            Diffed {
+                diff_id,
+                blob,
+                blob_size,
+                stats,
+            },
+            sink,
+            xstats,
+        ))
+    })
 }
 
 /// `layerfs diff`.
 pub fn diff(
     upper: &Path,
     out: Output,
-    compression: Compression,
+    codec: Codec,
     opts: export::Options,
     progress: &dyn Fn(u64),
 ) -> Result<Diffed> {
-    let ufd = open_upper(upper)?;
     match out {
-        Output::Discard => {
-            let c = chain(io::sink(), compression).map_err(|e| Error::io("compressor", e))?;
-            let (stats, c) = export::export(ufd.as_fd(), c, opts, progress)?;
-            Ok(finish_chain(c, stats)?.0)
-        }
+        Output::Discard => Ok(pipeline(upper, codec, io::sink(), None, opts, progress)?.0),
         Output::Stdout => {
-            let sink = BufWriter::with_capacity(1 << 20, io::stdout().lock());
-            let c = chain(sink, compression).map_err(|e| Error::io("compressor", e))?;
-            let (stats, c) = export::export(ufd.as_fd(), c, opts, progress)?;
-            Ok(finish_chain(c, stats)?.0)
+            let sink = BufWriter::with_capacity(1 << 20, io::stdout());
+            Ok(pipeline(upper, codec, sink, None, opts, progress)?.0)
         }
         Output::File(path) => {
             let file_name = path
@@ -360,10 +490,8 @@ pub fn diff(
             let result = (|| {
                 let f = File::create(&tmp)
                     .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-                let c = chain(BufWriter::with_capacity(1 << 20, f), compression)
-                    .map_err(|e| Error::io("compressor", e))?;
-                let (stats, c) = export::export(ufd.as_fd(), c, opts, progress)?;
-                let (d, w) = finish_chain(c, stats)?;
+                let sink = BufWriter::with_capacity(1 << 20, f);
+                let (d, w, _) = pipeline(upper, codec, sink, None, opts, progress)?;
                 let f = w
                     .into_inner()
                     .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
@@ -378,24 +506,6 @@ pub fn diff(
             }
             result
         }
-    }
-}
-
-/// Writes to both sinks.
-struct Tee<A, B> {
-    a: A,
-    b: B,
-}
-
-impl<A: Write, B: Write> Write for Tee<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.a.write_all(buf)?;
-        self.b.write_all(buf)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.a.flush()?;
-        self.b.flush()
     }
 }
 
@@ -417,7 +527,7 @@ pub fn commit(
     from: Option<&str>,
     name: &str,
     message: Option<&str>,
-    compression: Compression,
+    compression: Codec,
     opts: export::Options,
     progress: &dyn Fn(u64),
 ) -> Result<Committed> {
@@ -429,7 +539,6 @@ pub fn commit(
         }
         None => None,
     };
-    let ufd = open_upper(upper)?;
     let staging = store.staging()?;
     sys::mkdir_at(staging.fd(), layers::STAGED_LAYER, 0o755)
         .map_err(|e| Error::io("staging the layer", e))?;
@@ -448,42 +557,15 @@ pub fn commit(
         0o644,
     )
     .map_err(|e| Error::io("staging the blob", e))?;
-    let (rx, tx) = sys::pipe().map_err(|e| Error::io("pipe", e))?;
-    let (diffed, extracted) = std::thread::scope(|s| {
-        let extractor = s.spawn(move || -> Result<import::Stats> {
-            let mut tar = TarReader::new(io::BufReader::with_capacity(1 << 20, File::from(rx)));
-            let stats = import::extract(&mut tar, layer_fd.as_fd(), formats, &|_| {})?;
-            tar.finish()?;
-            Ok(stats)
-        });
-        let written = (|| -> Result<Diffed> {
-            let blob = BufWriter::with_capacity(1 << 20, File::from(blob_fd));
-            let c = chain(blob, compression).map_err(|e| Error::io("compressor", e))?;
-            let tee = Tee {
-                a: c,
-                b: BufWriter::with_capacity(1 << 20, File::from(tx)),
-            };
-            let (stats, mut tee) = export::export(ufd.as_fd(), tee, opts, progress)?;
-            tee.flush().map_err(|e| Error::io("writing the layer", e))?;
-            drop(tee.b);
-            let (d, blob) = finish_chain(tee.a, stats)?;
-            blob.into_inner()
-                .map_err(|e| Error::io("writing the blob", e.into_error()))?;
-            Ok(d)
-        })();
-        let extracted = extractor
-            .join()
-            .unwrap_or_else(|_| Err(Error::invalid("the extraction thread panicked")));
-        (written, extracted)
-    });
-    // When extraction fails the writer sees a broken pipe: the extractor's error is the cause.
-    // When the walk fails the extractor sees a truncated tar: the walk's error is the cause.
-    let (diffed, stats) = match (diffed, extracted) {
-        (Ok(d), Ok(s)) => (d, s),
-        (Err(w), Err(x)) => return Err(if w.is(libc::EPIPE) { x } else { w }),
-        (Err(w), Ok(_)) => return Err(w),
-        (Ok(_), Err(x)) => return Err(x),
+    let blob = BufWriter::with_capacity(1 << 20, File::from(blob_fd));
+    let to = ExtractTo {
+        dir: layer_fd,
+        formats,
     };
+    let (diffed, blob, stats) = pipeline(upper, compression, blob, Some(to), opts, progress)?;
+    blob.into_inner()
+        .map_err(|e| Error::io("writing the blob", e.into_error()))?;
+    let stats = stats.unwrap_or_default();
     log::debug!("commit extracted {} entries", stats.entries);
     staging.sync()?;
     let _lock = store.lock(LockKind::Exclusive)?;
@@ -515,7 +597,7 @@ pub fn commit(
     let staged = StagedLayer {
         diff_id: diffed.diff_id,
         tar_size: diffed.stats.tar_bytes,
-        blob: Descriptor::new(compression.media_type(), diffed.blob, diffed.blob_size),
+        blob: Descriptor::new(compression.kind.media_type(), diffed.blob, diffed.blob_size),
         stats,
     };
     let created = opts.source_date_epoch.unwrap_or_else(time_now);

@@ -137,7 +137,8 @@ pub struct ImportArgs {
     /// Import an image from an OCI image layout instead (skopeo/umoci/podman write them).
     #[arg(long, value_name = "DIR[:TAG]")]
     pub oci: Option<String>,
-    /// Name the result: a one-layer image (or --parent plus this layer).
+    /// Name the result: a one-layer image (or --parent plus this layer). A layer no image
+    /// names is removed by the next gc.
     #[arg(long, value_name = "REF")]
     pub name: Option<String>,
     /// Put the layer on top of this image.
@@ -664,6 +665,11 @@ fn human(n: u64) -> String {
     }
 }
 
+/// The 12 hex digits of a `sha256:` digest string, for tables.
+fn short(d: &str) -> &str {
+    d.get(7..19).unwrap_or(d)
+}
+
 fn print_json(v: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -928,7 +934,7 @@ fn run_images(root: &Option<PathBuf>, json: bool) -> Result<()> {
         println!(
             "{:<32} {:<12} {:>6} {:>10}  {}",
             r["name"].as_str().unwrap_or("-"),
-            &r["manifest"].as_str().unwrap_or("-")[7..19],
+            short(r["manifest"].as_str().unwrap_or("-")),
             r["layers"].as_array().map_or(0, Vec::len),
             human(r["size"].as_u64().unwrap_or(0)),
             r["created"].as_str().unwrap_or("-")
@@ -971,7 +977,7 @@ fn run_layers(root: &Option<PathBuf>, json: bool) -> Result<()> {
             .unwrap_or_default();
         println!(
             "{:<12} {:>10}  {:<20}  {}",
-            &r["diff_id"].as_str().unwrap_or("-")[7..19],
+            short(r["diff_id"].as_str().unwrap_or("-")),
             r["size"].as_u64().map_or("-".to_string(), human),
             r["created"].as_str().unwrap_or("-"),
             if imgs.is_empty() {
@@ -1039,7 +1045,7 @@ fn run_history(root: &Option<PathBuf>, reference: &str, json: bool) -> Result<()
         };
         println!(
             "{:<12} {:>10}  {:<20}  {}",
-            &r["diff_id"].as_str().unwrap_or("-")[7..19],
+            short(r["diff_id"].as_str().unwrap_or("-")),
             human(r["size"].as_u64().unwrap_or(0)),
             r["created"].as_str().unwrap_or("-"),
             msg.replace('\n', " ")

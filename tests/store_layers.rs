@@ -456,3 +456,81 @@ fn wait_unmounted(mnt: &Path) {
     }
     panic!("the mount daemon of {} did not exit", mnt.display());
 }
+
+#[test]
+fn failed_commands_leave_no_trace() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let tar = RawTar::default().file("f", b"x").finish();
+    let out = env.import_bytes(&tar, &["--name", "base"]);
+    assert!(out.status.success(), "{out:?}");
+    let before = env.store_state();
+    let upper = env.path("upper");
+    fs::create_dir_all(upper.join("d")).unwrap();
+    fs::write(upper.join("d/ok"), b"fine").unwrap();
+    // A real file named like a whiteout cannot be stored: the commit fails as a whole,
+    // whether the walk or the extraction notices first.
+    fs::write(upper.join("d/.wh.trap"), b"").unwrap();
+    let u = upper.to_str().unwrap();
+    env.fails(
+        &["commit", u, "--from", "base", "--name", "n"],
+        "cannot be stored in a layer",
+    );
+    env.fails(&["diff", u], "cannot be stored in a layer");
+    fs::remove_file(upper.join("d/.wh.trap")).unwrap();
+    env.fails(&["commit", u, "--from", "nope", "--name", "n"], "no image");
+    env.fails(
+        &["commit", u, "--from", "base", "--name", "a b"],
+        "bad image name",
+    );
+    env.fails(
+        &[
+            "commit",
+            "--container",
+            "none",
+            "--from",
+            "base",
+            "--name",
+            "n",
+        ],
+        "no container",
+    );
+    env.fails(&["diff", env.path("missing").to_str().unwrap()], "missing");
+    let o = env.import_bytes(&tar, &["--name", "x", "--parent", "nope"]);
+    expect_failure(o, "no image");
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    env.fails(
+        &[
+            "mount",
+            "--image",
+            "base",
+            "--container",
+            "../x",
+            mnt.to_str().unwrap(),
+        ],
+        "bad container name",
+    );
+    env.fails(
+        &["mount", "--image", "nope", mnt.to_str().unwrap()],
+        "no image",
+    );
+    env.fails(&["rm", "nope"], "no image");
+    assert_eq!(env.store_state(), before);
+    // And the good commit still works afterwards.
+    env.ok(&[
+        "commit",
+        u,
+        "--from",
+        "base",
+        "--name",
+        "n",
+        "--compression",
+        "zstd",
+    ]);
+    let m = LayerfsMount::mount(&env, &["--image", "n"], &env.path("m"));
+    assert_eq!(fs::read(m.0.join("d/ok")).unwrap(), b"fine");
+    assert_eq!(fs::read(m.0.join("f")).unwrap(), b"x");
+}

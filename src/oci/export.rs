@@ -297,9 +297,18 @@ impl<W: Write> Writer<'_, W> {
         }
         match st.file_type() {
             sys::S_IFREG => {
-                let fd =
-                    sys::open_at(dir, name, libc::O_RDONLY, 0).map_err(io_ctx("opening", path))?;
-                let st = sys::fstat(fd.as_fd()).map_err(io_ctx("stat", path))?;
+                // O_NONBLOCK: if a FIFO was swapped in since the stat, opening must not hang;
+                // the identity check below then refuses it.
+                let fd = sys::open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+                    .map_err(io_ctx("opening", path))?;
+                let fst = sys::fstat(fd.as_fd()).map_err(io_ctx("stat", path))?;
+                if !fst.is_reg() || (fst.dev, fst.ino) != (st.dev, st.ino) {
+                    return Err(Error::invalid(format!(
+                        "{}: replaced while it was read; diff a stopped container",
+                        ShowPath(path)
+                    )));
+                }
+                let st = fst;
                 let x = self.xattrs(XTarget::Fd(fd.as_fd()), path)?;
                 spec.xattrs = &x;
                 spec.size = st.size;

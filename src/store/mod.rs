@@ -97,13 +97,21 @@ impl Store {
         let fd = sys::open_dir_path(&root)
             .map_err(|e| Error::io(format!("store {}", root.display()), e))?;
         let store = Store { root, fd };
-        if sys::stat_at_opt(store.fd.as_fd(), b"index.json")
-            .map_err(|e| store.err("stat index.json", e))?
-            .is_none()
-            || sys::stat_at_opt(store.fd.as_fd(), b"tmp")
-                .map_err(|e| store.err("stat tmp", e))?
-                .is_none()
-        {
+        let complete = DIRS
+            .iter()
+            .map(|(d, _)| *d)
+            .chain([&b"index.json"[..]])
+            .all(|name| {
+                sys::openat2_in(
+                    store.fd.as_fd(),
+                    name,
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    0,
+                    sys::Resolve::NoSymlinks,
+                )
+                .is_ok()
+            });
+        if !complete {
             let _lock = store.lock(LockKind::Exclusive)?;
             store.init()?;
         }

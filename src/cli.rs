@@ -725,14 +725,19 @@ fn run_mount(root: &Option<PathBuf>, m: MountArgs) -> Result<()> {
         let mut ids = Vec::new();
         {
             let _lock = store.lock(LockKind::Shared)?;
+            let mut cut = false;
             for r in &m.images {
                 let img = images::resolve(&store, r)?;
                 for id in img.diff_ids()?.iter().rev() {
                     if !layers::exists(&store, id)? {
                         bail!("layer {id} of image {r} is missing from the store");
                     }
-                    lowers.push(layers::path(&store, id));
-                    ids.push(id.to_string());
+                    if !cut {
+                        lowers.push(layers::path(&store, id));
+                        ids.push(id.to_string());
+                        // A layer that hides everything below ends the stack.
+                        cut = layers::root_is_opaque(&store, id)?;
+                    }
                 }
                 imgs.push(img);
             }

@@ -552,3 +552,40 @@ fn concurrent_imports_all_land() {
             .is_none()
     );
 }
+
+#[test]
+fn a_top_level_opaque_marker_hides_every_lower_layer() {
+    // Kernel overlayfs ignores opaque markers on layer roots, so the stack is cut when built.
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let lower = RawTar::default().file("old", b"o").finish();
+    assert!(
+        env.import_bytes(&lower, &["--name", "low"])
+            .status
+            .success()
+    );
+    let top = RawTar::default()
+        .file(".wh..wh..opq", b"")
+        .file("new", b"n")
+        .finish();
+    let out = env.import_bytes(&top, &["--name", "top", "--parent", "low"]);
+    assert!(out.status.success(), "{out:?}");
+    let m = LayerfsMount::mount(&env, &["--image", "top"], &env.path("m"));
+    let mut names: Vec<_> = fs::read_dir(&m.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["new"]);
+    // The hidden layer is not even part of the stack (the mount's lease lists one layer).
+    let lease = fs::read_dir(env.store().join("mounts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(lease).unwrap()).unwrap();
+    assert_eq!(v["diff_ids"].as_array().unwrap().len(), 1, "{v}");
+}

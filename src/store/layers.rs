@@ -216,3 +216,21 @@ pub fn list(store: &Store) -> Result<Vec<Digest>> {
 pub fn path(store: &Store, diff_id: &Digest) -> std::path::PathBuf {
     store.root().join("layers").join(diff_id.hex())
 }
+
+/// Whether a layer's root is opaque (its tar had a top-level `.wh..wh..opq`): the layers below
+/// it are hidden entirely. Overlay mounts ignore opaque markers on the root, so the stack is
+/// cut when it is built instead.
+pub fn root_is_opaque(store: &Store, diff_id: &Digest) -> Result<bool> {
+    let fd = store.dir(format!("layers/{}", diff_id.hex()).as_bytes())?;
+    for attr in [
+        crate::union::whiteout::TRUSTED_OPAQUE,
+        crate::union::whiteout::USER_OPAQUE,
+    ] {
+        let v = sys::xattr_get(sys::XTarget::Fd(fd.as_fd()), attr)
+            .map_err(|e| store.err("reading layer xattrs", e))?;
+        if v.as_deref() == Some(b"y") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -9,6 +9,10 @@
 //! past [`RATIO_GRACE`] (16 MiB) it may not exceed `max_ratio` times the compressed bytes read
 //! so far. Defaults: 256 GiB and 200:1 (real layers compress 2-10:1; a layer holding a large
 //! all-zero file can exceed 200:1 and needs `--max-ratio 0`). Plain tars have no ratio limit.
+//!
+//! gzip output ([`ParGzip`]) is compressed on every core in independent 1 MiB blocks, and
+//! 32 KiB pieces whose byte entropy says deflate cannot gain are stored rather than deflated;
+//! the output is one standard gzip member that depends only on the input and the level.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -290,21 +294,85 @@ pub struct ParGzip<W: Write> {
     threads: usize,
 }
 
-fn deflate_block(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
-    let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
-    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 1024);
+/// Pieces of a block judged separately: compressed, or stored when they look incompressible.
+const PIECE: usize = 32 << 10;
+
+/// Whether deflate would gain (almost) nothing on `piece`: its byte entropy is above 7.95
+/// bits (random, encrypted or already compressed data: JPEG, gzip, zip members). Deflating
+/// such data costs most of the time of a commit and saves under a percent; storing it is a
+/// copy. Deterministic: it depends only on the bytes.
+fn looks_incompressible(piece: &[u8]) -> bool {
+    if piece.len() < 4096 {
+        return false;
+    }
+    let mut hist = [0u32; 256];
+    for &b in piece {
+        hist[b as usize] += 1;
+    }
+    let n = piece.len() as f64;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    entropy > 7.95
+}
+
+/// Deflate stored blocks (the stream is byte-aligned here: after a sync flush or at start).
+fn store_piece(out: &mut Vec<u8>, piece: &[u8]) {
+    for part in piece.chunks(65535) {
+        let len = part.len() as u16;
+        out.push(0); // BFINAL=0, BTYPE=00, padding to the byte boundary
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+}
+
+/// Deflate `data` with the compressor, ending with a sync flush (byte-aligned).
+fn deflate_sync(c: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    out.reserve(data.len() + data.len() / 8 + 1024);
     let mut consumed = 0;
     loop {
         let before = c.total_in() as usize;
-        c.compress_vec(&data[consumed..], &mut out, flate2::FlushCompress::Sync)
+        c.compress_vec(&data[consumed..], out, flate2::FlushCompress::Sync)
             .map_err(io::Error::other)?;
         consumed += c.total_in() as usize - before;
         // Done once all input is in and the flush fit (space left over).
         if consumed == data.len() && out.len() < out.capacity() {
-            return Ok(out);
+            return Ok(());
         }
         out.reserve(out.capacity().max(4096));
     }
+}
+
+/// One block as raw deflate ending byte-aligned (not final). Runs of compressible pieces
+/// share one compressor (and so its window); incompressible pieces are stored.
+fn deflate_block(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 1024);
+    let mut run_start = 0;
+    let mut pos = 0;
+    let flush_run = |out: &mut Vec<u8>, run: &[u8]| -> io::Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+        deflate_sync(&mut c, run, out)
+    };
+    while pos < data.len() {
+        let piece = &data[pos..(pos + PIECE).min(data.len())];
+        if looks_incompressible(piece) {
+            flush_run(&mut out, &data[run_start..pos])?;
+            store_piece(&mut out, piece);
+            run_start = pos + piece.len();
+        }
+        pos += piece.len();
+    }
+    flush_run(&mut out, &data[run_start..])?;
+    Ok(out)
 }
 
 impl<W: Write> ParGzip<W> {
@@ -490,6 +558,34 @@ mod tests {
             .read_to_end(&mut back)
             .unwrap();
         assert!(back.is_empty());
+    }
+
+    #[test]
+    fn incompressible_pieces_are_stored() {
+        let mut x: u64 = 7;
+        let random: Vec<u8> = (0..3 * PIECE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(looks_incompressible(&random[..PIECE]));
+        assert!(!looks_incompressible(&b"text ".repeat(PIECE / 5)));
+        // Mixed: text, random, text in one block; decodes back exactly, random costs ~0.
+        let mut data = b"some text ".repeat(PIECE / 10);
+        data.extend_from_slice(&random);
+        data.extend(b"more text ".repeat(PIECE / 10));
+        let mut e = ParGzip::new(Vec::new(), 1).unwrap();
+        e.write_all(&data).unwrap();
+        let gz = e.finish().unwrap();
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+        assert!(gz.len() < random.len() + 2048, "{}", gz.len());
     }
 
     #[test]

@@ -246,7 +246,6 @@ pub fn tag(store: &Store, name: &str, manifest: &Descriptor) -> Result<()> {
     let mut ann = desc.annotations.take().unwrap_or_default();
     ann.insert(model::REF_NAME.to_string(), name.to_string());
     desc.annotations = Some(ann);
-    desc.platform = Some(json!({"architecture": host_arch(), "os": "linux"}));
     index.manifests.push(desc);
     write_index(store, &index)
 }

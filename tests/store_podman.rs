@@ -81,11 +81,17 @@ fn podman_layers_import_and_mount_to_the_same_tree() {
     let ids = env.ok(&["import", "--oci", &format!("{lay}:new")]);
     assert_eq!(ids.lines().count(), 2, "{ids}");
     let podman_view = pm.ok(&["image", "mount", "localhost/new:1"]);
-    let want = snapshot(std::path::Path::new(&podman_view));
+    // The root's own attributes are containers-storage's (its layer directories are 0555),
+    // not the image's: compare everything below it.
+    let below = |mut s: Vec<String>| {
+        s.retain(|l| !l.starts_with(". dir "));
+        s
+    };
+    let want = below(snapshot(std::path::Path::new(&podman_view)));
     let m = LayerfsMount::mount(&env, &["--image", "new"], &env.path("m"));
     assert_same(
         &want,
-        &snapshot(&m.0),
+        &below(snapshot(&m.0)),
         "podman image mount vs layerfs mount",
     );
 }

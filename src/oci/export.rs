@@ -7,11 +7,12 @@
 //! byte-identical output and the same diffID.
 //!
 //! The canonical form:
-//! * Order: depth-first, a directory's entry right before its contents. Within a directory:
-//!   first `.wh..wh..opq` if the directory is opaque, then its whiteouts (`.wh.NAME`) sorted
-//!   bytewise by NAME, then its other entries sorted bytewise by name. The upper's root has no
-//!   entry of its own.
-//! * Names: relative, no `./` prefix, directories end in `/`.
+//! * Order: `./` (the root: its mode, owner, mtime and xattrs, so a mount of the committed
+//!   image shows the same `/` as the container did), then depth-first, a directory's entry
+//!   right before its contents. Within a directory: first `.wh..wh..opq` if the directory is
+//!   opaque (never for the root), then its whiteouts (`.wh.NAME`) sorted bytewise by NAME,
+//!   then its other entries sorted bytewise by name.
+//! * Names: relative, no `./` prefix (except the root entry itself), directories end in `/`.
 //! * Headers: ustar, numeric uid/gid, empty uname/gname, mode = permission bits (with
 //!   setuid/setgid/sticky), whole-second mtimes (sub-second parts are dropped: most layer
 //!   writers do the same, and a PAX record per file would double the size of small-file layers),
@@ -123,6 +124,7 @@ pub fn export<W: Write>(
         progress,
     };
     let root = sys::open_dir_beneath(upper, b"").map_err(io_ctx("opening", b"the upper"))?;
+    w.root_entry(root.as_fd())?;
     let mut stack = vec![w.enter(root, Vec::new(), true)?];
     while let Some(frame) = stack.last_mut() {
         let Some(Child { name, st }) = frame.rest.pop() else {
@@ -169,6 +171,27 @@ impl<W: Write> Writer<'_, W> {
         self.stats.entries += 1;
         self.stats.whiteouts += 1;
         Ok(())
+    }
+
+    /// The `./` entry: the root's mode, owner, mtime and xattrs (what a mount of the layer
+    /// shows for `/`).
+    fn root_entry(&mut self, root: BorrowedFd<'_>) -> Result<()> {
+        let st = sys::fstat(root).map_err(io_ctx("stat", b"the upper"))?;
+        let x = self.xattrs(XTarget::Fd(root), b"./")?;
+        let spec = HeaderSpec {
+            path: b"./",
+            kind: Kind::Dir,
+            link: b"",
+            mode: st.perm(),
+            uid: st.uid as u64,
+            gid: st.gid as u64,
+            size: 0,
+            mtime: self.mtime(&st),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &x,
+        };
+        self.header(&spec)
     }
 
     /// Read a directory, write its opaque marker and whiteouts, and return its frame. The
@@ -449,7 +472,7 @@ mod tests {
         let have_mknod = sys::mknod_at(b.as_fd(), b"also-gone", sys::S_IFCHR, 0).is_ok();
 
         let tar = diff(p);
-        let mut want = vec!["a/", "a/.wh..wh..opq", "a/f", "b/"];
+        let mut want = vec!["./", "a/", "a/.wh..wh..opq", "a/f", "b/"];
         if have_mknod {
             want.push("b/.wh.also-gone");
         }
@@ -463,6 +486,7 @@ mod tests {
         ]);
         assert_eq!(names(&tar), want);
         let mut r = TarReader::new(&tar[..]);
+        r.next_entry().unwrap().unwrap();
         let first = r.next_entry().unwrap().unwrap();
         assert_eq!(first.xattrs, vec![(b"user.keep".to_vec(), b"v".to_vec())]);
         while let Some(e) = r.next_entry().unwrap() {
@@ -490,7 +514,9 @@ mod tests {
             source_date_epoch: Some(1000),
         };
         let (_, tar) = export(fd.as_fd(), Vec::new(), opts, &|_| {}).unwrap();
-        let e = TarReader::new(&tar[..]).next_entry().unwrap().unwrap();
-        assert_eq!(e.mtime.sec, 1000);
+        let mut r = TarReader::new(&tar[..]);
+        for _ in 0..2 {
+            assert_eq!(r.next_entry().unwrap().unwrap().mtime.sec, 1000);
+        }
     }
 }

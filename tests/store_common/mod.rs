@@ -327,12 +327,22 @@ fn xattrs(p: &Path) -> String {
         .join(",")
 }
 
-/// One line per object below `root` (not the root itself): type, mode, ids, size, content
+/// One line for the root and per object below it: type, mode, ids, size, content
 /// hash or target or device, mtime seconds, xattrs, and its hard-link group. Comparing two
 /// snapshots compares everything a layer carries.
 pub fn snapshot(root: &Path) -> Vec<String> {
     let mut lines = Vec::new();
     let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    // The root's own attributes (a layer's `./` entry carries them).
+    let m = fs::metadata(root).unwrap();
+    lines.push(format!(
+        ". dir mode={:o} {}:{} mtime={} [{}]",
+        m.mode() & 0o7777,
+        m.uid(),
+        m.gid(),
+        m.mtime(),
+        xattrs(root)
+    ));
     snap(root, root, &mut lines, &mut inodes);
     // Hard-link groups, named by their members (inode numbers differ between trees).
     for group in inodes.values().filter(|g| g.len() > 1) {

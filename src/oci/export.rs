@@ -500,6 +500,17 @@ mod tests {
     }
 
     #[test]
+    fn sockets_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let fd = sys::open_dir_path(d.path()).unwrap();
+        let (stats, tar) = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap();
+        assert_eq!(stats.skipped_sockets, 1);
+        assert_eq!(names(&tar), ["./", "f"]);
+    }
+
+    #[test]
     fn refuses_wh_names_and_clamps_times() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(".wh.x"), b"").unwrap();

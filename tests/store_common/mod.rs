@@ -485,6 +485,7 @@ pub fn base_tree(p: &Path) {
         ln usr/bin/tool usr/bin/tool-link
         ln -s ../etc/passwd usr/passwd-link
         ln -s /absolute/target dangling
+        ln -s "/$(printf 'long/%.0s' $(seq 1 40))target" long-link
         mkfifo var/fifo
         mknod var/null c 1 3
         mknod var/blk b 7 0

@@ -26,7 +26,8 @@
 //!   to it. Whiteouts are never links (the kernel shares one whiteout inode among many names).
 //! * Xattrs per [`super::keep_xattr`], as `SCHILY.xattr.*` records sorted by name.
 //! * Sockets cannot be stored in tar and are skipped with a warning; a real file whose name
-//!   starts with `.wh.` cannot be told from a whiteout and is refused.
+//!   starts with `.wh.` cannot be told from a whiteout and is refused, and so is an upper
+//!   with kernel redirect or metacopy markers (its content is partly in the lower layers).
 //! * The end: two zero blocks, no further padding.
 
 use std::collections::HashMap;
@@ -106,6 +107,18 @@ fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<DirMarks> {
         }
     }
     Ok(marks)
+}
+
+/// Kernel overlayfs markers meaning "the content is elsewhere" (a renamed directory's lower
+/// path, a metadata-only copy-up).
+fn is_redirect_or_metacopy(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"trusted.overlay.redirect"
+            | b"user.overlay.redirect"
+            | b"trusted.overlay.metacopy"
+            | b"user.overlay.metacopy"
+    )
 }
 
 /// Write the canonical layer tar of the upper directory `upper` to `out`.
@@ -262,6 +275,15 @@ impl<W: Write> Writer<'_, W> {
     fn xattrs(&self, t: XTarget<'_>, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for name in sys::xattr_list(t).map_err(io_ctx("listing xattrs of", path))? {
+            if is_redirect_or_metacopy(&name) {
+                return Err(Error::invalid(format!(
+                    "{}: the upper uses overlayfs redirects or metacopy ({}), whose content \
+                     lives in lower layers; diff needs uppers made with redirect_dir=off and \
+                     metacopy=off (as layerfs makes them)",
+                    ShowPath(path),
+                    ShowPath(&name)
+                )));
+            }
             if !keep_xattr(&name) {
                 continue;
             }
@@ -497,6 +519,18 @@ mod tests {
         }
         // Same upper, same bytes.
         assert_eq!(diff(p), tar);
+    }
+
+    #[test]
+    fn refuses_redirects_and_metacopy() {
+        for attr in [&b"user.overlay.redirect"[..], b"user.overlay.metacopy"] {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::create_dir(d.path().join("moved")).unwrap();
+            let fd = sys::open_dir_path(d.path()).unwrap();
+            sys::xattr_set(XTarget::At(fd.as_fd(), b"moved"), attr, b"/orig", 0).unwrap();
+            let e = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap_err();
+            assert!(e.to_string().contains("redirect_dir=off"), "{e}");
+        }
     }
 
     #[test]

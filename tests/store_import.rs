@@ -465,13 +465,18 @@ fn killed_import_leaves_no_trace_and_gc_cleans_up() {
         stdin.write_all(&tar[..tar.len() / 2]).unwrap();
         stdin.flush().unwrap();
     }
-    // Wait until it has staged something.
-    for _ in 0..100 {
+    // Wait until it has staged something (generously: the machine may be busy).
+    for _ in 0..600 {
         if fs::read_dir(env.store().join("tmp")).unwrap().count() > 0 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert_eq!(
+        fs::read_dir(env.store().join("tmp")).unwrap().count(),
+        1,
+        "the import never started staging"
+    );
     std::thread::sleep(std::time::Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();

@@ -443,7 +443,7 @@ fn containers_commit_rm_and_gc() {
 
 /// The mount daemon releases its lease when it exits, shortly after the unmount.
 fn wait_unmounted(mnt: &Path) {
-    for _ in 0..100 {
+    for _ in 0..600 {
         let busy = std::process::Command::new("pgrep")
             .args(["-f", &format!("mount --image top {}", mnt.display())])
             .output()

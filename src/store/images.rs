@@ -2,7 +2,7 @@
 //! container records and mount leases (what keeps layers alive besides images).
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -12,7 +12,7 @@ use super::{Staging, Store};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::sys::{self, LockKind};
+use crate::sys::{self, LockKind, SetTime, XTarget};
 
 /// Largest JSON document read from the store or an OCI layout.
 pub const MAX_JSON: u64 = 16 << 20;
@@ -323,6 +323,17 @@ pub fn ensure_container(store: &Store, name: &str, image: Option<&Image>) -> Res
         .map_err(|e| store.err("creating container", e))?;
     sys::mkdir_at(c.as_fd(), b"upper", 0o755).map_err(|e| store.err("creating container", e))?;
     sys::mkdir_at(c.as_fd(), b"work", 0o700).map_err(|e| store.err("creating container", e))?;
+    if let Some(top) = image
+        .map(Image::diff_ids)
+        .transpose()?
+        .and_then(|ids| ids.last().copied())
+    {
+        let upper = sys::open_at(c.as_fd(), b"upper", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| store.err("creating container", e))?;
+        let layer = store.dir(format!("layers/{}", top.hex()).as_bytes())?;
+        copy_root_attrs(layer.as_fd(), upper.as_fd())
+            .map_err(|e| store.err("creating container", e))?;
+    }
     let rec = ContainerRecord {
         image: image.and_then(|i| i.name.clone()),
         manifest: image.map(|i| i.manifest_digest.to_string()),
@@ -337,6 +348,23 @@ pub fn ensure_container(store: &Store, name: &str, image: Option<&Image>) -> Res
         )));
     }
     Ok(dirs)
+}
+
+/// Give a new container's upper root the attributes of the image's top layer root (mode,
+/// owner, times, carried xattrs): the mount shows the upper root as `/`, so the container
+/// starts out looking exactly like its image (containers-storage does the same).
+fn copy_root_attrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> std::io::Result<()> {
+    let st = sys::fstat(from)?;
+    for name in sys::xattr_list(XTarget::Fd(from))? {
+        if crate::oci::keep_xattr(&name) {
+            if let Some(v) = sys::xattr_get(XTarget::Fd(from), &name)? {
+                sys::xattr_set(XTarget::Fd(to), &name, &v, 0)?;
+            }
+        }
+    }
+    sys::fchown(to, Some(st.uid), Some(st.gid))?;
+    sys::fchmod(to, st.perm())?;
+    sys::futimens(to, SetTime::At(st.atime), SetTime::At(st.mtime))
 }
 
 /// The record of an existing container.

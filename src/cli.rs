@@ -3,16 +3,23 @@
 //! exit codes: 0 success, 1 failure, 2 bad usage.
 
 use std::ffi::OsString;
+use std::io::{IsTerminal, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::daemon::{self, MountPlan};
+use crate::digest::Digest;
 use crate::fuse::{FuseOptions, IdMap};
-use crate::sys;
+use crate::oci::compress::{Codec, Compression, Limits};
+use crate::oci::export;
+use crate::store::images::{self, LeaseRecord};
+use crate::store::{self, Store, layers, ops};
+use crate::sys::{self, LockKind};
 use crate::union::UnionConfig;
 
 /// Exit code for bad usage.
@@ -30,6 +37,14 @@ pub struct Cli {
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
 
+    /// Layer store [default: /var/lib/layerfs as root, $XDG_DATA_HOME/layerfs otherwise].
+    #[arg(long, global = true, env = "LAYERFS_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// No progress bars (there are none unless stderr is a terminal anyway).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,6 +60,140 @@ pub enum Command {
         #[arg(short, long)]
         lazy: bool,
     },
+    /// Import an OCI layer tar (plain, gzip or zstd) or an OCI image layout; prints the
+    /// diffID of each layer.
+    Import(ImportArgs),
+    /// Write the OCI layer tar of an upper directory; prints the diffID, then (compressed
+    /// only) the blob digest. With `-o -` the tar goes to stdout and the digests to stderr.
+    Diff(DiffArgs),
+    /// Diff an upper (or a container's) into a new layer on top of an image; prints the diffID.
+    Commit(CommitArgs),
+    /// List images.
+    Images {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List stored layers.
+    Layers {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One row per layer of an image: diffID, size, created, created by / message.
+    History {
+        /// Image name or manifest digest.
+        reference: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image name (its blobs and layers go at the next gc).
+    Rm {
+        /// Image name or manifest digest.
+        reference: String,
+    },
+    /// Remove blobs and layers that no image, container or mount uses.
+    Gc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+/// `1024`, `64K`, `16M`, `256G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// Layer tar (`-` for standard input); compression is detected from the content.
+    #[arg(required_unless_present = "oci", conflicts_with = "oci")]
+    pub file: Option<PathBuf>,
+    /// Import an image from an OCI image layout instead (skopeo/umoci/podman write them).
+    #[arg(long, value_name = "DIR[:TAG]")]
+    pub oci: Option<String>,
+    /// Name the result: a one-layer image (or --parent plus this layer). A layer no image
+    /// names is removed by the next gc.
+    #[arg(long, value_name = "REF")]
+    pub name: Option<String>,
+    /// Put the layer on top of this image.
+    #[arg(long, value_name = "REF", conflicts_with = "oci")]
+    pub parent: Option<String>,
+    /// Refuse layers larger than this uncompressed (0: no limit).
+    #[arg(long, value_name = "SIZE", default_value = "256G", value_parser = parse_size)]
+    pub max_size: u64,
+    /// Refuse layers that decompress more than N:1 past the first 16 MiB (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub max_ratio: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// Upper directory (kernel overlayfs format).
+    pub upper: PathBuf,
+    /// Write the tar here (`-`: stdout); without it only the digests are computed.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "none")]
+    pub compression: CompressionArg,
+    /// Compression level (gzip 1-9, default 1; zstd 1-19, default 3).
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
+    /// Clamp file times to at most this (seconds since the epoch).
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "N")]
+    pub source_date_epoch: Option<i64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CommitArgs {
+    /// Upper directory to commit.
+    #[arg(required_unless_present = "container", conflicts_with = "container")]
+    pub upper: Option<PathBuf>,
+    /// Commit the upper of this store container.
+    #[arg(long, value_name = "NAME")]
+    pub container: Option<String>,
+    /// The image the upper was made on (`scratch`: none).
+    #[arg(long, value_name = "REF")]
+    pub from: String,
+    /// Name of the new image.
+    #[arg(long, value_name = "NEWREF")]
+    pub name: String,
+    /// Comment recorded in the image history.
+    #[arg(short, long, value_name = "TEXT")]
+    pub message: Option<String>,
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: CompressionArg,
+    /// Compression level (gzip 1-9, default 1; zstd 1-19, default 3).
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
+    /// Clamp file times (and the image's creation time) to this (seconds since the epoch).
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "N")]
+    pub source_date_epoch: Option<i64>,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -52,6 +201,12 @@ pub struct MountArgs {
     /// A read-only layer; repeat, top layer first (as in lowerdir=).
     #[arg(long = "lower", value_name = "DIR")]
     pub lowers: Vec<PathBuf>,
+    /// Stack the layers of a stored image (below any --lower); repeat, top image first.
+    #[arg(long = "image", value_name = "REF")]
+    pub images: Vec<String>,
+    /// Use (create on first use) the store container NAME as the upper and work directories.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["upper", "work"])]
+    pub container: Option<String>,
     /// Writable layer.
     #[arg(long, value_name = "DIR", requires = "work")]
     pub upper: Option<PathBuf>,
@@ -352,11 +507,30 @@ pub fn plan_mount(
     })
 }
 
-const SUBCOMMANDS: &[&str] = &["mount", "umount", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "mount", "umount", "import", "diff", "commit", "images", "layers", "history", "rm", "gc",
+    "help",
+];
 
 /// Whether argv is the fuse-overlayfs form (`layerfs [SOURCE] MOUNTPOINT -o ...`).
 fn is_compat_form(args: &[OsString]) -> bool {
-    let Some(first) = args.get(1) else {
+    // Skip our global options: `layerfs --root R diff U -o F` is not the compat form.
+    let mut i = 1;
+    while let Some(a) = args.get(i) {
+        let a = a.as_bytes();
+        if a == b"--root" {
+            i += 2;
+        } else if a.starts_with(b"--root=")
+            || a == b"--quiet"
+            || a == b"--verbose"
+            || (a.len() > 1 && a[0] == b'-' && a[1..].iter().all(|&c| c == b'v' || c == b'q'))
+        {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let Some(first) = args.get(i) else {
         return false;
     };
     let first = first.as_bytes();
@@ -457,22 +631,455 @@ pub fn main() -> i32 {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Mount(m) => {
-            let opts = MountOptions::parse(&m.options)?;
-            let plan = plan_mount(
-                &m.lowers,
-                m.upper.as_deref(),
-                m.work.as_deref(),
-                &m.mountpoint,
-                opts,
-                m.foreground,
-            )?;
-            daemon::mount(plan)
-        }
-        Command::Umount { mountpoint, lazy } => daemon::umount(&mountpoint, lazy),
+fn open_store(root: &Option<PathBuf>) -> Result<Store> {
+    let root = root.clone().unwrap_or_else(store::default_root);
+    Ok(Store::open(&root)?)
+}
+
+/// A progress bar on stderr when it is a terminal and not `--quiet`; hidden otherwise.
+fn progress_bar(quiet: bool, total: Option<u64>, msg: &'static str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
     }
+    let (bar, template) = match total {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}",
+        ),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.with_message(msg)
+}
+
+/// Counts bytes read into a progress bar.
+struct ProgressReader<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: Read> Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// `1.5 MB` style sizes (powers of 1000, as `docker images`).
+fn human(n: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// The 12 hex digits of a `sha256:` digest string, for tables.
+fn short(d: &str) -> &str {
+    d.get(7..19).unwrap_or(d)
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Mount(m) => run_mount(&cli.root, m),
+        Command::Umount { mountpoint, lazy } => daemon::umount(&mountpoint, lazy),
+        Command::Import(a) => run_import(&cli.root, quiet, a),
+        Command::Diff(a) => run_diff(quiet, a),
+        Command::Commit(a) => run_commit(&cli.root, quiet, a),
+        Command::Images { json } => run_images(&cli.root, json),
+        Command::Layers { json } => run_layers(&cli.root, json),
+        Command::History { reference, json } => run_history(&cli.root, &reference, json),
+        Command::Rm { reference } => {
+            let store = open_store(&cli.root)?;
+            let _lock = store.lock(LockKind::Exclusive)?;
+            for name in images::untag(&store, &reference)? {
+                println!("untagged: {name}");
+            }
+            Ok(())
+        }
+        Command::Gc => {
+            let store = open_store(&cli.root)?;
+            let r = store::gc::gc(&store)?;
+            println!(
+                "removed {} blobs, {} layers, {} staging dirs, {} stale mount leases; freed {} ({} bytes)",
+                r.blobs,
+                r.layers,
+                r.tmp,
+                r.leases,
+                human(r.bytes_freed),
+                r.bytes_freed
+            );
+            Ok(())
+        }
+    }
+}
+
+fn run_mount(root: &Option<PathBuf>, m: MountArgs) -> Result<()> {
+    let opts = MountOptions::parse(&m.options)?;
+    let mut lowers = m.lowers.clone();
+    let (mut upper, mut work) = (m.upper.clone(), m.work.clone());
+    let mut store_state = None;
+    if !m.images.is_empty() || m.container.is_some() {
+        let store = open_store(root)?;
+        if m.container.is_some() && m.images.len() > 1 {
+            bail!("--container takes at most one --image");
+        }
+        let mut imgs = Vec::new();
+        let mut ids = Vec::new();
+        {
+            let _lock = store.lock(LockKind::Shared)?;
+            let mut cut = false;
+            for r in &m.images {
+                let img = images::resolve(&store, r)?;
+                for id in img.diff_ids()?.iter().rev() {
+                    if !layers::exists(&store, id)? {
+                        bail!("layer {id} of image {r} is missing from the store");
+                    }
+                    if !cut {
+                        lowers.push(layers::path(&store, id));
+                        ids.push(id.to_string());
+                        // A layer that hides everything below ends the stack.
+                        cut = layers::root_is_opaque(&store, id)?;
+                    }
+                }
+                imgs.push(img);
+            }
+        }
+        if let Some(c) = &m.container {
+            let dirs = images::ensure_container(&store, c, imgs.first())?;
+            upper = Some(dirs.upper);
+            work = Some(dirs.work);
+        }
+        store_state = Some((store, ids));
+    }
+    let plan = plan_mount(
+        &lowers,
+        upper.as_deref(),
+        work.as_deref(),
+        &m.mountpoint,
+        opts,
+        m.foreground,
+    )?;
+    // The lease's descriptor is inherited by the mount daemon: its layers stay live for gc
+    // until the daemon exits.
+    let lease = match &store_state {
+        Some((store, ids)) => Some(images::take_lease(
+            store,
+            &LeaseRecord {
+                mountpoint: plan.mountpoint.display().to_string(),
+                container: m.container.clone(),
+                diff_ids: ids.clone(),
+            },
+        )?),
+        None => None,
+    };
+    let res = daemon::mount(plan);
+    drop(lease);
+    res
+}
+
+fn limits(max_size: u64, max_ratio: u64) -> Limits {
+    Limits {
+        max_size,
+        max_ratio,
+    }
+}
+
+fn run_import(root: &Option<PathBuf>, quiet: bool, a: ImportArgs) -> Result<()> {
+    sys::raise_nofile_limit();
+    let store = open_store(root)?;
+    let lim = limits(a.max_size, a.max_ratio);
+    let imported = if let Some(spec) = &a.oci {
+        let (dir, tag) = ops::split_layout_ref(spec);
+        let bar = progress_bar(quiet, None, "importing");
+        let r = ops::import_layout(&store, &dir, tag.as_deref(), a.name.as_deref(), lim, &|n| {
+            bar.inc(n)
+        });
+        bar.finish_and_clear();
+        r?
+    } else {
+        let file = a.file.clone().context("give a layer tar or --oci DIR")?;
+        let (input, total): (Box<dyn Read>, Option<u64>) = if file.as_os_str() == "-" {
+            (Box::new(std::io::stdin().lock()), None)
+        } else {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), len)
+        };
+        let bar = progress_bar(quiet, total, "importing");
+        let input = ProgressReader {
+            inner: input,
+            bar: bar.clone(),
+        };
+        let created_by = format!(
+            "layerfs import {}",
+            Path::new(file.file_name().unwrap_or(file.as_os_str())).display()
+        );
+        let r = ops::import_tar(
+            &store,
+            input,
+            a.name.as_deref(),
+            a.parent.as_deref(),
+            &created_by,
+            lim,
+            &|_| {},
+        );
+        bar.finish_and_clear();
+        r?
+    };
+    for id in &imported.diff_ids {
+        println!("{id}");
+    }
+    if let Some(m) = imported.manifest {
+        log::info!("image manifest {m}");
+    }
+    Ok(())
+}
+
+fn run_diff(quiet: bool, a: DiffArgs) -> Result<()> {
+    sys::raise_nofile_limit();
+    let to_stdout = a.output.as_deref() == Some(Path::new("-"));
+    if to_stdout && std::io::stdout().is_terminal() {
+        bail!("refusing to write a tar to a terminal: redirect stdout or use -o FILE");
+    }
+    let out = match a.output {
+        None => ops::Output::Discard,
+        Some(_) if to_stdout => ops::Output::Stdout,
+        Some(p) => ops::Output::File(p),
+    };
+    let compression: Compression = a.compression.into();
+    let codec = Codec::new(compression, a.level)?;
+    let bar = progress_bar(quiet, None, "diff");
+    let opts = export::Options {
+        source_date_epoch: a.source_date_epoch,
+    };
+    let r = ops::diff(&a.upper, out, codec, opts, &|n| bar.inc(n));
+    bar.finish_and_clear();
+    let d = r?;
+    let mut lines = vec![d.diff_id.to_string()];
+    if compression != Compression::None {
+        lines.push(d.blob.to_string());
+    }
+    for l in lines {
+        if to_stdout {
+            eprintln!("{l}");
+        } else {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}
+
+fn run_commit(root: &Option<PathBuf>, quiet: bool, a: CommitArgs) -> Result<()> {
+    sys::raise_nofile_limit();
+    let store = open_store(root)?;
+    let upper = match (&a.upper, &a.container) {
+        (Some(u), _) => u.clone(),
+        (None, Some(c)) => {
+            store::validate_container(c)?;
+            if images::container_record(&store, c)?.is_none() {
+                bail!("no container {c} in the store");
+            }
+            store.root().join("containers").join(c).join("upper")
+        }
+        (None, None) => bail!("give an upper directory or --container"),
+    };
+    let from = (a.from != "scratch").then_some(a.from.as_str());
+    let bar = progress_bar(quiet, None, "commit");
+    let opts = export::Options {
+        source_date_epoch: a.source_date_epoch,
+    };
+    let r = ops::commit(
+        &store,
+        &upper,
+        from,
+        &a.name,
+        a.message.as_deref(),
+        Codec::new(a.compression.into(), a.level)?,
+        opts,
+        &|n| bar.inc(n),
+    );
+    bar.finish_and_clear();
+    let c = r?;
+    println!("{}", c.diffed.diff_id);
+    log::info!("image {} manifest {}", a.name, c.manifest);
+    Ok(())
+}
+
+fn created_of(config: &serde_json::Value) -> String {
+    config
+        .get("created")
+        .and_then(|v| v.as_str())
+        .unwrap_or("-")
+        .to_string()
+}
+
+fn run_images(root: &Option<PathBuf>, json: bool) -> Result<()> {
+    let store = open_store(root)?;
+    let _lock = store.lock(LockKind::Shared)?;
+    let mut rows = Vec::new();
+    for (name, desc) in images::list(&store)? {
+        let img = images::load(&store, Some(name.clone()), &desc)?;
+        let size: u64 = img.manifest.layers.iter().map(|l| l.size).sum();
+        let ids: Vec<String> = img.diff_ids()?.iter().map(Digest::to_string).collect();
+        rows.push(serde_json::json!({
+            "name": name,
+            "manifest": img.manifest_digest.to_string(),
+            "layers": ids,
+            "size": size,
+            "created": created_of(&img.config),
+        }));
+    }
+    if json {
+        return print_json(&serde_json::Value::Array(rows));
+    }
+    println!(
+        "{:<32} {:<12} {:>6} {:>10}  CREATED",
+        "NAME", "MANIFEST", "LAYERS", "SIZE"
+    );
+    for r in rows {
+        println!(
+            "{:<32} {:<12} {:>6} {:>10}  {}",
+            r["name"].as_str().unwrap_or("-"),
+            short(r["manifest"].as_str().unwrap_or("-")),
+            r["layers"].as_array().map_or(0, Vec::len),
+            human(r["size"].as_u64().unwrap_or(0)),
+            r["created"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn run_layers(root: &Option<PathBuf>, json: bool) -> Result<()> {
+    let store = open_store(root)?;
+    let _lock = store.lock(LockKind::Shared)?;
+    let mut users: std::collections::HashMap<Digest, Vec<String>> = Default::default();
+    for (name, desc) in images::list(&store)? {
+        let img = images::load(&store, Some(name.clone()), &desc)?;
+        for id in img.diff_ids()? {
+            users.entry(id).or_default().push(name.clone());
+        }
+    }
+    let mut rows = Vec::new();
+    for id in layers::list(&store)? {
+        let meta = layers::meta(&store, &id);
+        rows.push(serde_json::json!({
+            "diff_id": id.to_string(),
+            "size": meta.as_ref().map(|m| m.size),
+            "created": meta.as_ref().map(|m| m.created.clone()),
+            "images": users.get(&id).cloned().unwrap_or_default(),
+        }));
+    }
+    if json {
+        return print_json(&serde_json::Value::Array(rows));
+    }
+    println!(
+        "{:<12} {:>10}  {:<20}  IMAGES",
+        "DIFF ID", "SIZE", "CREATED"
+    );
+    for r in rows {
+        let imgs: Vec<&str> = r["images"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<12} {:>10}  {:<20}  {}",
+            short(r["diff_id"].as_str().unwrap_or("-")),
+            r["size"].as_u64().map_or("-".to_string(), human),
+            r["created"].as_str().unwrap_or("-"),
+            if imgs.is_empty() {
+                "-".to_string()
+            } else {
+                imgs.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
+fn run_history(root: &Option<PathBuf>, reference: &str, json: bool) -> Result<()> {
+    let store = open_store(root)?;
+    let _lock = store.lock(LockKind::Shared)?;
+    let img = images::resolve(&store, reference)?;
+    let ids = img.diff_ids()?;
+    let history: Vec<serde_json::Value> = img
+        .config
+        .get("history")
+        .and_then(|h| h.as_array())
+        .map(|h| {
+            h.iter()
+                .filter(|e| {
+                    !e.get("empty_layer")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false)
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let h = history.get(i);
+        let field = |k: &str| {
+            h.and_then(|e| e.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        rows.push(serde_json::json!({
+            "diff_id": id.to_string(),
+            "digest": img.manifest.layers[i].digest,
+            "size": img.manifest.layers[i].size,
+            "created": field("created"),
+            "created_by": field("created_by"),
+            "comment": field("comment"),
+        }));
+    }
+    // Newest first, as `docker history`.
+    rows.reverse();
+    if json {
+        return print_json(&serde_json::Value::Array(rows));
+    }
+    println!(
+        "{:<12} {:>10}  {:<20}  CREATED BY / COMMENT",
+        "DIFF ID", "SIZE", "CREATED"
+    );
+    for r in rows {
+        let by = r["created_by"].as_str().unwrap_or("");
+        let msg = match r["comment"].as_str() {
+            Some(c) if !by.is_empty() => format!("{by}: {c}"),
+            Some(c) => c.to_string(),
+            None => by.to_string(),
+        };
+        println!(
+            "{:<12} {:>10}  {:<20}  {}",
+            short(r["diff_id"].as_str().unwrap_or("-")),
+            human(r["size"].as_u64().unwrap_or(0)),
+            r["created"].as_str().unwrap_or("-"),
+            msg.replace('\n', " ")
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -514,6 +1121,57 @@ mod tests {
     }
 
     #[test]
+    fn sizes_and_subcommands_parse() {
+        assert_eq!(parse_size("256G"), Ok(256 << 30));
+        assert_eq!(parse_size("10"), Ok(10));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        let cli = Cli::try_parse_from([
+            "layerfs",
+            "--root",
+            "/s",
+            "commit",
+            "--container",
+            "c",
+            "--from",
+            "scratch",
+            "--name",
+            "n",
+        ])
+        .unwrap();
+        assert_eq!(cli.root.as_deref(), Some(Path::new("/s")));
+        assert!(
+            Cli::try_parse_from([
+                "layerfs",
+                "commit",
+                "/u",
+                "--container",
+                "c",
+                "--from",
+                "a",
+                "--name",
+                "n"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["layerfs", "import"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "layerfs",
+                "mount",
+                "--container",
+                "c",
+                "--upper",
+                "u",
+                "--work",
+                "w",
+                "/m"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
     fn bad_options_fail() {
         assert!(MountOptions::parse(&["bogus".into()]).is_err());
         assert!(MountOptions::parse(&["squash_to_uid=x".into()]).is_err());
@@ -535,5 +1193,18 @@ mod tests {
             "layerfs", "mount", "--lower", "a", "/m", "-o", "ro"
         ])));
         assert!(!is_compat_form(&v(&["layerfs", "--version"])));
+        assert!(!is_compat_form(&v(&[
+            "layerfs", "--root", "/s", "diff", "/u", "-o", "f"
+        ])));
+        assert!(!is_compat_form(&v(&[
+            "layerfs", "-q", "diff", "/u", "-o", "-"
+        ])));
+        assert!(is_compat_form(&v(&[
+            "layerfs",
+            "-v",
+            "/m",
+            "-o",
+            "lowerdir=a"
+        ])));
     }
 }

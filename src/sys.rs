@@ -1439,6 +1439,43 @@ pub fn vec_os(b: Vec<u8>) -> OsString {
     OsString::from_vec(b)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layer store (issue 4): advisory locks
+
+/// `flock` operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+/// `flock(fd, LOCK_SH|LOCK_EX)`, waiting for the lock (`nonblocking` adds `LOCK_NB` and
+/// returns `Ok(false)` when another open file description holds a conflicting lock).
+/// The lock belongs to the open file description: it is shared with forked children and
+/// released when the last descriptor for it closes.
+pub fn flock(fd: BorrowedFd<'_>, kind: LockKind, nonblocking: bool) -> io::Result<bool> {
+    let mut op = match kind {
+        LockKind::Shared => libc::LOCK_SH,
+        LockKind::Exclusive => libc::LOCK_EX,
+    };
+    if nonblocking {
+        op |= libc::LOCK_NB;
+    }
+    loop {
+        // SAFETY: flock has no memory-safety preconditions; `fd` is a valid descriptor.
+        let ret = unsafe { libc::flock(fd.as_raw_fd(), op) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if nonblocking => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

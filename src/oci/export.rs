@@ -1,0 +1,567 @@
+//! `layerfs diff`: the canonical OCI layer tar of an upper directory.
+//!
+//! Only the upper is read (uppers written by layerfs never hold redirects or metacopy files:
+//! the mount copies whole objects up), through directory fds and `*_at` calls that never follow
+//! a symlink. The output depends only on the upper's content, never on readdir order, inode
+//! numbers or the time of the run, so the same upper (or a `cp -a` copy of it) always gives
+//! byte-identical output and the same diffID.
+//!
+//! The canonical form:
+//! * Order: `./` (the root: its mode, owner, mtime and xattrs, so a mount of the committed
+//!   image shows the same `/` as the container did), then depth-first, a directory's entry
+//!   right before its contents. Within a directory: first `.wh..wh..opq` if the directory is
+//!   opaque (never for the root), then its whiteouts (`.wh.NAME`) sorted bytewise by NAME,
+//!   then its other entries sorted bytewise by name.
+//! * Names: relative, no `./` prefix (except the root entry itself), directories end in `/`.
+//! * Headers: ustar, numeric uid/gid, empty uname/gname, mode = permission bits (with
+//!   setuid/setgid/sticky), whole-second mtimes (sub-second parts are dropped: most layer
+//!   writers do the same, and a PAX record per file would double the size of small-file layers),
+//!   no atime/ctime. `--source-date-epoch N` clamps mtimes above N to N. PAX only for what ustar
+//!   cannot hold (see [`super::tarfmt::write_header`]).
+//! * Whiteouts (`char 0/0`, or zero-size files with `*.overlay.whiteout` in a directory marked
+//!   `opaque=x`) and opaque markers (`{trusted,user}.overlay.opaque=y`,
+//!   `user.fuseoverlayfs.opaque=y`) become `.wh.` entries with fixed metadata: regular file,
+//!   size 0, mode 0644, uid/gid 0, mtime 0, no xattrs.
+//! * Hard links: the first name in this order carries the data, later names are link entries
+//!   to it. Whiteouts are never links (the kernel shares one whiteout inode among many names).
+//! * Xattrs per [`super::keep_xattr`], as `SCHILY.xattr.*` records sorted by name.
+//! * Sockets cannot be stored in tar and are skipped with a warning; a real file whose name
+//!   starts with `.wh.` cannot be told from a whiteout and is refused, and so is an upper
+//!   with kernel redirect or metacopy markers (its content is partly in the lower layers).
+//! * The end: two zero blocks, no further padding.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use super::keep_xattr;
+use super::tarfmt::{self, HeaderSpec, Kind};
+use crate::error::{Error, Result, ShowPath};
+use crate::sys::{self, FileStat, XTarget};
+use crate::union::whiteout::{self, DirMarks};
+
+/// Options of `diff`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Clamp mtimes to at most this value.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// What was written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub whiteouts: u64,
+    pub file_bytes: u64,
+    /// Bytes of tar written.
+    pub tar_bytes: u64,
+    pub skipped_sockets: u64,
+}
+
+struct Child {
+    name: Vec<u8>,
+    st: FileStat,
+}
+
+struct Frame {
+    fd: OwnedFd,
+    /// Tar path of the directory with a trailing `/` (empty for the root).
+    prefix: Vec<u8>,
+    /// Remaining children, in reverse order (popped from the end).
+    rest: Vec<Child>,
+}
+
+struct Writer<'a, W: Write> {
+    out: W,
+    opts: Options,
+    stats: Stats,
+    links: HashMap<(u64, u64), Vec<u8>>,
+    buf: Vec<u8>,
+    progress: &'a dyn Fn(u64),
+}
+
+fn io_ctx(what: &str, path: &[u8]) -> impl FnOnce(std::io::Error) -> Error {
+    let ctx = format!("{what} {}", ShowPath(path));
+    move |e| Error::io(ctx, e)
+}
+
+/// Opaque/xwhiteout markers of a directory in every dialect the union reads.
+fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<DirMarks> {
+    let mut marks = DirMarks::default();
+    let names = sys::xattr_list(XTarget::Fd(fd)).map_err(io_ctx("listing xattrs of", path))?;
+    for attr in [
+        whiteout::TRUSTED_OPAQUE,
+        whiteout::USER_OPAQUE,
+        whiteout::FUSEOVERLAYFS_OPAQUE,
+    ] {
+        if !names.iter().any(|n| n == attr) {
+            continue;
+        }
+        if let Some(v) =
+            sys::xattr_get(XTarget::Fd(fd), attr).map_err(io_ctx("reading xattrs of", path))?
+        {
+            let m = whiteout::opaque_value(&v);
+            marks.opaque |= m.opaque;
+            marks.xwhiteouts |= m.xwhiteouts;
+        }
+    }
+    Ok(marks)
+}
+
+/// Kernel overlayfs markers meaning "the content is elsewhere" (a renamed directory's lower
+/// path, a metadata-only copy-up).
+fn is_redirect_or_metacopy(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"trusted.overlay.redirect"
+            | b"user.overlay.redirect"
+            | b"trusted.overlay.metacopy"
+            | b"user.overlay.metacopy"
+    )
+}
+
+/// Write the canonical layer tar of the upper directory `upper` to `out`.
+pub fn export<W: Write>(
+    upper: BorrowedFd<'_>,
+    out: W,
+    opts: Options,
+    progress: &dyn Fn(u64),
+) -> Result<(Stats, W)> {
+    let mut w = Writer {
+        out,
+        opts,
+        stats: Stats::default(),
+        links: HashMap::new(),
+        buf: vec![0u8; 1 << 20],
+        progress,
+    };
+    let root = sys::open_dir_beneath(upper, b"").map_err(io_ctx("opening", b"the upper"))?;
+    w.root_entry(root.as_fd())?;
+    let mut stack = vec![w.enter(root, Vec::new(), true)?];
+    while let Some(frame) = stack.last_mut() {
+        let Some(Child { name, st }) = frame.rest.pop() else {
+            stack.pop();
+            continue;
+        };
+        let dir = frame.fd.as_fd();
+        let mut path = frame.prefix.clone();
+        path.extend_from_slice(&name);
+        if let Some(fd) = w.entry(dir, &name, &path, &st)? {
+            path.push(b'/');
+            let next = w.enter(fd, path, false)?;
+            stack.push(next);
+        }
+    }
+    w.stats.tar_bytes += tarfmt::write_trailer(&mut w.out).map_err(io_ctx("writing", b"tar"))?;
+    Ok((w.stats, w.out))
+}
+
+impl<W: Write> Writer<'_, W> {
+    fn mtime(&self, st: &FileStat) -> i64 {
+        match self.opts.source_date_epoch {
+            Some(max) if st.mtime.sec > max => max,
+            _ => st.mtime.sec,
+        }
+    }
+
+    fn marker(&mut self, path: &[u8]) -> Result<()> {
+        let spec = HeaderSpec {
+            path,
+            kind: Kind::File,
+            link: b"",
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &[],
+        };
+        self.stats.tar_bytes +=
+            tarfmt::write_header(&mut self.out, &spec).map_err(io_ctx("writing", b"tar"))?;
+        self.stats.entries += 1;
+        self.stats.whiteouts += 1;
+        Ok(())
+    }
+
+    /// The `./` entry: the root's mode, owner, mtime and xattrs (what a mount of the layer
+    /// shows for `/`).
+    fn root_entry(&mut self, root: BorrowedFd<'_>) -> Result<()> {
+        let st = sys::fstat(root).map_err(io_ctx("stat", b"the upper"))?;
+        let x = self.xattrs(XTarget::Fd(root), b"./")?;
+        let spec = HeaderSpec {
+            path: b"./",
+            kind: Kind::Dir,
+            link: b"",
+            mode: st.perm(),
+            uid: st.uid as u64,
+            gid: st.gid as u64,
+            size: 0,
+            mtime: self.mtime(&st),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &x,
+        };
+        self.header(&spec)
+    }
+
+    /// Read a directory, write its opaque marker and whiteouts, and return its frame. The
+    /// root has no entry, so no opaque marker either.
+    fn enter(&mut self, fd: OwnedFd, prefix: Vec<u8>, is_root: bool) -> Result<Frame> {
+        let marks = dir_marks(fd.as_fd(), &prefix)?;
+        let opaque = marks.opaque && !is_root;
+        let entries = sys::read_dir_all(
+            sys::open_dir_beneath(fd.as_fd(), b"").map_err(io_ctx("reading", &prefix))?,
+        )
+        .map_err(io_ctx("reading", &prefix))?;
+        let mut whiteouts: Vec<Vec<u8>> = Vec::new();
+        let mut real: Vec<Child> = Vec::with_capacity(entries.len());
+        for e in entries {
+            let st = sys::stat_at(fd.as_fd(), &e.name).map_err(io_ctx("stat", &e.name))?;
+            let is_wh = if st.is_chr() {
+                st.rdev == 0
+            } else if st.is_reg() && st.size == 0 && marks.xwhiteouts {
+                let t = XTarget::At(fd.as_fd(), &e.name);
+                sys::xattr_get(t, whiteout::TRUSTED_WHITEOUT)
+                    .map_err(io_ctx("reading xattrs of", &e.name))?
+                    .is_some()
+                    || sys::xattr_get(t, whiteout::USER_WHITEOUT)
+                        .map_err(io_ctx("reading xattrs of", &e.name))?
+                        .is_some()
+            } else {
+                false
+            };
+            if is_wh {
+                whiteouts.push(e.name);
+            } else {
+                real.push(Child { name: e.name, st });
+            }
+        }
+        if opaque {
+            let mut p = prefix.clone();
+            p.extend_from_slice(whiteout::WH_OPAQUE);
+            self.marker(&p)?;
+        }
+        // An opaque directory hides everything below; its whiteouts add nothing.
+        if !opaque {
+            whiteouts.sort_unstable();
+            for name in whiteouts {
+                if name.len() + whiteout::WH_PREFIX.len() > sys::NAME_MAX {
+                    return Err(Error::invalid(format!(
+                        "{}{}: a whiteout of a name longer than {} bytes cannot be stored in \
+                         a layer",
+                        ShowPath(&prefix),
+                        ShowPath(&name),
+                        sys::NAME_MAX - whiteout::WH_PREFIX.len()
+                    )));
+                }
+                let mut p = prefix.clone();
+                p.extend_from_slice(whiteout::WH_PREFIX);
+                p.extend_from_slice(&name);
+                self.marker(&p)?;
+            }
+        }
+        // Reverse order: the frame pops from the end.
+        real.sort_unstable_by(|a, b| b.name.cmp(&a.name));
+        Ok(Frame {
+            fd,
+            prefix,
+            rest: real,
+        })
+    }
+
+    fn xattrs(&self, t: XTarget<'_>, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for name in sys::xattr_list(t).map_err(io_ctx("listing xattrs of", path))? {
+            if is_redirect_or_metacopy(&name) {
+                return Err(Error::invalid(format!(
+                    "{}: the upper uses overlayfs redirects or metacopy ({}), whose content \
+                     lives in lower layers; diff needs uppers made with redirect_dir=off and \
+                     metacopy=off (as layerfs makes them)",
+                    ShowPath(path),
+                    ShowPath(&name)
+                )));
+            }
+            if !keep_xattr(&name) {
+                continue;
+            }
+            if let Some(v) = sys::xattr_get(t, &name).map_err(io_ctx("reading xattrs of", path))? {
+                out.push((name, v));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn header(&mut self, spec: &HeaderSpec<'_>) -> Result<()> {
+        self.stats.tar_bytes +=
+            tarfmt::write_header(&mut self.out, spec).map_err(io_ctx("writing", b"tar"))?;
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Write one entry; for a directory return its fd.
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        path: &[u8],
+        st: &FileStat,
+    ) -> Result<Option<OwnedFd>> {
+        if name.starts_with(whiteout::WH_PREFIX) {
+            return Err(Error::invalid(format!(
+                "{}: a file whose name starts with .wh. cannot be stored in a layer \
+                 (it would read as a whiteout)",
+                ShowPath(path)
+            )));
+        }
+        let mut spec = HeaderSpec {
+            path,
+            kind: Kind::File,
+            link: b"",
+            mode: st.perm(),
+            uid: st.uid as u64,
+            gid: st.gid as u64,
+            size: 0,
+            mtime: self.mtime(st),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &[],
+        };
+        if !st.is_dir() && st.nlink > 1 {
+            if let Some(first) = self.links.get(&(st.dev, st.ino)) {
+                let first = first.clone();
+                spec.kind = Kind::HardLink;
+                spec.link = &first;
+                self.header(&spec)?;
+                return Ok(None);
+            }
+            self.links.insert((st.dev, st.ino), path.to_vec());
+        }
+        match st.file_type() {
+            sys::S_IFREG => {
+                // O_NONBLOCK: if a FIFO was swapped in since the stat, opening must not hang;
+                // the identity check below then refuses it.
+                let fd = sys::open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+                    .map_err(io_ctx("opening", path))?;
+                let fst = sys::fstat(fd.as_fd()).map_err(io_ctx("stat", path))?;
+                if !fst.is_reg() || (fst.dev, fst.ino) != (st.dev, st.ino) {
+                    return Err(Error::invalid(format!(
+                        "{}: replaced while it was read; diff a stopped container",
+                        ShowPath(path)
+                    )));
+                }
+                let st = fst;
+                let x = self.xattrs(XTarget::Fd(fd.as_fd()), path)?;
+                spec.xattrs = &x;
+                spec.size = st.size;
+                spec.mode = st.perm();
+                spec.uid = st.uid as u64;
+                spec.gid = st.gid as u64;
+                spec.mtime = self.mtime(&st);
+                self.header(&spec)?;
+                self.copy_data(fd, st.size, path)?;
+                Ok(None)
+            }
+            sys::S_IFDIR => {
+                let fd = sys::open_at(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                    .map_err(io_ctx("opening", path))?;
+                let x = self.xattrs(XTarget::Fd(fd.as_fd()), path)?;
+                let mut p = path.to_vec();
+                p.push(b'/');
+                spec.path = &p;
+                spec.kind = Kind::Dir;
+                spec.xattrs = &x;
+                self.header(&spec)?;
+                Ok(Some(fd))
+            }
+            sys::S_IFLNK => {
+                let target = sys::readlink_at(dir, name).map_err(io_ctx("readlink", path))?;
+                let x = self.xattrs(XTarget::At(dir, name), path)?;
+                spec.kind = Kind::Symlink;
+                spec.link = &target;
+                spec.xattrs = &x;
+                self.header(&spec)?;
+                Ok(None)
+            }
+            t @ (sys::S_IFCHR | sys::S_IFBLK | sys::S_IFIFO) => {
+                let x = self.xattrs(XTarget::At(dir, name), path)?;
+                spec.kind = match t {
+                    sys::S_IFCHR => Kind::Char,
+                    sys::S_IFBLK => Kind::Block,
+                    _ => Kind::Fifo,
+                };
+                if t != sys::S_IFIFO {
+                    spec.dev_major = sys::dev_major(st.rdev);
+                    spec.dev_minor = sys::dev_minor(st.rdev);
+                }
+                spec.xattrs = &x;
+                self.header(&spec)?;
+                Ok(None)
+            }
+            _ => {
+                log::warn!(
+                    "{}: sockets cannot be stored in a layer; skipped",
+                    ShowPath(path)
+                );
+                self.stats.skipped_sockets += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Exactly `size` bytes of the file, then padding. A file that shrinks while it is read
+    /// is an error (the header already promised `size` bytes); growth past `size` is ignored.
+    fn copy_data(&mut self, fd: OwnedFd, size: u64, path: &[u8]) -> Result<()> {
+        let mut f = File::from(fd);
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = match f.read(&mut self.buf[..want]) {
+                Ok(0) => {
+                    return Err(Error::invalid(format!(
+                        "{}: file shrank while it was read; diff a stopped container",
+                        ShowPath(path)
+                    )));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("reading {}", ShowPath(path)), e)),
+            };
+            self.out
+                .write_all(&self.buf[..n])
+                .map_err(io_ctx("writing", b"tar"))?;
+            left -= n as u64;
+            (self.progress)(n as u64);
+        }
+        self.stats.file_bytes += size;
+        self.stats.tar_bytes +=
+            size + tarfmt::write_padding(&mut self.out, size).map_err(io_ctx("writing", b"tar"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tarfmt::TarReader;
+    use super::*;
+    use std::path::Path;
+
+    fn names(tar: &[u8]) -> Vec<String> {
+        let mut r = TarReader::new(tar);
+        let mut out = Vec::new();
+        while let Some(e) = r.next_entry().unwrap() {
+            out.push(String::from_utf8_lossy(&e.path).into_owned());
+        }
+        out
+    }
+
+    fn diff(p: &Path) -> Vec<u8> {
+        let fd = sys::open_dir_path(p).unwrap();
+        export(fd.as_fd(), Vec::new(), Options::default(), &|_| {})
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn canonical_order_and_whiteouts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::create_dir_all(p.join("b/sub")).unwrap();
+        std::fs::create_dir_all(p.join("a")).unwrap();
+        std::fs::write(p.join("b/z"), b"z").unwrap();
+        std::fs::write(p.join("b/A"), b"A").unwrap();
+        std::fs::write(p.join("b/sub/f"), b"f").unwrap();
+        std::fs::write(p.join("a/f"), b"1").unwrap();
+        std::fs::hard_link(p.join("a/f"), p.join("b/sub/link")).unwrap();
+        let b = sys::open_dir_path(&p.join("b")).unwrap();
+        // A whiteout as a zero-size file in a directory marked opaque=x, and a char 0/0 one.
+        sys::xattr_set(XTarget::Fd(b.as_fd()), b"user.overlay.opaque", b"x", 0).unwrap();
+        let wh = sys::open_at(b.as_fd(), b"gone", libc::O_CREAT | libc::O_WRONLY, 0).unwrap();
+        sys::xattr_set(XTarget::Fd(wh.as_fd()), b"user.overlay.whiteout", b"", 0).unwrap();
+        let a = sys::open_dir_path(&p.join("a")).unwrap();
+        sys::xattr_set(XTarget::Fd(a.as_fd()), b"user.overlay.opaque", b"y", 0).unwrap();
+        sys::xattr_set(
+            XTarget::Fd(a.as_fd()),
+            b"user.layerfs.origin",
+            b"12345678",
+            0,
+        )
+        .unwrap();
+        sys::xattr_set(XTarget::Fd(a.as_fd()), b"user.keep", b"v", 0).unwrap();
+        let have_mknod = sys::mknod_at(b.as_fd(), b"also-gone", sys::S_IFCHR, 0).is_ok();
+
+        let tar = diff(p);
+        let mut want = vec!["./", "a/", "a/.wh..wh..opq", "a/f", "b/"];
+        if have_mknod {
+            want.push("b/.wh.also-gone");
+        }
+        want.extend([
+            "b/.wh.gone",
+            "b/A",
+            "b/sub/",
+            "b/sub/f",
+            "b/sub/link",
+            "b/z",
+        ]);
+        assert_eq!(names(&tar), want);
+        let mut r = TarReader::new(&tar[..]);
+        r.next_entry().unwrap().unwrap();
+        let first = r.next_entry().unwrap().unwrap();
+        assert_eq!(first.xattrs, vec![(b"user.keep".to_vec(), b"v".to_vec())]);
+        while let Some(e) = r.next_entry().unwrap() {
+            if e.path == b"b/sub/link" {
+                assert_eq!(e.kind, Some(Kind::HardLink));
+                assert_eq!(e.link, b"a/f");
+            }
+        }
+        // Same upper, same bytes.
+        assert_eq!(diff(p), tar);
+    }
+
+    #[test]
+    fn refuses_redirects_and_metacopy() {
+        for attr in [&b"user.overlay.redirect"[..], b"user.overlay.metacopy"] {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::create_dir(d.path().join("moved")).unwrap();
+            let fd = sys::open_dir_path(d.path()).unwrap();
+            sys::xattr_set(XTarget::At(fd.as_fd(), b"moved"), attr, b"/orig", 0).unwrap();
+            let e = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap_err();
+            assert!(e.to_string().contains("redirect_dir=off"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sockets_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let fd = sys::open_dir_path(d.path()).unwrap();
+        let (stats, tar) = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap();
+        assert_eq!(stats.skipped_sockets, 1);
+        assert_eq!(names(&tar), ["./", "f"]);
+    }
+
+    #[test]
+    fn refuses_wh_names_and_clamps_times() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".wh.x"), b"").unwrap();
+        let fd = sys::open_dir_path(d.path()).unwrap();
+        let e = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap_err();
+        assert!(e.to_string().contains(".wh."), "{e}");
+
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let fd = sys::open_dir_path(d.path()).unwrap();
+        let opts = Options {
+            source_date_epoch: Some(1000),
+        };
+        let (_, tar) = export(fd.as_fd(), Vec::new(), opts, &|_| {}).unwrap();
+        let mut r = TarReader::new(&tar[..]);
+        for _ in 0..2 {
+            assert_eq!(r.next_entry().unwrap().unwrap().mtime.sec, 1000);
+        }
+    }
+}

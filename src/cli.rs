@@ -88,10 +88,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an image name (its blobs and layers go at the next gc).
+    /// Remove an image name (its blobs and layers go at the next gc), or a container.
     Rm {
         /// Image name or manifest digest.
-        reference: String,
+        #[arg(required_unless_present = "container", conflicts_with = "container")]
+        reference: Option<String>,
+        /// Remove this container's upper and work directories instead (not while mounted).
+        #[arg(long, value_name = "NAME")]
+        container: Option<String>,
     },
     /// Remove blobs and layers that no image, container or mount uses.
     Gc,
@@ -709,10 +713,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Images { json } => run_images(&cli.root, json),
         Command::Layers { json } => run_layers(&cli.root, json),
         Command::History { reference, json } => run_history(&cli.root, &reference, json),
-        Command::Rm { reference } => {
+        Command::Rm {
+            reference,
+            container,
+        } => {
             let store = open_store(&cli.root)?;
+            if let Some(name) = container {
+                let freed = images::remove_container(&store, &name)?;
+                println!("removed container {name}: freed {}", human(freed));
+                return Ok(());
+            }
             let _lock = store.lock(LockKind::Exclusive)?;
-            for name in images::untag(&store, &reference)? {
+            for name in images::untag(&store, reference.as_deref().unwrap_or_default())? {
                 println!("untagged: {name}");
             }
             Ok(())

@@ -534,3 +534,36 @@ fn failed_commands_leave_no_trace() {
     assert_eq!(fs::read(m.0.join("d/ok")).unwrap(), b"fine");
     assert_eq!(fs::read(m.0.join("f")).unwrap(), b"x");
 }
+
+#[test]
+fn rm_container_refuses_while_mounted_then_frees_its_layers() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let base = env.path("base");
+    fs::create_dir_all(&base).unwrap();
+    base_tree(&base);
+    let btar = env.path("base.tar");
+    let bid = env.ok(&["diff", base.to_str().unwrap(), "-o", btar.to_str().unwrap()]);
+    env.ok(&["import", btar.to_str().unwrap(), "--name", "base"]);
+    let m = LayerfsMount::mount(
+        &env,
+        &["--image", "base", "--container", "c1"],
+        &env.path("m"),
+    );
+    fs::write(m.0.join("made-in-c1"), b"x").unwrap();
+    env.fails(&["rm", "--container", "c1"], "is mounted");
+    assert!(env.store().join("containers/c1/upper/made-in-c1").exists());
+    drop(m);
+    wait_unmounted(&env.path("m"));
+    env.fails(&["rm", "--container", "nope"], "no container");
+    env.fails(&["rm", "--container", "../x"], "bad container name");
+    let out = env.ok(&["rm", "--container", "c1"]);
+    assert!(out.starts_with("removed container c1"), "{out}");
+    assert!(!env.store().join("containers/c1").exists());
+    // With the image gone too, nothing keeps the layer.
+    env.ok(&["rm", "base"]);
+    env.ok(&["gc"]);
+    assert!(!env.store().join("layers").join(diff_id_hex(&bid)).exists());
+}

@@ -394,6 +394,49 @@ pub fn container_record(store: &Store, name: &str) -> Result<Option<ContainerRec
     }
 }
 
+/// Remove a container (its upper and work) when no mount uses it. Returns the bytes freed.
+pub fn remove_container(store: &Store, name: &str) -> Result<u64> {
+    super::validate_container(name)?;
+    let _lock = store.lock(LockKind::Exclusive)?;
+    if container_record(store, name)?.is_none() {
+        return Err(Error::invalid(format!("no container named {name}")));
+    }
+    let mounts = store.dir(b"mounts")?;
+    for e in sys::read_dir_all(store.dir(b"mounts")?).map_err(|e| store.err("reading mounts", e))? {
+        let Ok(fd) = sys::open_at(mounts.as_fd(), &e.name, libc::O_RDONLY, 0) else {
+            continue;
+        };
+        // A lease we can lock is stale (its mount is gone).
+        if sys::flock(fd.as_fd(), LockKind::Shared, true).map_err(|e| store.err("lease", e))? {
+            continue;
+        }
+        let bytes = fsutil::read_small(mounts.as_fd(), &e.name, MAX_JSON)
+            .map_err(|e| store.err("reading a mount lease", e))?;
+        let rec: LeaseRecord = model::parse(&bytes, "mount lease")?;
+        if rec.container.as_deref() == Some(name) {
+            return Err(Error::invalid(format!(
+                "container {name} is mounted at {}; unmount it first",
+                rec.mountpoint
+            )));
+        }
+    }
+    // Out of sight in one rename, then deleted: a crash leaves it whole or gone (tmp/ is
+    // cleaned by gc).
+    let staging = store.staging()?;
+    let containers = store.dir(b"containers")?;
+    sys::rename_at(
+        containers.as_fd(),
+        name.as_bytes(),
+        staging.fd(),
+        b"removed",
+        0,
+    )
+    .map_err(|e| store.err(&format!("removing container {name}"), e))?;
+    sys::fsync(containers.as_fd(), false).map_err(|e| store.err("fsync", e))?;
+    fsutil::remove_tree(staging.fd(), b"removed")
+        .map_err(|e| store.err(&format!("removing container {name}"), e))
+}
+
 /// A live mount's claim on layers: `mounts/<id>.json`, flock-held for as long as the
 /// descriptor stays open (the mount daemon inherits it across its fork).
 pub struct Lease {

@@ -311,6 +311,13 @@ TARBALL=$STACK/untar-$TAR_BYTES.tar
 LISTS=$STACK/lists
 MAIN_LOWERS=("$STACK/layers/top" "$STACK/layers/mid" "$STACK/layers/base")
 
+# stacks made by another generator version can never be reused
+for d in "$DIR"/stack-*; do
+	[[ $d != "$STACK" ]] || continue
+	grep -q "^v$GENV " "$d/.complete" 2>/dev/null && continue
+	log "removing a stack of another generator version: $d"
+	safe_rm "$d"
+done
 # leftovers of runs that did not finish
 for d in "$DIR"/runs/*; do
 	log "removing a leftover run: $d"
@@ -509,8 +516,9 @@ wl_build() {
 wl_depth() { t_helper "$(row "$WL" 0)" stat "$LISTS/depth" "$MNT" && t_helper "$(row "$WL" 1)" stat "$LISTS/depth" "$MNT"; }
 
 # native is the merged copy itself: undo what a write workload did to it, without deleting data
+WRITE_WORKLOADS=" create copyup-big copyup-small rename unlink untar build "
 native_pre() {
-	touch "$STACK/.native-dirty"
+	[[ $WRITE_WORKLOADS == *" $1 "* ]] && touch "$STACK/.native-dirty"
 	case $1 in
 	unlink) "$PY" "$HELPER" keep "$LISTS/unlink" "$NATIVE" "$2/keep" ;;
 	esac

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-GEN_VERSION = "3"
+GEN_VERSION = "4"
 
 WORDS = (
     "alpha beta gamma delta layer upper lower merge inode dentry cache page buffer "
@@ -151,12 +151,13 @@ def gen(a):
     for rel, layer, _ in dirs:  # (parents of a mid directory are created in mid too)
         os.makedirs(os.path.join(layers[layer], rel), exist_ok=True)
 
-    # -- files: weighted by a heavy-tailed per-directory weight
+    # -- files
     fdirs = [d[0] for d in dirs if d[0] not in ("tree", "tree/src", "tree/data")] or [
         "tree/src",
         "tree/data",
     ]
-    weights = [rng.paretovariate(1.2) for _ in fdirs]
+    # skewed but bounded: most directories hold a handful of files, the biggest a few hundred
+    weights = [min(40.0, rng.lognormvariate(0.0, 1.2)) for _ in fdirs]
     cum = []
     acc = 0.0
     for w in weights:

@@ -186,18 +186,24 @@ alive() { [[ -d /proc/$1 && $(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/
 
 # Unmount MNT (made by us) and make sure its daemon is gone.
 unmount() {
-	local mnt=$1 pid=${MOUNTED[$1]:--} i dev
+	local mnt=$1 pid=${MOUNTED[$1]:--} i dev rc
+	# --no-canonicalize: no stat of the mountpoint, which would hang on a stuck daemon.
+	# Retry quick failures (EBUSY from a lingering process), not a timeout.
 	for i in 1 2 3; do
 		is_mounted "$mnt" || break
-		timeout 30 umount "$mnt" 2>>"${LOG:-/dev/null}" && break
+		timeout 15 umount --no-canonicalize "$mnt" 2>>"${LOG:-/dev/null}"
+		rc=$?
+		((rc == 0 || rc == 124)) && break
 		sleep 1
 	done
 	if is_mounted "$mnt"; then
+		log "warning: $mnt did not unmount cleanly: aborting it"
 		dev=$(awk -v m="$mnt" '$5 == m { split($3, d, ":"); print d[2] }' /proc/self/mountinfo | head -1)
 		if [[ $pid != - && -n $dev && -w /sys/fs/fuse/connections/$dev/abort ]]; then
 			echo 1 >"/sys/fs/fuse/connections/$dev/abort"
 		fi
-		timeout 30 umount -l "$mnt" 2>>"${LOG:-/dev/null}"
+		timeout 15 umount --no-canonicalize "$mnt" 2>>"${LOG:-/dev/null}" ||
+			timeout 15 umount --no-canonicalize -l "$mnt" 2>>"${LOG:-/dev/null}"
 	fi
 	if [[ $pid != - ]]; then
 		for i in $(seq 50); do alive "$pid" || break; sleep 0.1; done
@@ -296,6 +302,24 @@ mount_subject() {
 	return 0
 }
 
+# CPU ticks: BUSY_ALL/TOTAL_ALL over all CPUs (steal counts as busy: time taken by other guests)
+# and OWN: children of this script (the workload, once waited for) plus the FUSE daemon
+cpu_sample() { # DAEMON_PID|-
+	local _c u n s i w q sq st
+	read -r _c u n s i w q sq st _ </proc/stat
+	BUSY_ALL=$((u + n + s + q + sq + st))
+	TOTAL_ALL=$((BUSY_ALL + i + w))
+	OWN=$(awk '{ print $16 + $17 }' "/proc/$$/stat")
+	if [[ $1 != - ]]; then OWN=$((OWN + $(awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0))); fi
+}
+# Percent of the machine's CPU time used by anything but this benchmark between two samples
+other_cpu() { # B0 T0 O0 B1 T1 O1
+	local total=$(($5 - $2)) other=$((($4 - $1) - ($6 - $3)))
+	((total > 0)) || { echo 0; return; }
+	((other > 0)) || other=0
+	echo $((100 * other / total))
+}
+
 daemon_kib() { # FIELD (VmHWM/VmRSS) of PID in KiB, or empty
 	[[ $2 != - ]] && awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status" 2>/dev/null
 }
@@ -389,7 +413,7 @@ mkdir -p "$(dirname "$OUT")"
 RAW=$OUT.raw.tsv
 EXTRA=$RUN/extra.md
 : >"$EXTRA"
-printf '#workload\trow\tsubject\trep\tseconds\tpeak_rss_kib\tnote\n' >"$RAW"
+printf '#workload\trow\tsubject\trep\tseconds\tpeak_rss_kib\tnote\tother_cpu_pct\n' >"$RAW"
 TMPO=$(mktemp -p /dev/shm layerfs-bench.XXXXXX 2>/dev/null || mktemp -p "$RUN")
 
 git_commit=$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
@@ -412,15 +436,20 @@ log "run directory $RUN, results to $OUT.md"
 # lines. Rows it does not print are recorded as FAIL.
 
 ELAPSED=""
+T_RC=0
 t_cmd() { # run a command under the time limit; ELAPSED = wall seconds
 	local t0 t1 rc
 	t0=$EPOCHREALTIME
 	timeout -k 5 "$TIMEOUT" "$@"
 	rc=$?
 	t1=$EPOCHREALTIME
+	T_RC=$rc
 	local us=$((${t1/./} - ${t0/./}))
 	ELAPSED=$(printf '%d.%06d' $((us / 1000000)) $((us % 1000000)))
 	return $rc
+}
+failmsg() { # why the last t_cmd failed
+	if ((T_RC == 124 || T_RC == 137)); then echo "timed out after $TIMEOUT s"; else echo "exit $T_RC: $(why)"; fi
 }
 emit() { printf '%s\t%s\t%s\n' "$1" "$2" "${3:-}"; }
 why() { # last line of the cell's stderr, as a FAIL note (the mountpoint shown as MNT)
@@ -434,7 +463,8 @@ t_helper() { # ROW OP ARGS...: the helper times the operation itself
 	if ((rc == 0)) && [[ -n $out ]]; then
 		emit "$row" "${out%% *}" "$([[ $out == *' '* ]] && echo "${out#* }")"
 	else
-		emit "$row" FAIL "exit $rc: $(why)"
+		T_RC=$rc
+		emit "$row" FAIL "$(failmsg)"
 		return 1
 	fi
 }
@@ -467,13 +497,13 @@ row() { # N-th row name of a workload
 wl_find() {
 	local i
 	for i in 0 1; do
-		if t_cmd find "$MNT" >"$TMPO"; then emit "$(row find "$i")" "$ELAPSED" "n=$(wc -l <"$TMPO")"; else emit "$(row find "$i")" FAIL "$(why)"; fi
+		if t_cmd find "$MNT" >"$TMPO"; then emit "$(row find "$i")" "$ELAPSED" "n=$(wc -l <"$TMPO")"; else emit "$(row find "$i")" FAIL "$(failmsg)"; fi
 	done
 }
 wl_lsR() {
 	local i
 	for i in 0 1; do
-		if t_cmd ls -lR "$MNT" >"$TMPO"; then emit "$(row lsR "$i")" "$ELAPSED" "lines=$(wc -l <"$TMPO")"; else emit "$(row lsR "$i")" FAIL "$(why)"; fi
+		if t_cmd ls -lR "$MNT" >"$TMPO"; then emit "$(row lsR "$i")" "$ELAPSED" "lines=$(wc -l <"$TMPO")"; else emit "$(row lsR "$i")" FAIL "$(failmsg)"; fi
 	done
 }
 wl_stat() { t_helper "$(row stat 0)" stat "$LISTS/stat" "$MNT" && t_helper "$(row stat 1)" stat "$LISTS/stat" "$MNT"; }
@@ -483,13 +513,13 @@ grep_tree() { # ROW DIR: grep -rc (reads every file whole); the output goes to a
 	local rc
 	t_cmd grep -r -c "$NEEDLE" "$2" >"$TMPO"
 	rc=$?
-	if ((rc == 0)); then emit "$1" "$ELAPSED" "matching=$(grep -vc ':0$' "$TMPO")"; else emit "$1" FAIL "grep exit $rc: $(why)"; return 1; fi
+	if ((rc == 0)); then emit "$1" "$ELAPSED" "matching=$(grep -vc ':0$' "$TMPO")"; else emit "$1" FAIL "grep $(failmsg)"; return 1; fi
 }
 wl_grep() { grep_tree "$(row grep 0)" "$MNT/tree" && grep_tree "$(row grep 1)" "$MNT/tree"; }
 wl_seqread() {
 	local i
 	for i in 0 1; do
-		if t_cmd dd if="$MNT/big/blob.bin" of=/dev/null bs=1M status=none; then emit "$(row seqread "$i")" "$ELAPSED"; else emit "$(row seqread "$i")" FAIL "$(why)"; fi
+		if t_cmd dd if="$MNT/big/blob.bin" of=/dev/null bs=1M status=none; then emit "$(row seqread "$i")" "$ELAPSED"; else emit "$(row seqread "$i")" FAIL "$(failmsg)"; fi
 	done
 }
 wl_randread() { t_helper "$(row randread 0)" randread "$MNT/big/blob.bin" "$RANDREADS" && t_helper "$(row randread 1)" randread "$MNT/big/blob.bin" "$RANDREADS"; }
@@ -499,10 +529,12 @@ wl_copyup_small() { t_helper "$(row copyup-small 0)" copyup --list "$LISTS/copyu
 wl_rename() { t_helper "$(row rename 0)" rename "$LISTS/rename" "$MNT"; }
 wl_unlink() { t_helper "$(row unlink 0)" unlink "$LISTS/unlink" "$MNT"; }
 wl_untar() {
-	if mkdir "$MNT/bench-untar" && t_cmd tar -xf "$TARBALL" -C "$MNT/bench-untar"; then
+	if ! mkdir "$MNT/bench-untar"; then
+		emit "$(row untar 0)" FAIL "$(why)"
+	elif t_cmd tar -xf "$TARBALL" -C "$MNT/bench-untar"; then
 		emit "$(row untar 0)" "$ELAPSED"
 	else
-		emit "$(row untar 0)" FAIL "$(why)"
+		emit "$(row untar 0)" FAIL "$(failmsg)"
 	fi
 }
 wl_build() {
@@ -510,7 +542,7 @@ wl_build() {
 		emit "$(row build 0)" "$ELAPSED"
 		grep_tree "$(row build 1)" "$MNT/bench-build"
 	else
-		emit "$(row build 0)" FAIL "$(why)"
+		emit "$(row build 0)" FAIL "$(failmsg)"
 	fi
 }
 wl_depth() { t_helper "$(row "$WL" 0)" stat "$LISTS/depth" "$MNT" && t_helper "$(row "$WL" 1)" stat "$LISTS/depth" "$MNT"; }
@@ -539,7 +571,7 @@ native_post() {
 CELL=0
 NCELLS=0
 run_cell() { # WORKLOAD SUBJECT REP
-	local wl=$1 subj=$2 rep=$3 c out rss="" line r v
+	local wl=$1 subj=$2 rep=$3 c out rss="" other="" line r v
 	local -a lowers rows
 	CELL=$((CELL + 1))
 	c=$(printf '%s/c%04d' "$RUN" "$CELL")
@@ -566,9 +598,13 @@ run_cell() { # WORKLOAD SUBJECT REP
 		local pid=$MPID
 		if [[ $subj == native ]]; then native_pre "$wl" "$c" 2>>"$CELLERR"; fi
 		drop_caches
-		local fn=wl_${wl//-/_}
+		local fn=wl_${wl//-/_} b0 t0 o0
 		[[ $wl == depth* ]] && fn=wl_depth
+		cpu_sample "$pid"
+		b0=$BUSY_ALL t0=$TOTAL_ALL o0=$OWN
 		out=$(MNT=$c/m WL=$wl "$fn" 2>>"$CELLERR")
+		cpu_sample "$pid"
+		other=$(other_cpu "$b0" "$t0" "$o0" "$BUSY_ALL" "$TOTAL_ALL" "$OWN")
 		rss=$(daemon_kib VmHWM "$pid")
 		unmount "$c/m"
 		if [[ $subj == native ]]; then native_post "$wl" "$c" 2>>"$CELLERR"; fi
@@ -582,10 +618,10 @@ run_cell() { # WORKLOAD SUBJECT REP
 		line=$(awk -F'\t' -v r="$r" '$1 == r { print; exit }' <<<"$out")
 		[[ -n $line ]] || line=$(emit "$r" FAIL "not run: $(why)")
 		IFS=$'\t' read -r _ v note <<<"$line"
-		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$r" "$subj" "$rep" "$v" "$rss" "${note:-}" >>"$RAW"
-		summary+=" ${r##* }=$v"
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$r" "$subj" "$rep" "$v" "$rss" "${note:-}" "$other" >>"$RAW"
+		if ((${#rows[@]} > 1)); then summary+=" ${r##* }=$v"; else summary+=" $v"; fi
 	done
-	log "[$CELL/$NCELLS] $wl rep $rep $subj:$summary${rss:+ rss=$((rss / 1024))MiB}"
+	log "[$CELL/$NCELLS] $wl rep $rep $subj:$summary${rss:+ rss=$((rss / 1024))MiB}${other:+ other-cpu=$other%}"
 }
 
 rss_walks() { # daemon memory over repeated walks, caches dropped in between (forget handling)
@@ -607,7 +643,7 @@ rss_walks() { # daemon memory over repeated walks, caches dropped in between (fo
 		pid=$MPID rsslist="" times=""
 		for ((i = 1; i <= WALKS; i++)); do
 			drop_caches
-			if t_cmd ls -lR "$c/m" >/dev/null 2>>"$CELLERR"; then times+=" $ELAPSED"; else times+=" FAIL"; fi
+			if t_cmd ls -lR "$c/m" >/dev/null 2>>"$CELLERR"; then times+=" $(printf '%.2f' "$ELAPSED")"; else times+=" FAIL"; fi
 			rsslist+=" $(awk -v k="$(daemon_kib VmRSS "$pid")" 'BEGIN { printf "%.1f", k / 1024 }')"
 		done
 		echo "- $subj: RSS$rsslist; HWM $(awk -v k="$(daemon_kib VmHWM "$pid")" 'BEGIN { printf "%.1f", k / 1024 }'); times$times" >>"$EXTRA"

@@ -511,15 +511,21 @@ def report(a):
             if line.startswith("#") or not line.strip():
                 continue
             parts = line.rstrip("\n").split("\t")
-            parts += [""] * (7 - len(parts))
-            rows.append(parts[:7])
+            parts += [""] * (8 - len(parts))
+            rows.append(parts[:8])
     subjects = a.subjects.split(",")
     order = []
     cells = {}  # (row, subj) -> {"t": [...], "fail": n, "rss": [...], "notes": set()}
-    for wl, row, subj, rep, val, rss, note in rows:
+    others = []
+    for wl, row, subj, rep, val, rss, note, other in rows:
         if row not in order:
             order.append(row)
-        c = cells.setdefault((row, subj), {"t": [], "fail": 0, "rss": [], "notes": set(), "reasons": []})
+        c = cells.setdefault(
+            (row, subj), {"t": [], "fail": 0, "rss": [], "notes": set(), "reasons": [], "other": []}
+        )
+        if other:
+            c["other"].append(int(other))
+            others.append(int(other))
         if val == "FAIL" or val == "":
             c["fail"] += 1
             if note:
@@ -567,6 +573,15 @@ def report(a):
         "'(k FAIL)': k of them failed, median of the rest). Ratios are of medians. "
         "RSS: the daemon's VmHWM in MiB at the end of the workload (fresh mount per cell; max over repetitions)."
     )
+    if others:
+        srt = sorted(others)
+        busy = sum(1 for o in others if o > 25)
+        out.append("")
+        out.append(
+            f"CPU used by anything but this benchmark during the timed workloads (other tenants, "
+            f"kernel threads): median {statistics.median(srt):.0f}%, max {srt[-1]}% of the machine; "
+            f"{busy} of {len(others)} measurements above 25% (their times are less trustworthy)."
+        )
     out.append("")
     head = ["workload"] + subjects
     have = set(subjects)
@@ -641,8 +656,9 @@ def report(a):
             if c and len(c["t"]) >= 2:
                 m = statistics.median(c["t"])
                 if m > 0 and (max(c["t"]) - min(c["t"])) / m > 0.5:
+                    oc = f", other CPU up to {max(c['other'])}%" if c["other"] else ""
                     warn.append(
-                        f"- noisy: {row} / {s}: min {fmt_t(min(c['t']))} max {fmt_t(max(c['t']))} median {fmt_t(m)}"
+                        f"- noisy: {row} / {s}: min {fmt_t(min(c['t']))} max {fmt_t(max(c['t']))} median {fmt_t(m)}{oc}"
                     )
         ref = cells.get((row, "kernel"))
         if ref and ref["notes"]:
@@ -656,8 +672,9 @@ def report(a):
                     )
         for s in subjects:
             c = cells.get((row, s))
-            if c and c["reasons"]:
-                warn.append(f"- FAIL {row} / {s}: {sorted(set(c['reasons']))[0]}")
+            if c and c["fail"]:
+                why = sorted(set(c["reasons"]))[0] if c["reasons"] else "no message"
+                warn.append(f"- FAIL {row} / {s} ({c['fail']} of {c['fail'] + len(c['t'])}): {why}")
     if a.extra and os.path.exists(a.extra):
         with open(a.extra) as f:
             extra = f.read().strip()

@@ -250,6 +250,7 @@ pub struct MountOptions {
     pub threads: Option<usize>,
     pub passthrough: Option<bool>,
     pub cache_dirs: Option<bool>,
+    pub readdirplus: Option<crate::fuse::ReaddirPlus>,
     pub debug: bool,
     /// Where the daemon writes its log (stderr is closed once it is up).
     pub log_file: Option<PathBuf>,
@@ -400,6 +401,17 @@ impl MountOptions {
                     ("debug", None) => o.debug = true,
                     ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
+                    ("readdirplus", Some(v)) => {
+                        use crate::fuse::ReaddirPlus;
+                        o.readdirplus = Some(match v {
+                            "always" => ReaddirPlus::Always,
+                            "auto" => ReaddirPlus::Auto,
+                            "off" => ReaddirPlus::Off,
+                            _ => bail!(
+                                "bad value for mount option readdirplus: {v:?} (always, auto or off)"
+                            ),
+                        })
+                    }
                     ("log", Some(v)) => o.log_file = Some(PathBuf::from(v)),
                     (k, _) if IGNORED_OPTIONS.contains(&k) => {
                         log::info!("ignoring mount option {opt}");
@@ -489,6 +501,7 @@ pub fn plan_mount(
         default_permissions,
         passthrough: opts.passthrough.unwrap_or(true),
         cache_dirs: opts.cache_dirs.unwrap_or(true),
+        readdirplus: opts.readdirplus.unwrap_or(crate::fuse::ReaddirPlus::Auto),
     };
     Ok(MountPlan {
         union: UnionConfig {

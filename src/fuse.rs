@@ -105,6 +105,17 @@ pub struct FuseOptions {
     pub passthrough: bool,
     /// Let the kernel cache directory listings and negative lookups.
     pub cache_dirs: bool,
+    /// When listings carry attributes.
+    pub readdirplus: ReaddirPlus,
+}
+
+/// `-o readdirplus=`: when directory listings carry attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaddirPlus {
+    Always,
+    /// The kernel decides per directory (the default).
+    Auto,
+    Off,
 }
 
 impl Default for FuseOptions {
@@ -115,6 +126,7 @@ impl Default for FuseOptions {
             default_permissions: true,
             passthrough: true,
             cache_dirs: true,
+            readdirplus: ReaddirPlus::Auto,
         }
     }
 }
@@ -568,7 +580,13 @@ impl Core {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        // With AUTO the kernel asks for attributes with the listing only while the reader also
+        // stats what it lists; `find` and scandir get plain (stat-free) listings.
+        let wanted = match self.opts.readdirplus {
+            ReaddirPlus::Always => InitFlags::FUSE_DO_READDIRPLUS,
+            ReaddirPlus::Auto => InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            ReaddirPlus::Off => InitFlags::empty(),
+        }
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_MAX_PAGES

@@ -218,6 +218,16 @@ fn inode_numbers_devices_and_links() {
             );
         }
     }
+    // Plain listings report the same numbers as stat (without stat-ing).
+    let plain = layerfs_stack(
+        &lowers,
+        None,
+        &d.path().join("m-plain"),
+        &["readdirplus=off"],
+    );
+    for dir in ["", "etc", "links", "usr/bin", "names"] {
+        assert_dino_matches(&plain.p(dir));
+    }
     // Stable for the life of the mount, also after the kernel forgets the inodes.
     let before = fs::metadata(m.p("etc/hosts")).unwrap().ino();
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();

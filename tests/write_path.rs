@@ -313,6 +313,11 @@ fn inode_numbers_survive_copy_up_and_remount() {
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     assert_eq!(fs::metadata(m.p("dir/file")).unwrap().ino(), file0);
     m.unmount();
+    // Plain listings (no attributes) before any lookup: d_ino of the copied-up file is its
+    // origin number too.
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &["readdirplus=off"]);
+    assert_dino_matches(&m.p("dir"));
+    drop(m);
     let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &mnt, &[]);
     assert_eq!(fs::metadata(m.p("dir/file")).unwrap().ino(), file0);
     assert_eq!(fs::metadata(m.p("dir")).unwrap().ino(), dir0);

@@ -18,8 +18,8 @@ use crate::sys::DT_DIR;
 /// What one layer holds under one name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Found {
-    /// A real object with this `d_type`.
-    Real(u8),
+    /// A real object with this `d_type` and `d_ino` (the inode number `getdents` gives).
+    Real(u8, u64),
     /// A whiteout (any dialect).
     Whiteout,
 }
@@ -38,6 +38,9 @@ pub struct LayerListing {
 pub struct Top {
     pub layer: u16,
     pub dtype: u8,
+    /// The inode number the layer's listing gave (meaningful for lower layers: plain readdir
+    /// reports it without a stat).
+    pub dino: u64,
 }
 
 impl Top {
@@ -53,8 +56,9 @@ pub struct IndexEntry {
     pub top: Option<Top>,
     /// For a visible directory: the layers holding a directory of this name, top first, down to
     /// the first layer where the name is a non-directory or a whiteout. Opaque markers of the
-    /// child itself are applied when the child's own index is built.
-    pub dir_layers: Vec<u16>,
+    /// child itself are applied when the child's own index is built. (A boxed slice: most
+    /// entries are files and hold none; indexes of big trees are mostly these entries.)
+    pub dir_layers: Box<[u16]>,
     /// The upper holds a whiteout (or other marker) for this name that creation must replace.
     pub upper_whiteout: bool,
     /// Removing the upper object would uncover something from a lower layer, so removal must
@@ -65,6 +69,7 @@ pub struct IndexEntry {
 #[derive(Default)]
 struct Pending {
     entry: IndexEntry,
+    dir_layers: Vec<u16>,
     closed: bool,
     seen_lower: bool,
 }
@@ -92,13 +97,14 @@ impl IndexBuilder {
                 None => {
                     let mut p = Pending::default();
                     match found {
-                        Found::Real(dtype) => {
+                        Found::Real(dtype, dino) => {
                             p.entry.top = Some(Top {
                                 layer: listing.layer,
                                 dtype,
+                                dino,
                             });
                             if dtype == DT_DIR {
-                                p.entry.dir_layers.push(listing.layer);
+                                p.dir_layers.push(listing.layer);
                             } else {
                                 p.closed = true;
                             }
@@ -121,11 +127,11 @@ impl IndexBuilder {
                 Some(p) => {
                     if !p.seen_lower && !is_upper {
                         p.seen_lower = true;
-                        p.entry.lower_visible = matches!(found, Found::Real(_));
+                        p.entry.lower_visible = matches!(found, Found::Real(..));
                     }
                     if !p.closed {
                         match found {
-                            Found::Real(DT_DIR) => p.entry.dir_layers.push(listing.layer),
+                            Found::Real(DT_DIR, _) => p.dir_layers.push(listing.layer),
                             _ => p.closed = true,
                         }
                     }
@@ -139,7 +145,10 @@ impl IndexBuilder {
             .names
             .into_iter()
             .filter(|(_, p)| p.entry.top.is_some() || p.entry.upper_whiteout)
-            .map(|(n, p)| (n, p.entry))
+            .map(|(n, mut p)| {
+                p.entry.dir_layers = p.dir_layers.into_boxed_slice();
+                (n, p.entry)
+            })
             .collect();
         DirIndex {
             upper: self.upper,
@@ -164,7 +173,7 @@ impl DirIndex {
     /// The visible object under `name`.
     pub fn visible(&self, name: &[u8]) -> Option<(Top, &[u16])> {
         let e = self.entries.get(name)?;
-        e.top.map(|t| (t, e.dir_layers.as_slice()))
+        e.top.map(|t| (t, &*e.dir_layers))
     }
 
     /// Visible names with where they live, sorted bytewise (the readdir order).
@@ -198,12 +207,14 @@ impl DirIndex {
         e.top = Some(Top {
             layer: upper,
             dtype,
+            dino: 0,
         });
         e.upper_whiteout = false;
-        e.dir_layers.clear();
-        if dtype == DT_DIR {
-            e.dir_layers.push(upper);
-        }
+        e.dir_layers = if dtype == DT_DIR {
+            Box::new([upper])
+        } else {
+            Box::new([])
+        };
     }
 
     /// The visible lower object under `name` now also exists in the upper (copy-up).
@@ -214,7 +225,10 @@ impl DirIndex {
                 if top.layer != upper {
                     top.layer = upper;
                     if top.dtype == DT_DIR {
-                        e.dir_layers.insert(0, upper);
+                        let mut v = Vec::with_capacity(e.dir_layers.len() + 1);
+                        v.push(upper);
+                        v.extend_from_slice(&e.dir_layers);
+                        e.dir_layers = v.into_boxed_slice();
                     }
                 }
             }
@@ -224,7 +238,7 @@ impl DirIndex {
     /// The upper directory `name` was made opaque: nothing below it merges any more.
     pub fn made_opaque(&mut self, name: &[u8]) {
         if let Some(e) = self.entries.get_mut(name) {
-            e.dir_layers.truncate(1);
+            e.dir_layers = e.dir_layers.iter().take(1).copied().collect();
         }
     }
 
@@ -234,7 +248,7 @@ impl DirIndex {
         match self.entries.get_mut(name) {
             Some(e) if e.lower_visible => {
                 e.top = None;
-                e.dir_layers.clear();
+                e.dir_layers = Box::new([]);
                 e.upper_whiteout = true;
                 true
             }
@@ -280,8 +294,8 @@ mod tests {
         b.finish()
     }
 
-    const F: Found = Found::Real(DT_REG);
-    const D: Found = Found::Real(DT_DIR);
+    const F: Found = Found::Real(DT_REG, 0);
+    const D: Found = Found::Real(DT_DIR, 0);
     const W: Found = Found::Whiteout;
 
     fn vis<'a>(idx: &'a DirIndex, name: &[u8]) -> (Top, &'a [u16]) {
@@ -319,7 +333,8 @@ mod tests {
             vis(&idx, b"a").0,
             Top {
                 layer: 0,
-                dtype: DT_REG
+                dtype: DT_REG,
+                dino: 0
             }
         );
         assert!(ent(&idx, b"gone").upper_whiteout);
@@ -359,7 +374,7 @@ mod tests {
         let idx = build(
             None,
             vec![
-                listing(1, &[("l", Found::Real(DT_LNK))]),
+                listing(1, &[("l", Found::Real(DT_LNK, 0))]),
                 listing(2, &[("l", D)]),
             ],
         );
@@ -373,7 +388,7 @@ mod tests {
             Some(0),
             vec![
                 listing(0, &[("new", F), ("both", F)]),
-                listing(1, &[("both", F), ("low", Found::Real(DT_CHR))]),
+                listing(1, &[("both", F), ("low", Found::Real(DT_CHR, 0))]),
             ],
         );
         assert!(!idx.removed(b"new"));
@@ -390,7 +405,7 @@ mod tests {
         idx.created(b"both", DT_DIR);
         let e = ent(&idx, b"both");
         assert!(!e.upper_whiteout && e.lower_visible);
-        assert_eq!(e.dir_layers, [0]);
+        assert_eq!(&*e.dir_layers, [0]);
     }
 
     #[test]
@@ -422,7 +437,8 @@ mod tests {
             (
                 Top {
                     layer: 0,
-                    dtype: DT_DIR
+                    dtype: DT_DIR,
+                    dino: 0
                 },
                 &[0u16, 1, 2][..]
             )

@@ -33,11 +33,11 @@ pub struct NodeState {
     /// Topmost layer holding the object.
     pub layer: u16,
     /// Directories: every layer merged into this directory, top first, opaque markers applied.
-    pub merge: Vec<u16>,
+    pub merge: Box<[u16]>,
     /// The object backing the node now.
     pub backing: Backing,
     /// Directories: the merged listing, built on first use.
-    pub index: Option<DirIndex>,
+    pub index: Option<Box<DirIndex>>,
     /// All names are gone (unlinked or rmdir'ed) but the kernel still references the node.
     pub unlinked: bool,
     /// Once unlinked: an `O_PATH` descriptor of the object, so `fstat` and reopening still
@@ -455,7 +455,7 @@ mod tests {
         NodeState {
             kind: crate::sys::S_IFDIR,
             layer: 0,
-            merge: vec![0],
+            merge: Box::new([0]),
             backing: (0, 0),
             index: None,
             unlinked: false,

@@ -405,7 +405,7 @@ impl Union {
                 whiteouts.push(e.name.into_boxed_slice());
                 continue;
             }
-            real.push((e.name.into_boxed_slice(), Found::Real(dtype)));
+            real.push((e.name.into_boxed_slice(), Found::Real(dtype, e.ino)));
         }
         if !whiteouts.is_empty() {
             let names: HashSet<&[u8]> = real.iter().map(|(n, _)| &**n).collect();
@@ -456,7 +456,7 @@ impl Union {
         }
         if st.index.is_none() {
             let idx = self.build_index(&st.merge, path)?;
-            st.index = Some(idx);
+            st.index = Some(Box::new(idx));
         }
         match st.index.as_mut() {
             Some(idx) => Ok(f(idx)),
@@ -515,7 +515,7 @@ impl Union {
                     NodeState {
                         kind: st.file_type(),
                         layer: top.layer,
-                        merge,
+                        merge: merge.into_boxed_slice(),
                         backing: (st.dev, st.ino),
                         index: None,
                         unlinked: false,
@@ -620,6 +620,13 @@ impl Union {
         let known = self.table().child(parent, &entry.name);
         if let Some(ino) = known {
             return Ok(ino);
+        }
+        if Some(entry.top.layer) != self.upper {
+            // Lower objects never carry an origin: their number comes straight from the
+            // listing, with no stat (cold directories read fast).
+            let dev = self.layers[entry.top.layer as usize].dev;
+            let mapped = self.table().inos.map(dev, entry.top.dino);
+            return Ok(mapped.unwrap_or(entry.top.dino));
         }
         let _ns = self.read_ns();
         let ppath = self.table().path(parent).ok_or_else(enoent)?;

@@ -399,7 +399,9 @@ impl Union {
             let mut s = node.lock();
             s.layer = upper;
             if s.kind == sys::S_IFDIR && s.merge.first() != Some(&upper) {
-                s.merge.insert(0, upper);
+                s.merge = std::iter::once(upper)
+                    .chain(s.merge.iter().copied())
+                    .collect();
             }
             s.backing = (new.dev, new.ino);
         }
@@ -515,7 +517,7 @@ impl Union {
             .table()
             .path(ino)
             .ok_or_else(|| Error::os(libc::ENOENT))?;
-        let merge = node.lock().merge.clone();
+        let merge = node.lock().merge.to_vec();
         let mut links = HashMap::new();
         let mut pending = Vec::new();
         let mut stale_whiteouts = Vec::new();
@@ -535,7 +537,7 @@ impl Union {
         }
         {
             let mut s = node.lock();
-            s.merge = vec![self.upper.unwrap_or(0)];
+            s.merge = Box::new([self.upper.unwrap_or(0)]);
             s.index = None;
         }
         Ok(())
@@ -632,7 +634,7 @@ impl Union {
                         s.layer = upper;
                         s.backing = (new.dev, new.ino);
                         if s.kind == sys::S_IFDIR {
-                            s.merge = vec![upper];
+                            s.merge = Box::new([upper]);
                             s.index = None;
                         }
                     }
@@ -880,9 +882,9 @@ impl Union {
                         kind,
                         layer: upper,
                         merge: if kind == sys::S_IFDIR {
-                            vec![upper]
+                            Box::new([upper])
                         } else {
-                            Vec::new()
+                            Box::new([])
                         },
                         backing: (st.dev, st.ino),
                         index: None,

@@ -301,6 +301,20 @@ pub fn kernel(lowers: &[&Path], upper: Option<(&Path, &Path)>, mnt: &Path, extra
     }
 }
 
+/// Assert that every entry's `d_ino` in a plain listing equals its `st_ino`.
+pub fn assert_dino_matches(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let fd = sys::open_dir_path(dir).expect("open dir");
+    let mut reader = sys::DirReader::with_buffer(fd, 4096).expect("reader");
+    let mut n = 0;
+    while let Some(e) = reader.next_entry().expect("getdents") {
+        let st = fs::symlink_metadata(dir.join(OsStr::from_bytes(&e.name))).expect("lstat");
+        assert_eq!(e.ino, st.ino(), "d_ino of {}", e.name.escape_ascii());
+        n += 1;
+    }
+    assert!(n > 0, "{dir:?} is empty");
+}
+
 // ---- tree snapshots ------------------------------------------------------------------------------
 
 /// What a tree comparison looks at for one entry.

@@ -30,7 +30,7 @@ use fuser::{
 
 use crate::error::Error;
 use crate::sys::{self, Timespec};
-use crate::union::{Attr, Caller, DirEntry, OpenFile, SetAttr, Union};
+use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, OpenFile, SetAttr, Union};
 
 /// How ids on disk are shown through the mount.
 #[derive(Clone, Debug, Default)]
@@ -131,22 +131,11 @@ impl Default for FuseOptions {
     }
 }
 
-enum Handle {
-    File {
-        file: OpenFile,
-        /// Held while the kernel reads/writes this file directly.
-        backing: Option<Arc<BackingId>>,
-    },
-    Dir {
-        ino: u64,
-        entries: Mutex<DirSnapshot>,
-    },
-}
-
-struct DirSnapshot {
-    entries: Arc<Vec<DirEntry>>,
-    /// A read has happened, so offset 0 means rewinddir and takes a fresh snapshot.
-    read_once: bool,
+/// An open file.
+struct Handle {
+    file: OpenFile,
+    /// Held while the kernel reads/writes this file directly.
+    backing: Option<Arc<BackingId>>,
 }
 
 /// The filesystem the FUSE session runs: a cheap handle on the shared core, so slow requests
@@ -415,12 +404,8 @@ impl Core {
     fn drop_handle(&self, fh: FileHandle) {
         let h = self.handles().remove(&fh.0);
         if let Some(h) = h {
-            if let Handle::File {
-                file,
-                backing: Some(_),
-            } = &*h
-            {
-                let ino = file.ino();
+            if h.backing.is_some() {
+                let ino = h.file.ino();
                 drop(h);
                 let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
                 if backings
@@ -437,7 +422,7 @@ impl Core {
         match self.union.open(ino, flags) {
             Ok(file) => match self.open_mode(&file, |fd| reply.open_backing(fd)) {
                 OpenMode::Cached => {
-                    let fh = self.add_handle(Handle::File {
+                    let fh = self.add_handle(Handle {
                         file,
                         backing: None,
                     });
@@ -445,7 +430,7 @@ impl Core {
                 }
                 OpenMode::Passthrough { backing: b, direct } => {
                     let flags = passthrough_flags(direct);
-                    let fh = self.add_handle(Handle::File {
+                    let fh = self.add_handle(Handle {
                         file,
                         backing: Some(b.clone()),
                     });
@@ -459,10 +444,7 @@ impl Core {
     /// The current descriptor of an open file handle.
     fn file_fd(&self, fh: FileHandle) -> Result<Arc<OwnedFd>, Error> {
         let h = self.handle(fh)?;
-        match &*h {
-            Handle::File { file, .. } => self.union.file_fd(file),
-            Handle::Dir { .. } => Err(Error::os(libc::EISDIR)),
-        }
+        self.union.file_fd(&h.file)
     }
 
     fn host_uid(&self, uid: Option<u32>) -> Result<Option<u32>, Error> {
@@ -522,26 +504,6 @@ impl Core {
         }
         buf.truncate(done);
         Ok(buf)
-    }
-
-    /// The directory's snapshot and the index of the first entry to send after `offset`.
-    fn snapshot(
-        &self,
-        fh: FileHandle,
-        offset: u64,
-    ) -> Result<(u64, Arc<Vec<DirEntry>>, usize), Error> {
-        let h = self.handle(fh)?;
-        let Handle::Dir { ino, entries } = &*h else {
-            return Err(Error::os(libc::ENOTDIR));
-        };
-        let mut snap = entries.lock().unwrap_or_else(|p| p.into_inner());
-        if offset == 0 && snap.read_once {
-            snap.entries = Arc::new(self.union.list_dir(*ino)?);
-        }
-        snap.read_once = true;
-        // Offsets: 1 = ".", 2 = "..", 3 + i = entry i (each offset names the next position).
-        let skip = offset.saturating_sub(2) as usize;
-        Ok((*ino, snap.entries.clone(), skip))
     }
 
     fn check_access(&self, req: &Request, ino: u64, mask: AccessFlags) -> Result<(), Error> {
@@ -712,39 +674,28 @@ impl Filesystem for LayerFs {
         })
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guarded("opendir", || match self.union.list_dir(ino.0) {
-            Ok(entries) => {
-                let fh = self.add_handle(Handle::Dir {
-                    ino: ino.0,
-                    entries: Mutex::new(DirSnapshot {
-                        entries: Arc::new(entries),
-                        read_once: false,
-                    }),
-                });
-                let flags = if self.opts.cache_dirs {
-                    // The kernel may keep the listing: it changes only through this mount,
-                    // and every change bumps the directory's version in the kernel.
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
-            }
-            Err(e) => reply.error(errno(&e)),
-        })
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Listings need no per-open state (offsets are name hashes). Answering ENOSYS makes
+        // the kernel stop sending OPENDIR/RELEASEDIR altogether and keep every listing in its
+        // cache: it changes only through this mount, and each change bumps its version.
+        if self.opts.cache_dirs {
+            reply.error(Errno::ENOSYS)
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty())
+        }
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         guarded("readdir", || {
-            let (ino, entries, skip) = match self.snapshot(fh, offset) {
+            let ino = ino.0;
+            let (entries, start) = match self.union.read_dir(ino, offset) {
                 Ok(s) => s,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -757,16 +708,10 @@ impl Filesystem for LayerFs {
                     return reply.ok();
                 }
             }
-            let first = 3;
-            for (i, e) in entries.iter().enumerate().skip(skip) {
+            for e in &entries[start..] {
                 let child = self.union.entry_ino(ino, e).unwrap_or(u64::MAX);
                 let kind = dtype_file_type(e.top.dtype);
-                if reply.add(
-                    INodeNo(child),
-                    first + i as u64,
-                    kind,
-                    OsStr::from_bytes(&e.name),
-                ) {
+                if reply.add(INodeNo(child), e.offset, kind, OsStr::from_bytes(&e.name)) {
                     break;
                 }
             }
@@ -777,18 +722,19 @@ impl Filesystem for LayerFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         guarded("readdirplus", || {
-            let (ino, entries, skip) = match self.snapshot(fh, offset) {
+            let ino = ino.0;
+            let (entries, start) = match self.union.read_dir(ino, offset) {
                 Ok(s) => s,
                 Err(e) => return reply.error(errno(&e)),
             };
             let ttl = self.opts.ttl;
-            if offset < 2 {
+            if offset < FIRST_NAME_OFFSET - 1 {
                 let dir = match self.union.getattr(ino) {
                     Ok(a) => self.file_attr(&a),
                     Err(e) => return reply.error(errno(&e)),
@@ -802,18 +748,17 @@ impl Filesystem for LayerFs {
                     return reply.ok();
                 }
             }
-            let first = 3;
-            for (i, e) in entries.iter().enumerate().skip(skip) {
+            for e in &entries[start..] {
                 // A full lookup: the kernel takes a reference on every entry it receives.
                 let attr = match self.union.lookup(ino, &e.name) {
                     Ok(a) => a,
-                    // Gone since the snapshot: skip it, as a concurrent unlink would.
+                    // Gone since the listing was taken: skip it, as a concurrent unlink would.
                     Err(_) => continue,
                 };
                 let fa = self.file_attr(&attr);
                 if reply.add(
                     fa.ino,
-                    first + i as u64,
+                    e.offset,
                     OsStr::from_bytes(&e.name),
                     &ttl,
                     &fa,
@@ -832,14 +777,11 @@ impl Filesystem for LayerFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        guarded("releasedir", || {
-            self.handles().remove(&fh.0);
-            reply.ok()
-        })
+        reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1062,7 +1004,7 @@ impl Filesystem for LayerFs {
                     let fa = self.file_attr(&attr);
                     match self.open_mode(&file, |fd| reply.open_backing(fd)) {
                         OpenMode::Cached => {
-                            let fh = self.add_handle(Handle::File {
+                            let fh = self.add_handle(Handle {
                                 file,
                                 backing: None,
                             });
@@ -1076,7 +1018,7 @@ impl Filesystem for LayerFs {
                         }
                         OpenMode::Passthrough { backing: b, direct } => {
                             let flags = passthrough_flags(direct);
-                            let fh = self.add_handle(Handle::File {
+                            let fh = self.add_handle(Handle {
                                 file,
                                 backing: Some(b.clone()),
                             });

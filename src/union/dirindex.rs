@@ -12,6 +12,8 @@
 //! own entries. This module is pure: listings come in, decisions come out.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::sys::DT_DIR;
 
@@ -153,6 +155,7 @@ impl IndexBuilder {
         DirIndex {
             upper: self.upper,
             entries,
+            sorted: None,
         }
     }
 }
@@ -162,6 +165,30 @@ impl IndexBuilder {
 pub struct DirIndex {
     upper: Option<u16>,
     entries: HashMap<Box<[u8]>, IndexEntry>,
+    /// The visible entries in readdir order, built when a listing starts and dropped when it
+    /// ends or the directory changes.
+    sorted: Option<Arc<Vec<Listed>>>,
+}
+
+/// One visible entry in readdir order.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// The entry's readdir offset: a hash of its name, so offsets stay valid across calls
+    /// and changes (as with ext4's hash-ordered directories) and no per-open state is needed.
+    pub offset: u64,
+    pub name: Box<[u8]>,
+    pub top: Top,
+}
+
+/// First offset a name can have: 1 and 2 are `.` and `..`.
+pub const FIRST_NAME_OFFSET: u64 = 3;
+
+/// The readdir offset of a name: a 63-bit hash (a positive `off_t`, as telldir needs) of at
+/// least [`FIRST_NAME_OFFSET`]. Deterministic for the life of the process.
+pub fn name_offset(name: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    (h.finish() >> 1).max(FIRST_NAME_OFFSET)
 }
 
 impl DirIndex {
@@ -187,6 +214,41 @@ impl DirIndex {
         v
     }
 
+    /// Visible entries in readdir (offset) order, offsets unique. Kept until the listing ends
+    /// or the directory changes.
+    pub fn sorted(&mut self) -> Arc<Vec<Listed>> {
+        if let Some(s) = &self.sorted {
+            return s.clone();
+        }
+        let mut v: Vec<Listed> = self
+            .entries
+            .iter()
+            .filter_map(|(n, e)| {
+                e.top.map(|top| Listed {
+                    offset: name_offset(n),
+                    name: n.clone(),
+                    top,
+                })
+            })
+            .collect();
+        v.sort_unstable_by(|a, b| a.offset.cmp(&b.offset).then_with(|| a.name.cmp(&b.name)));
+        // Names whose hashes collide take the next free offsets, so every offset names one
+        // entry and resuming after it skips nothing.
+        for i in 1..v.len() {
+            if v[i].offset <= v[i - 1].offset {
+                v[i].offset = v[i - 1].offset + 1;
+            }
+        }
+        let v = Arc::new(v);
+        self.sorted = Some(v.clone());
+        v
+    }
+
+    /// Forget the readdir order (a listing reached its end).
+    pub fn drop_sorted(&mut self) {
+        self.sorted = None;
+    }
+
     /// True when no name is visible (what `rmdir` requires).
     pub fn is_empty(&self) -> bool {
         self.entries.values().all(|e| e.top.is_none())
@@ -202,6 +264,7 @@ impl DirIndex {
 
     /// A new object was created in the upper under `name` (over a whiteout or not).
     pub fn created(&mut self, name: &[u8], dtype: u8) {
+        self.sorted = None;
         let Some(upper) = self.upper else { return };
         let e = self.entries.entry(name.into()).or_default();
         e.top = Some(Top {
@@ -219,6 +282,7 @@ impl DirIndex {
 
     /// The visible lower object under `name` now also exists in the upper (copy-up).
     pub fn copied_up(&mut self, name: &[u8]) {
+        self.sorted = None;
         let Some(upper) = self.upper else { return };
         if let Some(e) = self.entries.get_mut(name) {
             if let Some(top) = e.top.as_mut() {
@@ -237,6 +301,7 @@ impl DirIndex {
 
     /// The upper directory `name` was made opaque: nothing below it merges any more.
     pub fn made_opaque(&mut self, name: &[u8]) {
+        self.sorted = None;
         if let Some(e) = self.entries.get_mut(name) {
             e.dir_layers = e.dir_layers.iter().take(1).copied().collect();
         }
@@ -245,6 +310,7 @@ impl DirIndex {
     /// `name` was removed from the view. Returns whether a whiteout must be (and was assumed
     /// to be) left in the upper.
     pub fn removed(&mut self, name: &[u8]) -> bool {
+        self.sorted = None;
         match self.entries.get_mut(name) {
             Some(e) if e.lower_visible => {
                 e.top = None;
@@ -445,6 +511,29 @@ mod tests {
         );
         idx.made_opaque(b"d");
         assert_eq!(vis(&idx, b"d").1, &[0]);
+    }
+
+    #[test]
+    fn readdir_order_is_by_stable_name_offsets() {
+        let mut idx = build(Some(0), vec![listing(1, &[("b", F), ("a", F), ("c", D)])]);
+        let first = idx.sorted();
+        assert_eq!(first.len(), 3);
+        assert!(first.windows(2).all(|w| w[0].offset <= w[1].offset));
+        assert!(
+            first
+                .iter()
+                .all(|e| e.offset >= FIRST_NAME_OFFSET && e.offset <= i64::MAX as u64)
+        );
+        // An entry keeps its offset whatever else changes in the directory.
+        let b = name_offset(b"b");
+        idx.removed(b"a");
+        idx.created(b"zz", DT_REG);
+        let again = idx.sorted();
+        assert_eq!(
+            again.iter().find(|e| &*e.name == b"b").map(|e| e.offset),
+            Some(b)
+        );
+        assert_eq!(again.len(), 3);
     }
 
     #[test]

@@ -61,12 +61,7 @@ pub struct Attr {
     pub st: FileStat,
 }
 
-/// One entry of a readdir snapshot.
-#[derive(Clone, Debug)]
-pub struct DirEntry {
-    pub name: Box<[u8]>,
-    pub top: Top,
-}
+pub use dirindex::{FIRST_NAME_OFFSET, Listed};
 
 /// The union filesystem.
 pub struct Union {
@@ -603,20 +598,24 @@ impl Union {
         Ok(self.at(layer, &path, sys::readlink_at)?)
     }
 
-    /// Snapshot of a directory's visible entries, sorted by name.
-    pub fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+    /// The directory's entries in readdir order and the position of the first one after
+    /// `offset` (offsets are name hashes: no per-open state). When the position is the end,
+    /// the cached order is dropped: the kernel has read the whole listing.
+    pub fn read_dir(&self, ino: u64, offset: u64) -> Result<(Arc<Vec<Listed>>, usize)> {
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         self.with_index(&node, &path, |idx| {
-            idx.listing()
-                .into_iter()
-                .map(|(name, top)| DirEntry { name, top })
-                .collect()
+            let sorted = idx.sorted();
+            let start = sorted.partition_point(|e| e.offset <= offset);
+            if start >= sorted.len() {
+                idx.drop_sorted();
+            }
+            (sorted, start)
         })
     }
 
     /// Inode number of a directory entry without counting a lookup (plain readdir).
-    pub fn entry_ino(&self, parent: u64, entry: &DirEntry) -> Result<u64> {
+    pub fn entry_ino(&self, parent: u64, entry: &Listed) -> Result<u64> {
         let known = self.table().child(parent, &entry.name);
         if let Some(ino) = known {
             return Ok(ino);

@@ -770,3 +770,21 @@ fn crash_safe_clearing_of_a_merged_directory_renamed_over() {
         Some(&b"y"[..])
     );
 }
+
+#[test]
+fn xattrs_appear_after_misses_were_answered_from_memory() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("plain"), "p");
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), &[]);
+    for _ in 0..2 {
+        assert_eq!(getxattr(m.p("plain"), "user.k"), None);
+        assert_eq!(getxattr(m.p("plain"), "security.selinux"), None);
+    }
+    setxattr(m.p("plain"), "user.k", b"v");
+    assert_eq!(getxattr(m.p("plain"), "user.k").as_deref(), Some(&b"v"[..]));
+    assert_eq!(getxattr(m.p("plain"), "user.other"), None);
+}

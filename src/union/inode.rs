@@ -43,6 +43,9 @@ pub struct NodeState {
     /// Once unlinked: an `O_PATH` descriptor of the object, so `fstat` and reopening still
     /// reach it (the kernel keeps using the inode while a file is open or a fifo in use).
     pub orphan: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The object is known to carry no user-visible xattr: `getxattr` answers ENODATA
+    /// without a system call (`ls -l` asks for `security.selinux` on every file).
+    pub no_xattrs: bool,
 }
 
 /// One union inode.
@@ -460,6 +463,7 @@ mod tests {
             index: None,
             unlinked: false,
             orphan: None,
+            no_xattrs: false,
         }
     }
 

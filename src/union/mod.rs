@@ -208,6 +208,7 @@ impl Union {
                 index: None,
                 unlinked: false,
                 orphan: None,
+                no_xattrs: false,
             },
         );
         let mut table = Table::new(root, (root_st.dev, root_st.ino));
@@ -515,6 +516,7 @@ impl Union {
                         index: None,
                         unlinked: false,
                         orphan: None,
+                        no_xattrs: false,
                     },
                 )
             })
@@ -658,11 +660,30 @@ impl Union {
         }
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
-        let layer = node.lock().layer;
-        self.at(layer, &path, |d, n| {
-            sys::xattr_get(Self::xtarget(d, n), attr)
-        })?
-        .ok_or_else(|| Error::os(libc::ENODATA))
+        let (layer, none) = {
+            let s = node.lock();
+            (s.layer, s.no_xattrs)
+        };
+        if none {
+            return Err(Error::os(libc::ENODATA));
+        }
+        let (value, none) = self.at(layer, &path, |d, n| {
+            let target = Self::xtarget(d, n);
+            Ok(match sys::xattr_get(target, attr)? {
+                Some(v) => (Some(v), false),
+                // Missing: remember when nothing at all is there, for the next questions.
+                None => (
+                    None,
+                    sys::xattr_list(target)?
+                        .iter()
+                        .all(|n| whiteout::is_private_xattr(n)),
+                ),
+            })
+        })?;
+        if none {
+            node.lock().no_xattrs = true;
+        }
+        value.ok_or_else(|| Error::os(libc::ENODATA))
     }
 
     /// List the xattr names visible to users.

@@ -890,6 +890,7 @@ impl Union {
                         index: None,
                         unlinked: false,
                         orphan: None,
+                        no_xattrs: false,
                     },
                 )
             })
@@ -1449,8 +1450,9 @@ impl Union {
         }
         self.copy_up(ino)?;
         let _r = self.read_ns();
-        let (_, path) = self.node_path(ino)?;
+        let (node, path) = self.node_path(ino)?;
         let upper = self.upper_layer()?;
+        node.lock().no_xattrs = false;
         Ok(self.at(upper, &path, |d, n| {
             sys::xattr_set(Self::xtarget(d, n), attr, value, flags)
         })?)

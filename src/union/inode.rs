@@ -34,6 +34,9 @@ pub struct NodeState {
     pub layer: u16,
     /// Directories: every layer merged into this directory, top first, opaque markers applied.
     pub merge: Box<[u16]>,
+    /// `merge` has had opaque markers applied (it may be longer than the real stack until the
+    /// directory's index is built).
+    pub merge_cut: bool,
     /// The object backing the node now.
     pub backing: Backing,
     /// Directories: the merged listing, built on first use.
@@ -459,6 +462,7 @@ mod tests {
             kind: crate::sys::S_IFDIR,
             layer: 0,
             merge: Box::new([0]),
+            merge_cut: true,
             backing: (0, 0),
             index: None,
             unlinked: false,

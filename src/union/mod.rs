@@ -204,6 +204,7 @@ impl Union {
                 kind: sys::S_IFDIR,
                 layer: 0,
                 merge: (0..layers.len() as u16).collect(),
+                merge_cut: true,
                 backing: (root_st.dev, root_st.ino),
                 index: None,
                 unlinked: false,
@@ -423,8 +424,15 @@ impl Union {
 
     /// Build the merged index of a directory from the layers in `merge`.
     fn build_index(&self, merge: &[u16], path: &[u8]) -> Result<DirIndex> {
+        Ok(self.build_index_cut(merge, path)?.0)
+    }
+
+    /// Build the index and also return how many layers of `merge` it merged: the first opaque
+    /// copy of the directory ends the stack.
+    fn build_index_cut(&self, merge: &[u16], path: &[u8]) -> Result<(DirIndex, usize)> {
         let mut builder = IndexBuilder::new(self.upper);
-        for &layer in merge {
+        let mut used = merge.len();
+        for (i, &layer) in merge.iter().enumerate() {
             let Some((listing, opaque)) = self
                 .list_layer(layer, path)
                 .map_err(|e| Error::io(format!("reading directory {}", ShowPath(path)), e))?
@@ -433,10 +441,11 @@ impl Union {
             };
             builder.add_layer(listing);
             if opaque {
+                used = i + 1;
                 break;
             }
         }
-        Ok(builder.finish())
+        Ok((builder.finish(), used))
     }
 
     /// Run `f` on the node's directory index, building it first if needed.
@@ -451,8 +460,12 @@ impl Union {
             return Err(Error::os(libc::ENOTDIR));
         }
         if st.index.is_none() {
-            let idx = self.build_index(&st.merge, path)?;
+            let (idx, used) = self.build_index_cut(&st.merge, path)?;
             st.index = Some(Box::new(idx));
+            if used < st.merge.len() {
+                st.merge = st.merge[..used].into();
+            }
+            st.merge_cut = true;
         }
         match st.index.as_mut() {
             Some(idx) => Ok(f(idx)),
@@ -497,11 +510,14 @@ impl Union {
         } else {
             None
         };
+        // Opaque markers of the directory's lower copies are applied when its index is built,
+        // so a lookup reads only the one layer the object comes from.
         let merge = if st.is_dir() {
-            self.cut_opaque(&join_path(parent_path, name), dir_layers)?
+            dir_layers.to_vec()
         } else {
             Vec::new()
         };
+        let merge_cut = merge.len() <= 1;
         let node = {
             let mut t = self.table();
             let preferred = origin.or_else(|| t.inos.map(st.dev, st.ino));
@@ -512,6 +528,7 @@ impl Union {
                         kind: st.file_type(),
                         layer: top.layer,
                         merge: merge.into_boxed_slice(),
+                        merge_cut,
                         backing: (st.dev, st.ino),
                         index: None,
                         unlinked: false,
@@ -525,7 +542,8 @@ impl Union {
     }
 
     /// Apply the union's view to raw attributes: merged directories report one link (as
-    /// kernel overlayfs does), unlinked nodes none.
+    /// kernel overlayfs does; also while it is not yet known whether an opaque copy ends the
+    /// stack: one link is what tells `find` not to count subdirectories), unlinked nodes none.
     fn attr_of(&self, node: &Node, mut st: FileStat) -> Attr {
         let s = node.lock();
         if s.kind == sys::S_IFDIR && s.merge.len() > 1 {

@@ -886,6 +886,7 @@ impl Union {
                         } else {
                             Box::new([])
                         },
+                        merge_cut: true,
                         backing: (st.dev, st.ino),
                         index: None,
                         unlinked: false,

@@ -331,6 +331,11 @@ impl DirIndex {
         self.entries.get(name).is_some_and(|e| e.lower_visible)
     }
 
+    /// Number of names held (visible or whited out): what the index costs in memory.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Number of visible entries.
     pub fn len(&self) -> usize {
         self.entries.values().filter(|e| e.top.is_some()).count()

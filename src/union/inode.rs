@@ -49,6 +49,8 @@ pub struct NodeState {
     /// The object is known to carry no user-visible xattr: `getxattr` answers ENODATA
     /// without a system call (`ls -l` asks for `security.selinux` on every file).
     pub no_xattrs: bool,
+    /// When the index was last used (for dropping the least used indexes).
+    pub index_stamp: u64,
 }
 
 /// One union inode.
@@ -251,6 +253,8 @@ impl Table {
         }
         self.dentries.insert(key, ino);
         if let Some(e) = self.entries.get_mut(&ino) {
+            // Nearly every node has exactly one name: no room for more until needed.
+            e.links.reserve_exact(1);
             e.links.push((parent, name.into()));
         }
         if let Some(p) = self.entries.get_mut(&parent) {
@@ -468,6 +472,7 @@ mod tests {
             unlinked: false,
             orphan: None,
             no_xattrs: false,
+            index_stamp: 0,
         }
     }
 

@@ -78,6 +78,20 @@ pub struct Union {
     /// Owner of what the daemon creates before any chown.
     own_uid: u32,
     own_gid: u32,
+    /// Directory indexes in the order they were built, for dropping the least used.
+    index_lru: Mutex<IndexLru>,
+    index_clock: AtomicU64,
+}
+
+/// Names all directory indexes may hold together before old ones are dropped (about 60 bytes
+/// each): enough for every directory a build or a walk has in hand, bounded for huge trees.
+const INDEX_BUDGET: usize = 32 * 1024;
+
+#[derive(Default)]
+struct IndexLru {
+    /// (directory, stamp when queued, names it held)
+    queue: std::collections::VecDeque<(u64, u64, usize)>,
+    total: usize,
 }
 
 /// Open flags passed through to the backing file.
@@ -210,6 +224,7 @@ impl Union {
                 unlinked: false,
                 orphan: None,
                 no_xattrs: false,
+                index_stamp: 0,
             },
         );
         let mut table = Table::new(root, (root_st.dev, root_st.ino));
@@ -235,6 +250,8 @@ impl Union {
             tmp_seq: AtomicU64::new(0),
             own_uid: sys::geteuid(),
             own_gid: sys::getegid(),
+            index_lru: Mutex::new(IndexLru::default()),
+            index_clock: AtomicU64::new(1),
         })
     }
 
@@ -455,21 +472,70 @@ impl Union {
         path: &[u8],
         f: impl FnOnce(&mut DirIndex) -> T,
     ) -> Result<T> {
-        let mut st = node.lock();
-        if st.kind != sys::S_IFDIR {
-            return Err(Error::os(libc::ENOTDIR));
-        }
-        if st.index.is_none() {
-            let (idx, used) = self.build_index_cut(&st.merge, path)?;
-            st.index = Some(Box::new(idx));
-            if used < st.merge.len() {
-                st.merge = st.merge[..used].into();
+        let stamp = self.index_clock.fetch_add(1, Ordering::Relaxed);
+        let mut built = None;
+        let out = {
+            let mut st = node.lock();
+            if st.kind != sys::S_IFDIR {
+                return Err(Error::os(libc::ENOTDIR));
             }
-            st.merge_cut = true;
+            if st.index.is_none() {
+                let (idx, used) = self.build_index_cut(&st.merge, path)?;
+                built = Some(idx.entry_count());
+                st.index = Some(Box::new(idx));
+                if used < st.merge.len() {
+                    st.merge = st.merge[..used].into();
+                }
+                st.merge_cut = true;
+            }
+            st.index_stamp = stamp;
+            match st.index.as_mut() {
+                Some(idx) => f(idx),
+                None => return Err(Error::os(libc::EIO)),
+            }
+        };
+        if let Some(size) = built {
+            self.track_index(node.ino, stamp, size);
         }
-        match st.index.as_mut() {
-            Some(idx) => Ok(f(idx)),
-            None => Err(Error::os(libc::EIO)),
+        Ok(out)
+    }
+
+    /// Account for a new directory index and drop the least recently used ones while the
+    /// indexes together hold more than [`INDEX_BUDGET`] names. A dropped index is rebuilt from
+    /// the layers when next needed (the layers are the truth; the index only caches them).
+    fn track_index(&self, ino: u64, stamp: u64, size: usize) {
+        let mut lru = self.index_lru.lock().unwrap_or_else(|p| p.into_inner());
+        lru.total += size;
+        lru.queue.push_back((ino, stamp, size));
+        // Second chance: an index used since it was queued goes to the back again.
+        let mut budget = lru.queue.len();
+        while lru.total > INDEX_BUDGET && budget > 1 {
+            budget -= 1;
+            let Some((victim, queued_at, n)) = lru.queue.pop_front() else {
+                break;
+            };
+            let node = self.table().get(victim).cloned();
+            let Some(node) = node else {
+                lru.total -= n;
+                continue;
+            };
+            let Ok(mut st) = node.state.try_lock() else {
+                lru.queue.push_back((victim, queued_at, n));
+                continue;
+            };
+            if st.index.is_none() {
+                lru.total -= n;
+            } else if st.index_stamp > queued_at && victim != ino {
+                let at = st.index_stamp;
+                drop(st);
+                lru.queue.push_back((victim, at, n));
+            } else if victim != ino {
+                st.index = None;
+                lru.total -= n;
+            } else {
+                drop(st);
+                lru.queue.push_back((victim, queued_at, n));
+            }
         }
     }
 
@@ -534,6 +600,7 @@ impl Union {
                         unlinked: false,
                         orphan: None,
                         no_xattrs: false,
+                        index_stamp: 0,
                     },
                 )
             })

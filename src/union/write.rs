@@ -892,6 +892,7 @@ impl Union {
                         unlinked: false,
                         orphan: None,
                         no_xattrs: false,
+                        index_stamp: 0,
                     },
                 )
             })

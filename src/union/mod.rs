@@ -507,8 +507,8 @@ impl Union {
         let mut lru = self.index_lru.lock().unwrap_or_else(|p| p.into_inner());
         lru.total += size;
         lru.queue.push_back((ino, stamp, size));
-        // Second chance: an index used since it was queued goes to the back again.
-        let mut budget = lru.queue.len();
+        // Second chance: an index used since it was queued goes to the back again, once.
+        let mut budget = 2 * lru.queue.len();
         while lru.total > INDEX_BUDGET && budget > 1 {
             budget -= 1;
             let Some((victim, queued_at, n)) = lru.queue.pop_front() else {
@@ -781,6 +781,14 @@ impl Union {
             .into_iter()
             .filter(|n| !whiteout::is_private_xattr(n))
             .collect())
+    }
+
+    /// Names held by all directory indexes together (memory checks).
+    pub fn index_names(&self) -> usize {
+        self.index_lru
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
     }
 
     /// Number of nodes the union holds (memory checks).

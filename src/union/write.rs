@@ -197,25 +197,37 @@ impl Union {
         known.unwrap_or_else(|| self.table().inos.map(st.dev, st.ino).unwrap_or(st.ino))
     }
 
+    /// Fill an unnamed copy `tmp` with the data (unless `with_data` is false) and the
+    /// metadata of the regular file `src`.
+    fn fill_copy(
+        &self,
+        src: BorrowedFd<'_>,
+        tmp: BorrowedFd<'_>,
+        origin: Option<u64>,
+        with_data: bool,
+    ) -> Result<FileStat> {
+        let st = sys::fstat(src)?;
+        if with_data {
+            copy_data(src, tmp, st.size)?;
+        }
+        let origin = self.origin_for(origin, &st);
+        self.apply_meta_fd(tmp, &st, XTarget::Fd(src), origin)?;
+        Ok(st)
+    }
+
     /// Copy a regular file from `src_dir`/`name` (in a lower) into a new unnamed file in
-    /// `dst_dir` (the upper parent). Returns the unnamed file, complete and synced.
+    /// `dst_dir` (the upper parent); the caller syncs and names it.
     fn copy_file_data(
         &self,
         src_dir: BorrowedFd<'_>,
         name: &[u8],
         dst_dir: BorrowedFd<'_>,
         origin: Option<u64>,
-        with_data: bool,
-    ) -> Result<(OwnedFd, FileStat)> {
+    ) -> Result<OwnedFd> {
         let src = sys::open_at(src_dir, name, libc::O_RDONLY, 0)?;
-        let st = sys::fstat(src.as_fd())?;
         let tmp = sys::open_tmpfile(dst_dir, libc::O_RDWR, 0o600)?;
-        if with_data {
-            copy_data(src.as_fd(), tmp.as_fd(), st.size)?;
-        }
-        let origin = self.origin_for(origin, &st);
-        self.apply_meta_fd(tmp.as_fd(), &st, XTarget::Fd(src.as_fd()), origin)?;
-        Ok((tmp, st))
+        self.fill_copy(src.as_fd(), tmp.as_fd(), origin, true)?;
+        Ok(tmp)
     }
 
     /// Give the pending copies of a tree copy their names, after one `syncfs` has made all
@@ -437,11 +449,7 @@ impl Union {
             ((src, tmp), layer)
         };
         let (src, tmp) = tmp;
-        let st = sys::fstat(src.as_fd())?;
-        if with_data {
-            copy_data(src.as_fd(), tmp.as_fd(), st.size)?;
-        }
-        self.apply_meta_fd(tmp.as_fd(), &st, XTarget::Fd(src.as_fd()), node.ino)?;
+        self.fill_copy(src.as_fd(), tmp.as_fd(), Some(node.ino), with_data)?;
         if self.fsync {
             sys::fsync(tmp.as_fd(), false)?;
         }
@@ -583,12 +591,11 @@ impl Union {
                             sys::link_at(fdir.as_fd(), fname, dst_dir.as_fd(), &name)?;
                         }
                         _ => {
-                            let (tmp, _) = self.copy_file_data(
+                            let tmp = self.copy_file_data(
                                 src_dir.as_fd(),
                                 &name,
                                 dst_dir.as_fd(),
                                 origin,
-                                true,
                             )?;
                             pending.push(PendingCopy {
                                 file: tmp,

@@ -45,6 +45,24 @@ pub enum Command {
         #[arg(short, long)]
         lazy: bool,
     },
+    /// Check an upper directory (and its work directory) against the on-disk format; exit 0
+    /// when clean, 1 when problems are left.
+    Fsck(FsckArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct FsckArgs {
+    /// The upper directory to check.
+    pub upper: PathBuf,
+    /// The lowers it is mounted over, top first (finds whiteouts that hide nothing).
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// Its work directory (finds leftovers of interrupted operations).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Repair what can be repaired without losing data (refused while the upper is in use).
+    #[arg(long)]
+    pub repair: bool,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -334,7 +352,7 @@ pub fn plan_mount(
     })
 }
 
-const SUBCOMMANDS: &[&str] = &["mount", "umount", "help"];
+const SUBCOMMANDS: &[&str] = &["mount", "umount", "fsck", "help"];
 
 /// Whether argv is the fuse-overlayfs form (`layerfs [SOURCE] MOUNTPOINT -o ...`).
 fn is_compat_form(args: &[OsString]) -> bool {
@@ -429,12 +447,33 @@ pub fn main() -> i32 {
     };
     init_logging(cli.verbose, false);
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => fail(&e),
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// `layerfs fsck`: print each finding and a summary; 0 when nothing is left to fix.
+fn fsck(a: FsckArgs) -> Result<i32> {
+    let cfg = crate::fsck::FsckConfig {
+        upper: a.upper,
+        lowers: a.lowers,
+        work: a.work,
+        repair: a.repair,
+    };
+    let report = crate::fsck::check_upper(&cfg)?;
+    for f in &report.findings {
+        println!("{f}");
+    }
+    println!(
+        "{} entries checked, {} problems found, {} repaired",
+        report.entries,
+        report.problems(),
+        report.repaired()
+    );
+    Ok(if report.clean() { 0 } else { 1 })
+}
+
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Mount(m) => {
             let opts = MountOptions::parse(&m.options)?;
@@ -446,9 +485,10 @@ fn run(cli: Cli) -> Result<()> {
                 opts,
                 m.foreground,
             )?;
-            daemon::mount(plan)
+            daemon::mount(plan).map(|()| 0)
         }
-        Command::Umount { mountpoint, lazy } => daemon::umount(&mountpoint, lazy),
+        Command::Umount { mountpoint, lazy } => daemon::umount(&mountpoint, lazy).map(|()| 0),
+        Command::Fsck(a) => fsck(a),
     }
 }
 

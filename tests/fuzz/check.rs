@@ -186,12 +186,14 @@ pub fn run_case(
         let v0 = snap(&ours.path, "layerfs")?;
         let k0 = snap(&theirs.path, "kernel")?;
         compare(&v0, &k0, labels, "before any operation")?;
+        let mut cx = ops::Ctx::new(&ours.path);
+        let mut cy = ops::Ctx::new(&theirs.path);
         for (i, op) in ops.iter().enumerate() {
             let x: Outcome = wd.op(
                 || format!("layerfs: {}", op.to_rust()),
-                || op.apply(&ours.path),
+                || op.apply(&mut cx),
             );
-            let y: Outcome = op.apply(&theirs.path);
+            let y: Outcome = op.apply(&mut cy);
             stats.ops += 1;
             if std::env::var_os("LAYERFS_FUZZ_VERBOSE").is_some() {
                 eprintln!("  #{i} {} -> {}", op.to_rust(), show(&x));
@@ -200,17 +202,20 @@ pub fn run_case(
                 stats.errors_equal += 1;
             }
             if x != y {
-                return Err(fail(
-                    format!("outcome {}", op.name()),
-                    format!(
-                        "operation #{i} {} returned differently:\n      layerfs: {}\n      kernel:  {}",
-                        op.to_rust(),
-                        show(&x),
-                        show(&y)
-                    ),
-                ));
+                let detail = format!(
+                    "operation #{i} {} returned differently:\n      layerfs: {}\n      kernel:  {}",
+                    op.to_rust(),
+                    show(&x),
+                    show(&y)
+                );
+                let sig = match known_bug(&ops[..=i]) {
+                    Some(bug) => format!("known: {bug}"),
+                    None => format!("outcome {}", op.name()),
+                };
+                return Err(fail(sig, detail));
             }
         }
+        drop((cx, cy));
         let view = snap(&ours.path, "layerfs")?;
         let kview = snap(&theirs.path, "kernel")?;
         compare(&view, &kview, labels, "after the operations")?;
@@ -250,6 +255,55 @@ pub fn run_case(
     }
     stats.cases += 1;
     Ok(())
+}
+
+/// Known bugs of layerfs, reported and reproduced by ignored tests in `tests/fuzz_diff.rs`.
+/// An operation whose outcome differs is put down to one of them when the sequence up to it
+/// has that bug's shape, so a run keeps finding new bugs instead of the same one again (set
+/// `LAYERFS_FUZZ_STRICT=1` to turn this off once they are fixed).
+pub const KNOWN_BUGS: &[&str] = &[STALE_HANDLE];
+
+/// See `stale_read_handle_after_copy_up_and_unlink` in `tests/fuzz_diff.rs`.
+pub const STALE_HANDLE: &str = "a read-only descriptor opened before a copy-up keeps using the \
+                                lower file once the upper copy is unlinked";
+
+/// The known bug a failing sequence (ending with the differing operation) matches, if any.
+pub fn known_bug(ops: &[Op]) -> Option<&'static str> {
+    if std::env::var_os("LAYERFS_FUZZ_STRICT").is_some() {
+        return None;
+    }
+    let (last, before) = ops.split_last()?;
+    let handle_op = matches!(
+        last,
+        Op::FdRead(..)
+            | Op::FdStat(..)
+            | Op::FdWrite(..)
+            | Op::FdTruncate(..)
+            | Op::UnlinkedWrite(..)
+    );
+    if !handle_op {
+        return None;
+    }
+    // A read-only descriptor still open, and a name removed since it was opened.
+    let mut ro_open_since: [Option<usize>; ops::SLOTS] = [None; ops::SLOTS];
+    for (i, op) in before.iter().enumerate() {
+        match op {
+            Op::Open(s, _, 0) => ro_open_since[*s as usize % ops::SLOTS] = Some(i),
+            Op::Open(s, ..) | Op::Close(s) => ro_open_since[*s as usize % ops::SLOTS] = None,
+            _ => {}
+        }
+    }
+    let removal = |op: &Op| {
+        matches!(
+            op,
+            Op::Unlink(..) | Op::UnlinkedWrite(..) | Op::Rename(..) | Op::Rmdir(..)
+        )
+    };
+    ro_open_since
+        .iter()
+        .flatten()
+        .any(|&j| ops[j + 1..].iter().any(removal))
+        .then_some(STALE_HANDLE)
 }
 
 fn show(o: &Outcome) -> String {

@@ -70,6 +70,55 @@ pub enum Op {
     UnlinkedWrite(P, u64, u32, u8),
     /// `mmap(MAP_SHARED)` the whole file and write into it (through python3).
     Mmap(P, u64, u32, u8),
+    /// Open and keep a descriptor in slot `s` (closing what was there): mode 0 `O_RDONLY`,
+    /// 1 `O_WRONLY`, 2 `O_RDWR`, 3 `O_RDWR|O_APPEND`.
+    Open(u8, P, u8),
+    /// `pwrite` through the descriptor in a slot.
+    FdWrite(u8, u64, u32, u8),
+    /// Read the whole file through the descriptor in a slot (`pread` from 0).
+    FdRead(u8),
+    /// `fstat` of the descriptor in a slot.
+    FdStat(u8),
+    /// `ftruncate` of the descriptor in a slot.
+    FdTruncate(u8, u64),
+    Close(u8),
+}
+
+/// Where operations run: a mount root and the descriptors kept open between operations.
+pub struct Ctx {
+    pub root: PathBuf,
+    pub slots: [Option<fs::File>; SLOTS],
+}
+
+/// Number of descriptor slots.
+pub const SLOTS: usize = 4;
+
+impl Ctx {
+    pub fn new(root: &Path) -> Ctx {
+        Ctx {
+            root: root.to_path_buf(),
+            slots: Default::default(),
+        }
+    }
+
+    fn slot(&self, s: u8) -> Result<&fs::File, String> {
+        self.slots[s as usize % SLOTS]
+            .as_ref()
+            .ok_or_else(|| "no descriptor".to_string())
+    }
+}
+
+fn read_all_fd(f: &fs::File) -> Result<Vec<u8>, i32> {
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let got = sys::pread(f.as_fd(), &mut buf, data.len() as u64).map_err(errno)?;
+        if got == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..got]);
+    }
+    Ok(data)
 }
 
 fn abs(root: &Path, p: &[u8]) -> PathBuf {
@@ -161,9 +210,61 @@ except OSError as e:
 "#;
 
 impl Op {
-    /// Run the operation on the filesystem mounted at `root`.
-    pub fn apply(&self, root: &Path) -> Outcome {
+    /// Run the operation in `ctx`.
+    pub fn apply(&self, ctx: &mut Ctx) -> Outcome {
+        let root = ctx.root.clone();
+        let root = root.as_path();
         match self {
+            Op::Open(s, p, mode) => {
+                ctx.slots[*s as usize % SLOTS] = None;
+                let mut o = fs::OpenOptions::new();
+                match mode % 4 {
+                    0 => o.read(true),
+                    1 => o.write(true),
+                    2 => o.read(true).write(true),
+                    _ => o.read(true).append(true),
+                };
+                let f = open(root, p, &mut o)?;
+                ctx.slots[*s as usize % SLOTS] = Some(f);
+                Ok(String::new())
+            }
+            Op::FdWrite(s, off, len, fill) => match ctx.slot(*s) {
+                Err(e) => Ok(e),
+                Ok(f) => {
+                    pwrite_all(f, &content(*len, *fill), *off)?;
+                    Ok(String::new())
+                }
+            },
+            Op::FdRead(s) => match ctx.slot(*s) {
+                Err(e) => Ok(e),
+                Ok(f) => {
+                    let data = read_all_fd(f)?;
+                    Ok(format!("{} {}", data.len(), hash(&data)))
+                }
+            },
+            // Without the link count: for a lower file whose name was removed while it was
+            // open, layerfs answers 0 (POSIX) and the kernel the lower file's own count.
+            Op::FdStat(s) => match ctx.slot(*s) {
+                Err(e) => Ok(e),
+                Ok(f) => f
+                    .metadata()
+                    .map(|md| {
+                        let d = describe(&md);
+                        match d.find(" nlink=") {
+                            Some(i) => d[..i].to_string(),
+                            None => d,
+                        }
+                    })
+                    .map_err(errno),
+            },
+            Op::FdTruncate(s, len) => match ctx.slot(*s) {
+                Err(e) => Ok(e),
+                Ok(f) => f.set_len(*len).map(|_| String::new()).map_err(errno),
+            },
+            Op::Close(s) => {
+                ctx.slots[*s as usize % SLOTS] = None;
+                Ok(String::new())
+            }
             Op::Create(p, mode) => open(
                 root,
                 p,
@@ -295,15 +396,7 @@ impl Op {
                 sys::unlink_at(d.as_fd(), &n, false).map_err(errno)?;
                 pwrite_all(&f, &content(*len, *fill), *off)?;
                 let md = f.metadata().map_err(errno)?;
-                let mut data = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    let got = sys::pread(f.as_fd(), &mut buf, data.len() as u64).map_err(errno)?;
-                    if got == 0 {
-                        break;
-                    }
-                    data.extend_from_slice(&buf[..got]);
-                }
+                let data = read_all_fd(&f)?;
                 Ok(format!(
                     "{} {} nlink={}",
                     data.len(),
@@ -355,6 +448,12 @@ impl Op {
             Op::Mkfifo(p) => format!("Mkfifo({})", lit(p)),
             Op::UnlinkedWrite(p, o, l, f) => format!("UnlinkedWrite({}, {o}, {l}, {f})", lit(p)),
             Op::Mmap(p, o, l, f) => format!("Mmap({}, {o}, {l}, {f})", lit(p)),
+            Op::Open(s, p, m) => format!("Open({s}, {}, {m})", lit(p)),
+            Op::FdWrite(s, o, l, f) => format!("FdWrite({s}, {o}, {l}, {f})"),
+            Op::FdRead(s) => format!("FdRead({s})"),
+            Op::FdStat(s) => format!("FdStat({s})"),
+            Op::FdTruncate(s, l) => format!("FdTruncate({s}, {l})"),
+            Op::Close(s) => format!("Close({s})"),
         }
     }
 
@@ -384,6 +483,12 @@ impl Op {
             Op::Mkfifo(..) => "Mkfifo",
             Op::UnlinkedWrite(..) => "UnlinkedWrite",
             Op::Mmap(..) => "Mmap",
+            Op::Open(..) => "Open",
+            Op::FdWrite(..) => "FdWrite",
+            Op::FdRead(..) => "FdRead",
+            Op::FdStat(..) => "FdStat",
+            Op::FdTruncate(..) => "FdTruncate",
+            Op::Close(..) => "Close",
         }
     }
 }
@@ -564,7 +669,7 @@ pub fn generate(rng: &mut Rng, stack: &Stack, n: usize) -> Vec<Op> {
     let mut ops = Vec::with_capacity(n);
     // Weights, in the order of the match below.
     let weights = [
-        6, 8, 4, 2, 4, 6, 5, 5, 1, 6, 5, 7, 14, 4, 3, 4, 3, 2, 4, 3, 2, 2, 1,
+        6, 8, 4, 2, 4, 6, 5, 5, 1, 6, 5, 7, 14, 4, 3, 4, 3, 2, 4, 3, 2, 2, 1, 6, 6, 5, 3, 2, 2,
     ];
     let file = |k: char| k == 'f';
     let nondir = |k: char| k != 'd';
@@ -626,12 +731,27 @@ pub fn generate(rng: &mut Rng, stack: &Stack, n: usize) -> Vec<Op> {
                 small_len(rng),
                 rng.below(256) as u8,
             ),
-            _ => Op::Mmap(
+            22 => Op::Mmap(
                 m.pick(rng, file),
                 offset(rng),
                 rng.below(4096) as u32 + 1,
                 rng.below(256) as u8,
             ),
+            23 => Op::Open(
+                rng.below(SLOTS as u64) as u8,
+                m.pick(rng, file),
+                rng.below(4) as u8,
+            ),
+            24 => Op::FdWrite(
+                rng.below(SLOTS as u64) as u8,
+                offset(rng),
+                small_len(rng),
+                rng.below(256) as u8,
+            ),
+            25 => Op::FdRead(rng.below(SLOTS as u64) as u8),
+            26 => Op::FdStat(rng.below(SLOTS as u64) as u8),
+            27 => Op::FdTruncate(rng.below(SLOTS as u64) as u8, offset(rng)),
+            _ => Op::Close(rng.below(SLOTS as u64) as u8),
         };
         m.apply(&op);
         ops.push(op);

@@ -68,7 +68,7 @@ fn soak(files: usize, stats: u64) {
     // Half the files in the bottom layer, a quarter in the top one, a quarter through the
     // mount (in the upper).
     for i in 0..files {
-        let rel = format!("d{}/f{i}", i % dirs);
+        let rel = format!("d{}/f{i}", i / 100);
         match i % 4 {
             0 | 1 => wfile(bot.join(&rel), "b"),
             2 => wfile(top.join(&rel), "t"),
@@ -84,7 +84,7 @@ fn soak(files: usize, stats: u64) {
     );
     let pid = m.daemon.expect("daemon pid");
     for i in (3..files).step_by(4) {
-        fs::write(m.p(&format!("d{}/f{i}", i % dirs)), "u").unwrap();
+        fs::write(m.p(&format!("d{}/f{i}", i / 100)), "u").unwrap();
     }
     let start = sample(pid);
     let t0 = Instant::now();
@@ -97,7 +97,7 @@ fn soak(files: usize, stats: u64) {
     while done < stats {
         for _ in 0..stats.min(20_000) {
             let i = rng.below(files as u64) as usize;
-            let p = m.p(&format!("d{}/f{i}", i % dirs));
+            let p = m.p(&format!("d{}/f{i}", i / 100));
             fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
             done += 1;
         }

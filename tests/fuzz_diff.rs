@@ -130,6 +130,18 @@ fn fuzz_against_kernel_overlayfs() {
     );
 }
 
+/// A seed names one case forever: reproducers and CI ranges rely on it.
+#[test]
+fn cases_are_reproducible_from_their_seed() {
+    for seed in [0, 7, 12345] {
+        let (a, b) = (Case::generate(seed, 50), Case::generate(seed, 50));
+        assert_eq!(a.stack, b.stack);
+        assert_eq!(a.ops, b.ops);
+        assert!(check::reproducer(&a, "x").contains(&format!("fn fuzz_seed_{seed}()")));
+    }
+    assert_ne!(Case::generate(1, 50).ops, Case::generate(2, 50).ops);
+}
+
 // ---- Bugs the fuzzer found, shrunk (ignored until fixed in the core) -------------------------
 
 /// Seed 1150 (shrunk): a read-only descriptor opened on a lower file, then the file is copied

@@ -13,7 +13,8 @@
 //! overlayfs shows the upper as layerfs showed it, and `layerfs fsck` finds nothing.
 //!
 //! `LAYERFS_CONC_SECS` sets the duration (default 20), `LAYERFS_CONC_WORKERS` the number of
-//! workers (default 6), `LAYERFS_CONC_SEED` the seed.
+//! workers (default 6), `LAYERFS_CONC_SEED` the seed, `LAYERFS_CONC_THREADS` the daemon's
+//! session threads (`-o threads=N`; default: the mount's default).
 
 mod common;
 mod fuzz;
@@ -264,7 +265,10 @@ fn workers_race_on_one_mount() {
     let low = d.path().join("low");
     lower_stack(&low, workers);
     let (u, w) = (d.path().join("u"), d.path().join("w"));
-    let mut m = layerfs_stack(&[&low], Some((&u, &w)), &d.path().join("m"), &[]);
+    let threads = std::env::var("LAYERFS_CONC_THREADS").ok();
+    let opts: Vec<String> = threads.iter().map(|t| format!("threads={t}")).collect();
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    let mut m = layerfs_stack(&[&low], Some((&u, &w)), &d.path().join("m"), &opts);
     let pid = m.daemon.expect("daemon pid");
     let wd = Arc::new(Watchdog::start(Duration::from_secs(30)));
     wd.watch_mount(&m.path, Some(pid));

@@ -398,3 +398,29 @@ fn repairs_do_not_change_what_the_mount_shows() {
     let k = kernel(&[&l], Some((&u, &w2)), &d.path().join("km"), "");
     assert_same(&before, &snapshot(&k.path), "kernel view after repair");
 }
+
+#[test]
+fn userxattr_whiteouts_are_understood() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (l, u) = (d.path().join("l"), d.path().join("u"));
+    wfile(l.join("d/gone"), "g");
+    mkdirp(u.join("d"));
+    setxattr(u.join("d"), "user.overlay.opaque", b"x");
+    for name in ["gone", "nothing"] {
+        wfile(u.join("d").join(name), "");
+        setxattr(u.join("d").join(name), "user.overlay.whiteout", b"y");
+    }
+    let out = found_then_repaired(
+        &u,
+        &["--lower", l.to_str().unwrap()],
+        "upper/d/nothing: whiteout of a name no lower layer has",
+    );
+    assert!(
+        !out.contains("upper/d/gone"),
+        "a needed whiteout is fine:\n{out}"
+    );
+    assert!(u.join("d/gone").exists() && !u.join("d/nothing").exists());
+}

@@ -94,6 +94,7 @@ fn soak(files: usize, stats: u64) {
     let mut max_fds = warm.fds;
     let mut done = 0u64;
     let mut walks = 1;
+    let mut rss_trace = Vec::new();
     while done < stats {
         for _ in 0..stats.min(20_000) {
             let i = rng.below(files as u64) as usize;
@@ -105,9 +106,14 @@ fn soak(files: usize, stats: u64) {
         walk(&m.path);
         walks += 1;
         let _ = fs::write("/proc/sys/vm/drop_caches", "2");
-        max_fds = max_fds.max(sample(pid).fds);
+        let now = sample(pid);
+        max_fds = max_fds.max(now.fds);
+        rss_trace.push(now.rss);
     }
     let end = sample(pid);
+    if std::env::var_os("LAYERFS_SOAK_TRACE").is_some() {
+        eprintln!("soak: VmRSS KiB after each round: {rss_trace:?}");
+    }
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
         "soak: {files} files, {done} random lstats (2 lookups each) and {walks} full walks in \
@@ -138,4 +144,21 @@ fn soak_5k_files_100k_lookups() {
 #[ignore = "long soak (minutes): run with --ignored"]
 fn soak_50k_files_1m_lookups() {
     soak(50_000, 1_000_000);
+}
+
+/// For investigating memory growth: `LAYERFS_SOAK_FILES`, `LAYERFS_SOAK_STATS`, and
+/// `LAYERFS_SOAK_TRACE=1` to print VmRSS after every round.
+#[test]
+#[ignore = "configurable soak for investigations"]
+fn soak_configured() {
+    let get = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    soak(
+        get("LAYERFS_SOAK_FILES", 5_000) as usize,
+        get("LAYERFS_SOAK_STATS", 100_000),
+    );
 }

@@ -394,3 +394,38 @@ fn workers_race_on_one_mount() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The watchdog itself: a stopped daemon stalls an operation; the watchdog reports it with the
+/// daemon's stacks and aborts the connection, so the operation returns instead of hanging.
+#[test]
+fn watchdog_reports_and_unblocks_a_stalled_operation() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let low = d.path().join("low");
+    wfile(low.join("f"), "f");
+    let (u, w) = (d.path().join("u"), d.path().join("w"));
+    let mut m = layerfs_stack(&[&low], Some((&u, &w)), &d.path().join("m"), &["timeout=0"]);
+    let pid = m.daemon.expect("daemon pid");
+    let wd = Watchdog::start(Duration::from_secs(2));
+    wd.watch_mount(&m.path, Some(pid));
+    layerfs::sys::kill(pid as i32, libc::SIGSTOP).unwrap();
+    let r = wd.op(
+        || "stat f on a stopped daemon".into(),
+        || fs::metadata(m.p("f")),
+    );
+    let report = wd.fired().expect("the watchdog fired");
+    let _ = layerfs::sys::kill(pid as i32, libc::SIGKILL);
+    let _ = layerfs::sys::kill(pid as i32, libc::SIGCONT);
+    assert!(
+        r.is_err(),
+        "the stalled stat returned an error once aborted"
+    );
+    assert!(report.contains("stat f on a stopped daemon"), "{report}");
+    assert!(report.contains(&format!("==== daemon {pid}")), "{report}");
+    assert!(report.contains("aborting the FUSE connections"), "{report}");
+    wait_gone(pid, Duration::from_secs(10));
+    m.daemon = None;
+    let _ = Command::new("umount").arg("-l").arg(&m.path).status();
+}

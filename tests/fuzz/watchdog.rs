@@ -92,8 +92,30 @@ pub fn dump_stacks(pid: u32) -> String {
 }
 
 /// Abort a FUSE connection: every pending and future request on it fails with ENOTCONN.
-pub fn abort_connection(conn: u64) -> std::io::Result<()> {
-    std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1")
+/// Uses the fusectl filesystem (mounted here first if the machine has not), else a forced
+/// unmount, whose first step aborts the connection.
+pub fn abort_connection(conn: Option<u64>, mnt: &Path) -> Result<&'static str, String> {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if let Some(c) = conn {
+        if !dir.join(c.to_string()).exists() {
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(dir)
+                .output();
+        }
+        if std::fs::write(dir.join(format!("{c}/abort")), "1").is_ok() {
+            return Ok("fusectl abort");
+        }
+    }
+    // `-c`: no canonicalizing stat of the (stalled) mountpoint.
+    match Command::new("timeout")
+        .args(["20", "umount", "-f", "-c"])
+        .arg(mnt)
+        .output()
+    {
+        Ok(_) => Ok("umount -f"),
+        Err(e) => Err(format!("no way to abort: {e}")),
+    }
 }
 
 /// The FUSE connection number of the filesystem mounted at `mnt`.
@@ -134,18 +156,22 @@ fn fire(shared: &Shared, what: String, elapsed: Duration) {
         report.push_str(line);
         report.push('\n');
     }
+    // Record the report before aborting: the stalled operation returns as soon as the
+    // connection is aborted, and its caller then asks for the report.
+    report.push_str("aborting the FUSE connections of the watched mounts\n");
+    shared.lock().fired.get_or_insert(report.clone());
     for (mnt, conn, _) in &targets {
-        if let Some(c) = conn {
-            let r = abort_connection(*c);
-            report.push_str(&format!(
-                "aborted FUSE connection {c} of {}: {r:?}\n",
-                mnt.display()
-            ));
+        let r = abort_connection(*conn, mnt);
+        let line = format!(
+            "aborted FUSE connection {conn:?} of {}: {r:?}\n",
+            mnt.display()
+        );
+        report.push_str(&line);
+        if let Some(f) = shared.lock().fired.as_mut() {
+            f.push_str(&line);
         }
     }
     eprintln!("{report}");
-    let mut st = shared.lock();
-    st.fired.get_or_insert(report);
 }
 
 impl Watchdog {

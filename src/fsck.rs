@@ -225,6 +225,19 @@ impl LowerView {
     }
 }
 
+/// What the lowers hold at the path of an upper directory.
+#[derive(Clone, Copy, Debug)]
+enum LowerAt {
+    /// No lowers given: whether a whiteout hides something cannot be told.
+    NotGiven,
+    /// Nothing the upper directory merges with (or it is opaque).
+    Nothing,
+    /// The lowers' merged directory, as a node of the lower view.
+    Dir(u64),
+    /// Reading the lowers failed: never conclude that a whiteout is unneeded.
+    Unknown,
+}
+
 struct Checker {
     repair: bool,
     report: Report,
@@ -275,7 +288,7 @@ impl Checker {
     }
 
     /// Check directory `dir` (upper path `path`), whose lower counterpart is `lower`.
-    fn check_dir(&mut self, dir: OwnedFd, path: &[u8], lower: Option<u64>) {
+    fn check_dir(&mut self, dir: OwnedFd, path: &[u8], lower: LowerAt) {
         let xattrs = match sys::xattr_list(XTarget::Fd(dir.as_fd())) {
             Ok(x) => x,
             Err(e) => {
@@ -285,7 +298,11 @@ impl Checker {
         };
         let marks = self.dir_marks(dir.as_fd(), &xattrs);
         // Below an opaque directory nothing of the lowers shows.
-        let lower = if marks.opaque { None } else { lower };
+        let lower = if marks.opaque {
+            LowerAt::Nothing
+        } else {
+            lower
+        };
         let entries = match sys::open_dir_beneath(dir.as_fd(), b"").and_then(sys::read_dir_all) {
             Ok(e) => e,
             Err(e) => {
@@ -314,8 +331,13 @@ impl Checker {
             self.check_entry(dir.as_fd(), &e.name, &child, &st, &cx, marks, lower, &names);
             if st.is_dir() {
                 let sub_lower = match (&mut self.lower, lower) {
-                    (Some(lv), Some(ino)) => lv.child_dir(ino, &e.name).ok().flatten(),
-                    _ => None,
+                    (Some(lv), LowerAt::Dir(ino)) => match lv.child_dir(ino, &e.name) {
+                        Ok(Some(sub)) => LowerAt::Dir(sub),
+                        Ok(None) => LowerAt::Nothing,
+                        Err(_) => LowerAt::Unknown,
+                    },
+                    (_, other @ (LowerAt::NotGiven | LowerAt::Unknown)) => other,
+                    _ => LowerAt::Nothing,
                 };
                 match sys::open_dir_beneath(dir.as_fd(), &e.name) {
                     Ok(sub) => self.check_dir(sub, &child, sub_lower),
@@ -336,7 +358,7 @@ impl Checker {
         st: &FileStat,
         xattrs: &[Vec<u8>],
         marks: whiteout::DirMarks,
-        lower: Option<u64>,
+        lower: LowerAt,
         siblings: &HashSet<&[u8]>,
     ) {
         let target = XTarget::At(dir, name);
@@ -365,10 +387,11 @@ impl Checker {
                 Some(false)
             } else {
                 match (&mut self.lower, lower) {
-                    (Some(lv), Some(ino)) => lv.names(ino).ok().map(|n| n.contains_key(name)),
-                    // No lowers given, or the directory has no lower counterpart.
-                    (Some(_), None) => Some(false),
-                    (None, _) => None,
+                    (Some(lv), LowerAt::Dir(ino)) => {
+                        lv.names(ino).ok().map(|n| n.contains_key(name))
+                    }
+                    (_, LowerAt::Nothing) => Some(false),
+                    _ => None,
                 }
             };
             if hides == Some(false) {
@@ -558,7 +581,10 @@ pub fn check_upper(cfg: &FsckConfig) -> Result<Report> {
         report: Report::default(),
         lower: LowerView::open(&cfg.lowers)?,
     };
-    let lower_root = checker.lower.as_ref().map(|_| ROOT);
+    let lower_root = match checker.lower {
+        Some(_) => LowerAt::Dir(ROOT),
+        None => LowerAt::NotGiven,
+    };
     checker.check_dir(root, b"", lower_root);
     if let Some(w) = &work {
         checker.check_work(w)?;

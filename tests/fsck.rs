@@ -424,3 +424,22 @@ fn userxattr_whiteouts_are_understood() {
     );
     assert!(u.join("d/gone").exists() && !u.join("d/nothing").exists());
 }
+
+#[test]
+fn whiteouts_below_an_opaque_dir_hide_nothing_even_without_lowers() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let u = d.path().join("u");
+    mkdirp(u.join("opq/sub"));
+    opaque(u.join("opq"));
+    whiteout(u.join("opq/sub/w"));
+    mkdirp(u.join("plain"));
+    whiteout(u.join("plain/w"));
+    let out = found_then_repaired(&u, &[], "upper/opq/sub/w: whiteout of a name no lower");
+    assert!(
+        !out.contains("upper/plain/w"),
+        "unknown without the lowers:\n{out}"
+    );
+}

@@ -2,8 +2,8 @@
 //! layerfs and kernel overlayfs share, and repair what can be repaired without guessing.
 //!
 //! What is checked, per entry of the upper (never following a symlink):
-//! * whiteouts that hide nothing: in or below an opaque directory, or (when the lowers are given) where
-//!   no lower layer shows the name — repaired by removing the whiteout;
+//! * whiteouts that hide nothing: in or below an opaque directory, or (when the lowers are
+//!   given) where no lower layer shows the name — repaired by removing the whiteout;
 //! * character-device 0/0 whiteouts with permission bits — repaired by `chmod 0`;
 //! * overlay markers on objects they do not belong to: an opaque marker on a non-directory,
 //!   an xattr-whiteout marker on something its directory does not read as a whiteout (the mount

@@ -99,6 +99,24 @@ pub enum Command {
     },
     /// Remove blobs and layers that no image, container or mount uses.
     Gc,
+    /// Check an upper directory (and its work directory) against the on-disk format; exit 0
+    /// when clean, 1 when problems are left.
+    Fsck(FsckArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct FsckArgs {
+    /// The upper directory to check.
+    pub upper: PathBuf,
+    /// The lowers it is mounted over, top first (finds whiteouts that hide nothing).
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// Its work directory (finds leftovers of interrupted operations).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Repair what can be repaired without losing data (refused while the upper is in use).
+    #[arg(long)]
+    pub repair: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -526,7 +544,7 @@ pub fn plan_mount(
 
 const SUBCOMMANDS: &[&str] = &[
     "mount", "umount", "import", "diff", "commit", "images", "layers", "history", "rm", "gc",
-    "help",
+    "fsck", "help",
 ];
 
 /// Whether argv is the fuse-overlayfs form (`layerfs [SOURCE] MOUNTPOINT -o ...`).
@@ -642,10 +660,37 @@ pub fn main() -> i32 {
         }
     };
     init_logging(cli.verbose, false);
+    if let Command::Fsck(a) = cli.command {
+        return match fsck(a) {
+            Ok(code) => code,
+            Err(e) => fail(&e),
+        };
+    }
     match run(cli) {
         Ok(()) => 0,
         Err(e) => fail(&e),
     }
+}
+
+/// `layerfs fsck`: print each finding and a summary; 0 when nothing is left to fix.
+fn fsck(a: FsckArgs) -> Result<i32> {
+    let cfg = crate::fsck::FsckConfig {
+        upper: a.upper,
+        lowers: a.lowers,
+        work: a.work,
+        repair: a.repair,
+    };
+    let report = crate::fsck::check_upper(&cfg)?;
+    for f in &report.findings {
+        println!("{f}");
+    }
+    println!(
+        "{} entries checked, {} problems found, {} repaired",
+        report.entries,
+        report.problems(),
+        report.repaired()
+    );
+    Ok(if report.clean() { 0 } else { 1 })
 }
 
 fn open_store(root: &Option<PathBuf>) -> Result<Store> {
@@ -742,6 +787,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        // Answered in `main`, where its exit code (1: problems left) is chosen.
+        Command::Fsck(a) => fsck(a).map(drop),
         Command::Gc => {
             let store = open_store(&cli.root)?;
             let r = store::gc::gc(&store)?;

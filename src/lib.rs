@@ -1,13 +1,14 @@
 //! layerfs: a FUSE union filesystem for container layers that can also turn a container's
 //! changes into an OCI layer and commit it.
 //!
-//! Dependencies flow one way: `cli` -> {`fuse`, `daemon`, `store`} -> `oci` -> `union` ->
-//! `sys` (`digest` and `fsutil` are leaf helpers over `sys`). Only `sys` contains `unsafe`.
+//! Dependencies flow one way: `cli` -> {`fuse`, `daemon`, `store`, `fsck`} -> `oci` -> `union`
+//! -> `sys` (`digest` and `fsutil` are leaf helpers over `sys`). Only `sys` contains `unsafe`.
 
 pub mod cli;
 pub mod daemon;
 pub mod digest;
 pub mod error;
+pub mod fsck;
 pub mod fsutil;
 pub mod fuse;
 pub mod oci;

@@ -1,0 +1,610 @@
+//! `layerfs fsck`: check an upper directory (and its work directory) against the on-disk format
+//! layerfs and kernel overlayfs share, and repair what can be repaired without guessing.
+//!
+//! What is checked, per entry of the upper (never following a symlink):
+//! * whiteouts that hide nothing: in or below an opaque directory, or (when the lowers are
+//!   given) where no lower layer shows the name — repaired by removing the whiteout;
+//! * character-device 0/0 whiteouts with permission bits — repaired by `chmod 0`;
+//! * overlay markers on objects they do not belong to: an opaque marker on a non-directory,
+//!   an xattr-whiteout marker on something its directory does not read as a whiteout (the mount
+//!   shows an ordinary file there), `overlay.impure` on a non-directory — repaired by removing
+//!   the xattr (what users see does not change);
+//! * overlay xattrs layerfs cannot honour (`overlay.redirect`, `overlay.metacopy`: the data or
+//!   the directory contents would come from elsewhere) and unknown `*.overlay.*` names on
+//!   non-directories — reported, never repaired (removing them could lose data);
+//! * `.wh.*` names (the AUFS/OCI whiteout dialect): an upper never holds them, and a layer made
+//!   from this upper would turn them into deletions — reported, not repaired (they may be user
+//!   files: rename or remove them by hand);
+//! * entries that cannot be read (lstat, readdir or listxattr fails) — reported.
+//!
+//! And in the work directory: leftovers in `WORK/work` of an interrupted operation (a crash
+//! mid copy-up) — repaired by removing them, as a mount does.
+//!
+//! Kernel bookkeeping xattrs (`overlay.origin`, `overlay.nlink`, `overlay.protattr`,
+//! `overlay.uuid`, `overlay.upper`, `overlay.impure` on directories, `overlay.whiteouts`) and
+//! layerfs's own (`*.layerfs.*`) are fine anywhere the kernel puts them.
+//!
+//! `--repair` refuses to run while the upper or work directory is open in some process (a live
+//! mount): it would race with it. [`Report::clean`] is true when every problem found was
+//! repaired; the CLI exits 0 then, 1 otherwise.
+//!
+//! Store checks (`--store`: every index entry resolves, every blob matches its digest, layer
+//! directories are complete) will be a `check_store` beside [`check_upper`] once the store
+//! exists, reporting through the same [`Report`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, ShowPath};
+use crate::sys::{self, FileStat, XTarget};
+use crate::union::{self, ROOT, Union, UnionConfig, whiteout};
+
+/// What to check.
+#[derive(Clone, Debug, Default)]
+pub struct FsckConfig {
+    pub upper: PathBuf,
+    /// The lowers the upper is mounted over, top first (optional: enables the check for
+    /// whiteouts that hide nothing outside opaque directories).
+    pub lowers: Vec<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub repair: bool,
+}
+
+/// One kind of damage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// An entry left in `WORK/work` by an interrupted operation.
+    WorkLeftover,
+    /// A whiteout that hides nothing (`in_opaque`: its directory is opaque).
+    RedundantWhiteout { in_opaque: bool },
+    /// A 0/0 character device whiteout with permission bits set.
+    WhiteoutMode(u32),
+    /// An opaque marker xattr on a non-directory.
+    OpaqueOnNonDir(Vec<u8>),
+    /// An overlay xattr that does not belong on this object; `repairable` when removing it
+    /// cannot change what users see.
+    StrayXattr { name: Vec<u8>, repairable: bool },
+    /// An overlay feature layerfs does not implement (redirect, metacopy).
+    Unsupported(Vec<u8>),
+    /// A `.wh.`-prefixed name; `shadows` when the name it would delete exists beside it.
+    AufsName { shadows: bool },
+    /// lstat, readdir or listxattr failed.
+    Unreadable(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::WorkLeftover => write!(f, "leftover of an interrupted operation"),
+            Problem::RedundantWhiteout { in_opaque: true } => {
+                write!(f, "whiteout in an opaque directory (hides nothing)")
+            }
+            Problem::RedundantWhiteout { in_opaque: false } => {
+                write!(f, "whiteout of a name no lower layer has (hides nothing)")
+            }
+            Problem::WhiteoutMode(m) => write!(f, "whiteout with permission bits {m:04o}"),
+            Problem::OpaqueOnNonDir(x) => {
+                write!(f, "opaque marker {} on a non-directory", x.escape_ascii())
+            }
+            Problem::StrayXattr { name, .. } => {
+                write!(
+                    f,
+                    "overlay xattr {} does not belong here",
+                    name.escape_ascii()
+                )
+            }
+            Problem::Unsupported(x) => write!(
+                f,
+                "{} is not supported by layerfs (content would come from elsewhere)",
+                x.escape_ascii()
+            ),
+            Problem::AufsName { shadows: true } => write!(
+                f,
+                "AUFS-style whiteout name beside the name it deletes (a layer made from this \
+                 upper would delete it)"
+            ),
+            Problem::AufsName { shadows: false } => write!(
+                f,
+                "AUFS-style whiteout name in an upper (a layer made from it would read it as a \
+                 deletion)"
+            ),
+            Problem::Unreadable(e) => write!(f, "unreadable: {e}"),
+        }
+    }
+}
+
+/// One problem at one place.
+#[derive(Clone, Debug)]
+pub struct Finding {
+    /// `upper/...` or `work/...` relative path, bytes.
+    pub path: Vec<u8>,
+    pub problem: Problem,
+    pub repaired: bool,
+    /// Why a repair was not done or failed.
+    pub note: Option<String>,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", ShowPath(&self.path), self.problem)?;
+        if self.repaired {
+            write!(f, " [repaired]")?;
+        } else if let Some(n) = &self.note {
+            write!(f, " [{n}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a check found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    /// Entries looked at.
+    pub entries: u64,
+}
+
+impl Report {
+    /// No problem is left (none found, or all repaired).
+    pub fn clean(&self) -> bool {
+        self.findings.iter().all(|f| f.repaired)
+    }
+
+    /// Problems found (repaired or not).
+    pub fn problems(&self) -> usize {
+        self.findings.len()
+    }
+
+    pub fn repaired(&self) -> usize {
+        self.findings.iter().filter(|f| f.repaired).count()
+    }
+}
+
+/// The part after `overlay.` of a `trusted.overlay.*`/`user.overlay.*` name; fuse-overlayfs's
+/// opaque marker counts as `opaque` (its other `user.fuseoverlayfs.*` names are its own
+/// bookkeeping, such as `override_stat`, and are left alone).
+fn overlay_suffix(name: &[u8]) -> Option<&[u8]> {
+    if name == whiteout::FUSEOVERLAYFS_OPAQUE {
+        return Some(b"opaque");
+    }
+    let rest = name
+        .strip_prefix(b"trusted.")
+        .or_else(|| name.strip_prefix(b"user."))?;
+    rest.strip_prefix(b"overlay.")
+}
+
+/// Kernel bookkeeping that may sit on any object.
+const BOOKKEEPING: &[&[u8]] = &[b"origin", b"nlink", b"protattr", b"uuid", b"upper"];
+
+/// The merged view of the lowers, to tell whether a whiteout hides anything.
+struct LowerView {
+    union: Union,
+    names: HashMap<u64, HashMap<Box<[u8]>, bool>>,
+}
+
+impl LowerView {
+    fn open(lowers: &[PathBuf]) -> Result<Option<LowerView>> {
+        if lowers.is_empty() {
+            return Ok(None);
+        }
+        let union = Union::new(&UnionConfig {
+            lowers: lowers.to_vec(),
+            upper: None,
+            fsync: false,
+        })?;
+        Ok(Some(LowerView {
+            union,
+            names: HashMap::new(),
+        }))
+    }
+
+    /// Names (and whether each is a directory) the lowers show in directory `ino`.
+    fn names(&mut self, ino: u64) -> Result<&HashMap<Box<[u8]>, bool>> {
+        if !self.names.contains_key(&ino) {
+            let (list, _) = self.union.read_dir(ino, 0)?;
+            let map = list
+                .iter()
+                .map(|e| (e.name.clone(), e.top.is_dir()))
+                .collect();
+            self.names.insert(ino, map);
+        }
+        Ok(&self.names[&ino])
+    }
+
+    /// The lower directory `name` in directory `ino`, if the lowers show one.
+    fn child_dir(&mut self, ino: u64, name: &[u8]) -> Result<Option<u64>> {
+        if self.names(ino)?.get(name) != Some(&true) {
+            return Ok(None);
+        }
+        Ok(Some(self.union.lookup(ino, name)?.ino))
+    }
+}
+
+/// What the lowers hold at the path of an upper directory.
+#[derive(Clone, Copy, Debug)]
+enum LowerAt {
+    /// No lowers given: whether a whiteout hides something cannot be told.
+    NotGiven,
+    /// Nothing the upper directory merges with (or it is opaque).
+    Nothing,
+    /// The lowers' merged directory, as a node of the lower view.
+    Dir(u64),
+    /// Reading the lowers failed: never conclude that a whiteout is unneeded.
+    Unknown,
+}
+
+struct Checker {
+    repair: bool,
+    report: Report,
+    lower: Option<LowerView>,
+}
+
+fn show_err(e: &std::io::Error) -> String {
+    e.to_string()
+}
+
+impl Checker {
+    fn found(&mut self, path: Vec<u8>, problem: Problem, repair: Option<std::io::Result<()>>) {
+        let (repaired, note) = match repair {
+            Some(Ok(())) => (true, None),
+            Some(Err(e)) => (false, Some(format!("repair failed: {e}"))),
+            None if self.repair => (false, Some("not repaired".into())),
+            None => (false, None),
+        };
+        self.report.findings.push(Finding {
+            path,
+            problem,
+            repaired,
+            note,
+        });
+    }
+
+    /// Run `f` as a repair when repairing.
+    fn fix(&self, f: impl FnOnce() -> std::io::Result<()>) -> Option<std::io::Result<()>> {
+        self.repair.then(f)
+    }
+
+    fn dir_marks(&self, dir: BorrowedFd<'_>, xattrs: &[Vec<u8>]) -> whiteout::DirMarks {
+        let mut marks = whiteout::DirMarks::default();
+        for attr in [
+            whiteout::TRUSTED_OPAQUE,
+            whiteout::USER_OPAQUE,
+            whiteout::FUSEOVERLAYFS_OPAQUE,
+        ] {
+            if xattrs.iter().any(|n| n == attr) {
+                if let Ok(Some(v)) = sys::xattr_get(XTarget::Fd(dir), attr) {
+                    let m = whiteout::opaque_value(&v);
+                    marks.opaque |= m.opaque;
+                    marks.xwhiteouts |= m.xwhiteouts;
+                }
+            }
+        }
+        marks
+    }
+
+    /// Check directory `dir` (upper path `path`), whose lower counterpart is `lower`.
+    fn check_dir(&mut self, dir: OwnedFd, path: &[u8], lower: LowerAt) {
+        let xattrs = match sys::xattr_list(XTarget::Fd(dir.as_fd())) {
+            Ok(x) => x,
+            Err(e) => {
+                self.found(shown(path), Problem::Unreadable(show_err(&e)), None);
+                Vec::new()
+            }
+        };
+        let marks = self.dir_marks(dir.as_fd(), &xattrs);
+        // Below an opaque directory nothing of the lowers shows.
+        let lower = if marks.opaque {
+            LowerAt::Nothing
+        } else {
+            lower
+        };
+        let entries = match sys::open_dir_beneath(dir.as_fd(), b"").and_then(sys::read_dir_all) {
+            Ok(e) => e,
+            Err(e) => {
+                self.found(shown(path), Problem::Unreadable(show_err(&e)), None);
+                return;
+            }
+        };
+        let names: HashSet<&[u8]> = entries.iter().map(|e| e.name.as_slice()).collect();
+        for e in &entries {
+            self.report.entries += 1;
+            let child = union::join_path(path, &e.name);
+            let st = match sys::stat_at(dir.as_fd(), &e.name) {
+                Ok(st) => st,
+                Err(err) => {
+                    self.found(shown(&child), Problem::Unreadable(show_err(&err)), None);
+                    continue;
+                }
+            };
+            let cx = match sys::xattr_list(XTarget::At(dir.as_fd(), &e.name)) {
+                Ok(x) => x,
+                Err(err) => {
+                    self.found(shown(&child), Problem::Unreadable(show_err(&err)), None);
+                    Vec::new()
+                }
+            };
+            self.check_entry(dir.as_fd(), &e.name, &child, &st, &cx, marks, lower, &names);
+            if st.is_dir() {
+                let sub_lower = match (&mut self.lower, lower) {
+                    (Some(lv), LowerAt::Dir(ino)) => match lv.child_dir(ino, &e.name) {
+                        Ok(Some(sub)) => LowerAt::Dir(sub),
+                        Ok(None) => LowerAt::Nothing,
+                        Err(_) => LowerAt::Unknown,
+                    },
+                    (_, other @ (LowerAt::NotGiven | LowerAt::Unknown)) => other,
+                    _ => LowerAt::Nothing,
+                };
+                match sys::open_dir_beneath(dir.as_fd(), &e.name) {
+                    Ok(sub) => self.check_dir(sub, &child, sub_lower),
+                    Err(err) => {
+                        self.found(shown(&child), Problem::Unreadable(show_err(&err)), None)
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        path: &[u8],
+        st: &FileStat,
+        xattrs: &[Vec<u8>],
+        marks: whiteout::DirMarks,
+        lower: LowerAt,
+        siblings: &HashSet<&[u8]>,
+    ) {
+        let target = XTarget::At(dir, name);
+        let wh_attr: Vec<&Vec<u8>> = xattrs
+            .iter()
+            .filter(|n| *n == whiteout::TRUSTED_WHITEOUT || *n == whiteout::USER_WHITEOUT)
+            .collect();
+        let chr_whiteout = st.is_chr() && st.rdev == 0;
+        let x_whiteout = st.is_reg() && st.size == 0 && !wh_attr.is_empty() && marks.xwhiteouts;
+        if chr_whiteout && st.perm() != 0 {
+            let r = self.fix(|| sys::chmod_at(dir, name, 0));
+            self.found(shown(path), Problem::WhiteoutMode(st.perm()), r);
+        }
+        if !x_whiteout {
+            for attr in wh_attr {
+                let r = self.fix(|| sys::xattr_remove(target, attr));
+                let p = Problem::StrayXattr {
+                    name: attr.clone(),
+                    repairable: true,
+                };
+                self.found(shown(path), p, r);
+            }
+        }
+        if chr_whiteout || x_whiteout {
+            let hides = if marks.opaque {
+                Some(false)
+            } else {
+                match (&mut self.lower, lower) {
+                    (Some(lv), LowerAt::Dir(ino)) => {
+                        lv.names(ino).ok().map(|n| n.contains_key(name))
+                    }
+                    (_, LowerAt::Nothing) => Some(false),
+                    _ => None,
+                }
+            };
+            if hides == Some(false) {
+                let r = self.fix(|| sys::unlink_at(dir, name, false));
+                let p = Problem::RedundantWhiteout {
+                    in_opaque: marks.opaque,
+                };
+                self.found(shown(path), p, r);
+                return;
+            }
+        }
+        match whiteout::classify_aufs(name) {
+            whiteout::AufsName::Whiteout(t) => {
+                let shadows = siblings.contains(t);
+                self.found(shown(path), Problem::AufsName { shadows }, None);
+            }
+            whiteout::AufsName::Opaque | whiteout::AufsName::Internal => {
+                self.found(shown(path), Problem::AufsName { shadows: false }, None);
+            }
+            whiteout::AufsName::Plain => {}
+        }
+        for attr in xattrs {
+            let Some(suffix) = overlay_suffix(attr) else {
+                continue;
+            };
+            if suffix == b"whiteout" || BOOKKEEPING.contains(&suffix) {
+                continue;
+            }
+            match suffix {
+                b"redirect" | b"metacopy" => {
+                    self.found(shown(path), Problem::Unsupported(attr.clone()), None)
+                }
+                b"opaque" | b"impure" | b"whiteouts" if st.is_dir() => {}
+                b"opaque" => {
+                    let r = self.fix(|| sys::xattr_remove(target, attr));
+                    self.found(shown(path), Problem::OpaqueOnNonDir(attr.clone()), r);
+                }
+                b"impure" | b"whiteouts" => {
+                    let r = self.fix(|| sys::xattr_remove(target, attr));
+                    let p = Problem::StrayXattr {
+                        name: attr.clone(),
+                        repairable: true,
+                    };
+                    self.found(shown(path), p, r);
+                }
+                _ if st.is_dir() => {}
+                _ => {
+                    let p = Problem::StrayXattr {
+                        name: attr.clone(),
+                        repairable: false,
+                    };
+                    self.found(shown(path), p, None);
+                }
+            }
+        }
+    }
+
+    fn check_work(&mut self, work: &Path) -> Result<()> {
+        let wfd = sys::open_dir_path(work)
+            .map_err(|e| Error::io(format!("work directory {}", work.display()), e))?;
+        let Some(st) = sys::stat_at_opt(wfd.as_fd(), b"work")
+            .map_err(|e| Error::io(format!("work directory {}", work.display()), e))?
+        else {
+            return Ok(());
+        };
+        if !st.is_dir() {
+            let r = self.fix(|| sys::unlink_at(wfd.as_fd(), b"work", false));
+            self.found(b"work/work".to_vec(), Problem::WorkLeftover, r);
+            return Ok(());
+        }
+        let inner = sys::open_dir_beneath(wfd.as_fd(), b"work")
+            .map_err(|e| Error::io(format!("{}/work", work.display()), e))?;
+        let entries = sys::open_dir_beneath(inner.as_fd(), b"")
+            .and_then(sys::read_dir_all)
+            .map_err(|e| Error::io(format!("reading {}/work", work.display()), e))?;
+        for e in entries {
+            self.report.entries += 1;
+            let r = self.fix(|| remove_entry(inner.as_fd(), &e.name));
+            let mut p = b"work/work/".to_vec();
+            p.extend_from_slice(&e.name);
+            self.found(p, Problem::WorkLeftover, r);
+        }
+        Ok(())
+    }
+}
+
+fn shown(path: &[u8]) -> Vec<u8> {
+    let mut p = b"upper".to_vec();
+    if !path.is_empty() {
+        p.push(b'/');
+        p.extend_from_slice(path);
+    }
+    p
+}
+
+/// Remove `dir`/`name`, recursively for a directory, never following symlinks.
+fn remove_entry(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<()> {
+    let st = sys::stat_at(dir, name)?;
+    if st.is_dir() {
+        let sub = sys::open_dir_beneath(dir, name)?;
+        union::remove_contents(sub.as_fd())?;
+    }
+    sys::unlink_at(dir, name, st.is_dir())
+}
+
+/// Processes (other than this one) holding `dir` open or as their working directory.
+fn users_of(dirs: &[&Path]) -> Vec<(u32, PathBuf)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let mut links: Vec<PathBuf> = Vec::new();
+        if let Ok(fds) = std::fs::read_dir(p.path().join("fd")) {
+            links.extend(
+                fds.flatten()
+                    .filter_map(|f| std::fs::read_link(f.path()).ok()),
+            );
+        }
+        if let Ok(cwd) = std::fs::read_link(p.path().join("cwd")) {
+            links.push(cwd);
+        }
+        if let Some(l) = links.iter().find(|l| dirs.iter().any(|d| l.starts_with(d))) {
+            out.push((pid, l.clone()));
+        }
+    }
+    out
+}
+
+/// Kernel overlay mounts using `upper` (from `/proc/self/mountinfo` super options).
+fn kernel_mounts_of(upper: &Path) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut want = b"upperdir=".to_vec();
+    want.extend_from_slice(upper.as_os_str().as_bytes());
+    info.split(|&b| b == b'\n')
+        .filter(|line| {
+            line.split(|&b| b == b',' || b == b' ')
+                .any(|opt| opt == want.as_slice())
+        })
+        .map(|line| String::from_utf8_lossy(line).into_owned())
+        .collect()
+}
+
+/// Check (and with `repair`, repair) an upper directory.
+pub fn check_upper(cfg: &FsckConfig) -> Result<Report> {
+    let upper = std::fs::canonicalize(&cfg.upper)
+        .map_err(|e| Error::io(format!("upper directory {}", cfg.upper.display()), e))?;
+    let work = match &cfg.work {
+        Some(w) => Some(
+            std::fs::canonicalize(w)
+                .map_err(|e| Error::io(format!("work directory {}", w.display()), e))?,
+        ),
+        None => None,
+    };
+    if cfg.repair {
+        let mut dirs = vec![upper.as_path()];
+        if let Some(w) = &work {
+            dirs.push(w.as_path());
+        }
+        if let Some((pid, p)) = users_of(&dirs).into_iter().next() {
+            return Err(Error::invalid(format!(
+                "refusing to repair: process {pid} has {} open (unmount first)",
+                p.display()
+            )));
+        }
+        if let Some(m) = kernel_mounts_of(&upper).into_iter().next() {
+            return Err(Error::invalid(format!(
+                "refusing to repair: {} is the upper of a mounted overlay ({m})",
+                upper.display()
+            )));
+        }
+    }
+    let root = sys::open_dir_path(&upper)
+        .map_err(|e| Error::io(format!("upper directory {}", upper.display()), e))?;
+    let mut checker = Checker {
+        repair: cfg.repair,
+        report: Report::default(),
+        lower: LowerView::open(&cfg.lowers)?,
+    };
+    let lower_root = match checker.lower {
+        Some(_) => LowerAt::Dir(ROOT),
+        None => LowerAt::NotGiven,
+    };
+    checker.check_dir(root, b"", lower_root);
+    if let Some(w) = &work {
+        checker.check_work(w)?;
+    }
+    Ok(checker.report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_suffixes() {
+        assert_eq!(
+            overlay_suffix(b"trusted.overlay.opaque"),
+            Some(&b"opaque"[..])
+        );
+        assert_eq!(
+            overlay_suffix(b"user.fuseoverlayfs.opaque"),
+            Some(&b"opaque"[..])
+        );
+        assert_eq!(overlay_suffix(b"user.overlayx"), None);
+        assert_eq!(overlay_suffix(b"security.overlay.opaque"), None);
+        assert_eq!(overlay_suffix(b"trusted.layerfs.origin"), None);
+    }
+}

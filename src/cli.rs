@@ -107,7 +107,12 @@ pub enum Command {
 #[derive(clap::Args, Debug, Default)]
 pub struct FsckArgs {
     /// The upper directory to check.
-    pub upper: PathBuf,
+    #[arg(required_unless_present = "store")]
+    pub upper: Option<PathBuf>,
+    /// Check the layer store (--root) instead: index, blob digests, layer directories,
+    /// leftovers of killed commands.
+    #[arg(long, conflicts_with_all = ["upper", "lowers", "work"])]
+    pub store: bool,
     /// The lowers it is mounted over, top first (finds whiteouts that hide nothing).
     #[arg(long = "lower", value_name = "DIR")]
     pub lowers: Vec<PathBuf>,
@@ -661,7 +666,7 @@ pub fn main() -> i32 {
     };
     init_logging(cli.verbose, false);
     if let Command::Fsck(a) = cli.command {
-        return match fsck(a) {
+        return match fsck(&cli.root, a) {
             Ok(code) => code,
             Err(e) => fail(&e),
         };
@@ -673,14 +678,19 @@ pub fn main() -> i32 {
 }
 
 /// `layerfs fsck`: print each finding and a summary; 0 when nothing is left to fix.
-fn fsck(a: FsckArgs) -> Result<i32> {
-    let cfg = crate::fsck::FsckConfig {
-        upper: a.upper,
-        lowers: a.lowers,
-        work: a.work,
-        repair: a.repair,
+fn fsck(root: &Option<PathBuf>, a: FsckArgs) -> Result<i32> {
+    let report = match a.upper {
+        Some(upper) if !a.store => crate::fsck::check_upper(&crate::fsck::FsckConfig {
+            upper,
+            lowers: a.lowers,
+            work: a.work,
+            repair: a.repair,
+        })?,
+        _ => {
+            let root = root.clone().unwrap_or_else(crate::store::default_root);
+            crate::fsck::check_store(&root, a.repair)?
+        }
     };
-    let report = crate::fsck::check_upper(&cfg)?;
     for f in &report.findings {
         println!("{f}");
     }
@@ -788,7 +798,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         // Answered in `main`, where its exit code (1: problems left) is chosen.
-        Command::Fsck(a) => fsck(a).map(drop),
+        Command::Fsck(a) => fsck(&cli.root, a).map(drop),
         Command::Gc => {
             let store = open_store(&cli.root)?;
             let r = store::gc::gc(&store)?;

@@ -28,9 +28,14 @@
 //! mount): it would race with it. [`Report::clean`] is true when every problem found was
 //! repaired; the CLI exits 0 then, 1 otherwise.
 //!
-//! Store checks (`--store`: every index entry resolves, every blob matches its digest, layer
-//! directories are complete) will be a `check_store` beside [`check_upper`] once the store
-//! exists, reporting through the same [`Report`].
+//! [`check_store`] (`layerfs fsck --store`) checks a layer store through the same [`Report`]:
+//! every `index.json` entry resolves to a manifest, config and layer blobs that exist and match
+//! their digests (an entry that does not is repaired by dropping it from the index: the image
+//! is unusable anyway, and nothing else is lost); every blob's content matches its name (a
+//! corrupt blob is reported, never deleted); every layer an image names is extracted under
+//! `layers/` (a missing one is reported: re-import the layer); staging directories and mount
+//! leases nobody holds any more are leftovers of killed commands and daemons (repaired by
+//! removing them, as `gc` does).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -72,6 +77,14 @@ pub enum Problem {
     AufsName { shadows: bool },
     /// lstat, readdir or listxattr failed.
     Unreadable(String),
+    /// A store index entry whose manifest, config or layers are missing or corrupt.
+    DanglingImage(String),
+    /// A blob whose content does not match its digest.
+    CorruptBlob,
+    /// An image layer that is not extracted under `layers/`.
+    MissingLayerDir,
+    /// A staging directory or mount lease left by a killed command or daemon.
+    StaleStoreEntry,
 }
 
 impl fmt::Display for Problem {
@@ -111,6 +124,10 @@ impl fmt::Display for Problem {
                  deletion)"
             ),
             Problem::Unreadable(e) => write!(f, "unreadable: {e}"),
+            Problem::DanglingImage(why) => write!(f, "image cannot be used: {why}"),
+            Problem::CorruptBlob => write!(f, "content does not match its digest"),
+            Problem::MissingLayerDir => write!(f, "layer is not extracted (import its tar again)"),
+            Problem::StaleStoreEntry => write!(f, "left by a killed command or daemon"),
         }
     }
 }
@@ -607,4 +624,159 @@ mod tests {
         assert_eq!(overlay_suffix(b"security.overlay.opaque"), None);
         assert_eq!(overlay_suffix(b"trusted.layerfs.origin"), None);
     }
+}
+
+/// What an index entry needs, checked blob by blob; the first problem found.
+fn check_image(
+    store: &crate::store::Store,
+    desc: &crate::store::model::Descriptor,
+    blobs: &mut HashMap<crate::digest::Digest, bool>,
+    layer_dirs: &mut HashSet<crate::digest::Digest>,
+) -> Result<Option<String>> {
+    use crate::store::{images, model};
+    let mut blob_ok = |d: crate::digest::Digest| -> Result<bool> {
+        if let Some(&ok) = blobs.get(&d) {
+            return Ok(ok);
+        }
+        let ok = blob_matches(store, &d)?;
+        blobs.insert(d, ok);
+        Ok(ok)
+    };
+    let manifest = desc.digest()?;
+    if !blob_ok(manifest)? {
+        return Ok(Some(format!("manifest {manifest} is missing or corrupt")));
+    }
+    let m: model::Manifest = model::parse(&images::read_blob(store, &manifest)?, "manifest")?;
+    let config = m.config.digest()?;
+    if !blob_ok(config)? {
+        return Ok(Some(format!("config {config} is missing or corrupt")));
+    }
+    for l in &m.layers {
+        let d = l.digest()?;
+        if !blob_ok(d)? {
+            return Ok(Some(format!("layer blob {d} is missing or corrupt")));
+        }
+    }
+    let cfg: serde_json::Value = model::parse(&images::read_blob(store, &config)?, "config")?;
+    layer_dirs.extend(model::config_diff_ids(&cfg)?);
+    Ok(None)
+}
+
+/// Whether `blobs/sha256/<hex>` exists and hashes to its name (streamed: layers are large).
+fn blob_matches(store: &crate::store::Store, d: &crate::digest::Digest) -> Result<bool> {
+    use std::io::Read;
+    let dir = store.dir(b"blobs/sha256")?;
+    let fd = match sys::open_at(dir.as_fd(), d.hex().as_bytes(), libc::O_RDONLY, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+        Err(e) => return Err(store.err(&format!("opening blob {d}"), e)),
+    };
+    let mut r = crate::digest::HashReader::new(std::fs::File::from(fd));
+    let mut buf = vec![0u8; 1 << 20];
+    while r
+        .read(&mut buf)
+        .map_err(|e| store.err(&format!("reading blob {d}"), e))?
+        > 0
+    {}
+    Ok(r.hasher.finish() == *d)
+}
+
+/// Check (and with `repair`, mend) the layer store at `root`.
+pub fn check_store(root: &Path, repair: bool) -> Result<Report> {
+    use crate::digest::Digest;
+    use crate::store::{Store, images};
+    let store = Store::open(root)?;
+    let _lock = store.lock(if repair {
+        sys::LockKind::Exclusive
+    } else {
+        sys::LockKind::Shared
+    })?;
+    let mut report = Report::default();
+    let mut blobs: HashMap<Digest, bool> = HashMap::new();
+    let mut layer_dirs: HashSet<Digest> = HashSet::new();
+    let mut index = images::read_index(&store)?;
+    let mut keep = Vec::new();
+    for desc in std::mem::take(&mut index.manifests) {
+        report.entries += 1;
+        let name = desc.ref_name().unwrap_or(&desc.digest).to_owned();
+        match check_image(&store, &desc, &mut blobs, &mut layer_dirs)? {
+            None => keep.push(desc),
+            Some(why) => {
+                report.findings.push(Finding {
+                    path: format!("index.json {name}").into_bytes(),
+                    problem: Problem::DanglingImage(why),
+                    repaired: repair,
+                    note: (!repair).then(|| "--repair drops the entry".into()),
+                });
+                if !repair {
+                    keep.push(desc);
+                }
+            }
+        }
+    }
+    let dropped = report.findings.iter().any(|f| f.repaired);
+    index.manifests = keep;
+    if dropped {
+        images::write_index(&store, &index)?;
+    }
+    // Every blob, named or not, must match its name.
+    let blobdir = store.dir(b"blobs/sha256")?;
+    for e in
+        sys::read_dir_all(store.dir(b"blobs/sha256")?).map_err(|e| store.err("reading blobs", e))?
+    {
+        report.entries += 1;
+        let Some(d) = std::str::from_utf8(&e.name).ok().and_then(Digest::from_hex) else {
+            continue;
+        };
+        let ok = match blobs.get(&d) {
+            Some(&ok) => ok,
+            None => blob_matches(&store, &d)?,
+        };
+        if !ok {
+            report.findings.push(Finding {
+                path: [&b"blobs/sha256/"[..], &e.name].concat(),
+                problem: Problem::CorruptBlob,
+                repaired: false,
+                note: Some("not removed: remove it by hand or re-import".into()),
+            });
+        }
+    }
+    drop(blobdir);
+    let layers = store.dir(b"layers")?;
+    for d in &layer_dirs {
+        if sys::stat_at_opt(layers.as_fd(), d.hex().as_bytes())
+            .map_err(|e| store.err("layers", e))?
+            .is_none_or(|st| !st.is_dir())
+        {
+            report.findings.push(Finding {
+                path: format!("layers/{}", d.hex()).into_bytes(),
+                problem: Problem::MissingLayerDir,
+                repaired: false,
+                note: None,
+            });
+        }
+    }
+    // Leftovers: staging dirs and leases whose lock nobody holds.
+    for dir in [&b"tmp"[..], b"mounts"] {
+        let fd = store.dir(dir)?;
+        for e in sys::read_dir_all(store.dir(dir)?).map_err(|e| store.err("reading", e))? {
+            report.entries += 1;
+            let held = match sys::open_at(fd.as_fd(), &e.name, libc::O_RDONLY, 0) {
+                Ok(h) => !sys::flock(h.as_fd(), sys::LockKind::Exclusive, true)
+                    .map_err(|e| store.err("lock", e))?,
+                Err(_) => false,
+            };
+            if held {
+                continue;
+            }
+            let repaired = repair && crate::fsutil::remove_tree(fd.as_fd(), &e.name).is_ok();
+            report.findings.push(Finding {
+                path: [dir, b"/", &e.name].concat(),
+                problem: Problem::StaleStoreEntry,
+                repaired,
+                note: None,
+            });
+        }
+    }
+    Ok(report)
 }

@@ -567,3 +567,81 @@ fn rm_container_refuses_while_mounted_then_frees_its_layers() {
     env.ok(&["gc"]);
     assert!(!env.store().join("layers").join(diff_id_hex(&bid)).exists());
 }
+
+/// `layerfs fsck --store` with the exit code and stdout.
+fn fsck_store(env: &Env, repair: bool) -> (i32, String) {
+    let mut args = vec![
+        std::ffi::OsStr::new("fsck"),
+        std::ffi::OsStr::new("--store"),
+    ];
+    if repair {
+        args.push(std::ffi::OsStr::new("--repair"));
+    }
+    let out = env.layerfs(&args, None);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn fsck_store_finds_and_repairs_damage() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let mk = |name: &str, file: &str| {
+        let dir = env.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(file), name.as_bytes()).unwrap();
+        let tar = env.path(&format!("{name}.tar"));
+        let id = env.ok(&["diff", dir.to_str().unwrap(), "-o", tar.to_str().unwrap()]);
+        env.ok(&["import", tar.to_str().unwrap(), "--name", name]);
+        diff_id_hex(&id)
+    };
+    let a = mk("imga", "a");
+    let b = mk("imgb", "b");
+    assert_eq!(fsck_store(&env, false).0, 0, "a fresh store is clean");
+    // Planted: imga's layer blob vanishes; imgb's layer directory vanishes; leftovers of a
+    // killed command and a dead mount.
+    let blob = env.store().join("blobs/sha256").join(&a);
+    assert!(
+        blob.exists(),
+        "uncompressed import stores the tar under its diffID"
+    );
+    fs::remove_file(&blob).unwrap();
+    fs::remove_dir_all(env.store().join("layers").join(&b)).unwrap();
+    fs::create_dir_all(env.store().join("tmp/killed-import")).unwrap();
+    fs::write(env.store().join("mounts/dead.json"), b"{}").unwrap();
+    let (code, out) = fsck_store(&env, false);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("imga: image cannot be used"), "{out}");
+    assert!(
+        out.contains(&format!("layers/{b}: layer is not extracted")),
+        "{out}"
+    );
+    assert!(out.contains("tmp/killed-import: left by"), "{out}");
+    assert!(out.contains("mounts/dead.json: left by"), "{out}");
+    // Repair drops the unusable image and the leftovers; the missing layer dir stays reported.
+    let (code, out) = fsck_store(&env, true);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("imga: image cannot be used") && out.contains("[repaired]"),
+        "{out}"
+    );
+    env.fails(&["history", "imga"], "no image");
+    assert!(!env.store().join("tmp/killed-import").exists());
+    assert!(!env.store().join("mounts/dead.json").exists());
+    let (_, out) = fsck_store(&env, false);
+    assert!(!out.contains("imga"), "{out}");
+    assert!(out.contains(&format!("layers/{b}")), "{out}");
+    // Re-importing restores the layer directory: clean again.
+    env.ok(&[
+        "import",
+        env.path("imgb.tar").to_str().unwrap(),
+        "--name",
+        "imgb",
+    ]);
+    let (code, out) = fsck_store(&env, false);
+    assert_eq!(code, 0, "re-import restores the layer: {out}");
+}

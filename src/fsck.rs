@@ -606,26 +606,6 @@ pub fn check_upper(cfg: &FsckConfig) -> Result<Report> {
     Ok(checker.report)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlay_suffixes() {
-        assert_eq!(
-            overlay_suffix(b"trusted.overlay.opaque"),
-            Some(&b"opaque"[..])
-        );
-        assert_eq!(
-            overlay_suffix(b"user.fuseoverlayfs.opaque"),
-            Some(&b"opaque"[..])
-        );
-        assert_eq!(overlay_suffix(b"user.overlayx"), None);
-        assert_eq!(overlay_suffix(b"security.overlay.opaque"), None);
-        assert_eq!(overlay_suffix(b"trusted.layerfs.origin"), None);
-    }
-}
-
 /// What an index entry needs, checked blob by blob; the first problem found.
 fn check_image(
     store: &crate::store::Store,
@@ -779,4 +759,24 @@ pub fn check_store(root: &Path, repair: bool) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_suffixes() {
+        assert_eq!(
+            overlay_suffix(b"trusted.overlay.opaque"),
+            Some(&b"opaque"[..])
+        );
+        assert_eq!(
+            overlay_suffix(b"user.fuseoverlayfs.opaque"),
+            Some(&b"opaque"[..])
+        );
+        assert_eq!(overlay_suffix(b"user.overlayx"), None);
+        assert_eq!(overlay_suffix(b"security.overlay.opaque"), None);
+        assert_eq!(overlay_suffix(b"trusted.layerfs.origin"), None);
+    }
 }

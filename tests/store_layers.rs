@@ -645,3 +645,83 @@ fn fsck_store_finds_and_repairs_damage() {
     let (code, out) = fsck_store(&env, false);
     assert_eq!(code, 0, "re-import restores the layer: {out}");
 }
+
+#[test]
+fn killed_commits_and_imports_leave_a_store_fsck_can_clean() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let base = env.path("base");
+    fs::create_dir_all(&base).unwrap();
+    fs::write(base.join("b"), b"b").unwrap();
+    let btar = env.path("base.tar");
+    env.ok(&["diff", base.to_str().unwrap(), "-o", btar.to_str().unwrap()]);
+    env.ok(&["import", btar.to_str().unwrap(), "--name", "base"]);
+    // An upper big enough that a commit takes a while: 96 MiB in 96 files.
+    let upper = env.path("upper");
+    fs::create_dir_all(&upper).unwrap();
+    let block: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for i in 0..96 {
+        fs::write(upper.join(format!("f{i:02}")), &block).unwrap();
+    }
+    let utar = env.path("upper.tar");
+    env.ok(&[
+        "diff",
+        upper.to_str().unwrap(),
+        "-o",
+        utar.to_str().unwrap(),
+    ]);
+    for (round, delay_ms) in [5u64, 40, 120, 300].into_iter().enumerate() {
+        for what in ["commit", "import"] {
+            let name = format!("{what}{round}");
+            let mut cmd = std::process::Command::new(bin());
+            cmd.arg("--root").arg(env.store()).arg("-q");
+            if what == "commit" {
+                cmd.args([
+                    "commit",
+                    upper.to_str().unwrap(),
+                    "--from",
+                    "base",
+                    "--name",
+                    &name,
+                ]);
+            } else {
+                cmd.args([
+                    "import",
+                    utar.to_str().unwrap(),
+                    "--parent",
+                    "base",
+                    "--name",
+                    &name,
+                ]);
+            }
+            let mut child = cmd
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let _ = child.kill();
+            let _ = child.wait();
+            // Whatever the moment: every image the index names is complete.
+            let (code, out) = fsck_store(&env, true);
+            assert!(
+                !out.contains("image cannot be used"),
+                "{what} killed at {delay_ms} ms: {out}"
+            );
+            assert!(
+                !out.contains("not extracted"),
+                "{what} killed at {delay_ms} ms: {out}"
+            );
+            let _ = code;
+            assert_eq!(
+                fsck_store(&env, false).0,
+                0,
+                "clean after repair ({what}, {delay_ms} ms)"
+            );
+        }
+    }
+}

@@ -379,8 +379,8 @@ fn open_files_keep_working_across_copy_up() {
         return;
     }
     // With passthrough the kernel reads an open lower file itself, so a descriptor opened
-    // before the copy-up keeps its old data (kernel overlayfs 6.18 moves it to the copy); without it, layerfs
-    // moves the descriptor to the upper copy.
+    // before the copy-up keeps its old data (kernel overlayfs 6.18 moves it to the copy);
+    // without passthrough, layerfs moves the descriptor to the upper copy too.
     for (opts, old_fd_sees_new) in [(&[][..], false), (&["passthrough=off"][..], true)] {
         let d = tempfile::tempdir().unwrap();
         let (top, bot, u, w) = rw_stack(d.path());

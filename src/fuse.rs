@@ -253,8 +253,17 @@ impl LayerFs {
         }))
     }
 
-    /// Run `f` on a thread of its own: for requests that may copy file data up, so one large
-    /// copy never holds up unrelated requests.
+    /// Run `f` here, or (`slow`: the request may copy file data up) on a thread of its own so
+    /// one large copy never holds up unrelated requests.
+    fn run(&self, what: &'static str, slow: bool, f: impl FnOnce(&Core) + Send + 'static) {
+        if slow {
+            self.offload(what, f);
+        } else {
+            guarded(what, || f(self));
+        }
+    }
+
+    /// Run `f` on a thread of its own.
     fn offload(&self, what: &'static str, f: impl FnOnce(&Core) + Send + 'static) {
         let core = self.0.clone();
         let spawned = std::thread::Builder::new()
@@ -623,11 +632,10 @@ impl Filesystem for LayerFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if writes && flags.0 & libc::O_TRUNC == 0 && self.union.needs_copy_up(ino.0) {
-            self.offload("open", move |core| core.do_open(ino.0, flags.0, reply));
-        } else {
-            guarded("open", || self.do_open(ino.0, flags.0, reply))
-        }
+        let slow = writes && flags.0 & libc::O_TRUNC == 0 && self.union.needs_copy_up(ino.0);
+        self.run("open", slow, move |core| {
+            core.do_open(ino.0, flags.0, reply)
+        });
     }
 
     fn read(
@@ -850,11 +858,8 @@ impl Filesystem for LayerFs {
             })();
             core.reply_attr(reply, res)
         };
-        if size != Some(0) && self.union.needs_copy_up(ino.0) {
-            self.offload("setattr", run);
-        } else {
-            guarded("setattr", || run(self))
-        }
+        let slow = size != Some(0) && self.union.needs_copy_up(ino.0);
+        self.run("setattr", slow, run);
     }
 
     fn mknod(
@@ -958,11 +963,7 @@ impl Filesystem for LayerFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         };
-        if slow {
-            self.offload("rename", run);
-        } else {
-            guarded("rename", || run(self))
-        }
+        self.run("rename", slow, run);
     }
 
     fn link(
@@ -978,11 +979,7 @@ impl Filesystem for LayerFs {
             let res = core.union.link(ino.0, newparent.0, newname.as_bytes());
             core.reply_entry(reply, res)
         };
-        if self.union.needs_copy_up(ino.0) {
-            self.offload("link", run);
-        } else {
-            guarded("link", || run(self))
-        }
+        self.run("link", self.union.needs_copy_up(ino.0), run);
     }
 
     fn create(
@@ -1102,11 +1099,7 @@ impl Filesystem for LayerFs {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             };
-        if self.union.needs_copy_up(ino.0) {
-            self.offload("setxattr", run);
-        } else {
-            guarded("setxattr", || run(self))
-        }
+        self.run("setxattr", self.union.needs_copy_up(ino.0), run);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1115,11 +1108,7 @@ impl Filesystem for LayerFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         };
-        if self.union.needs_copy_up(ino.0) {
-            self.offload("removexattr", run);
-        } else {
-            guarded("removexattr", || run(self))
-        }
+        self.run("removexattr", self.union.needs_copy_up(ino.0), run);
     }
 
     fn fallocate(

@@ -271,6 +271,7 @@ pub struct MountOptions {
     pub gid_map: IdMap,
     pub timeout: Option<Duration>,
     pub threads: Option<usize>,
+    pub busy_poll_us: Option<u32>,
     pub passthrough: Option<bool>,
     pub cache_dirs: Option<bool>,
     pub readdirplus: Option<crate::fuse::ReaddirPlus>,
@@ -336,6 +337,10 @@ fn parse_u32(key: &str, v: &str) -> Result<u32> {
 }
 
 /// Options accepted for compatibility and deliberately ignored (logged).
+/// Microseconds the daemon keeps polling for the next request after one arrived: long enough to
+/// bridge the caller's work between two requests, short enough that an idle mount costs nothing.
+const DEFAULT_BUSY_POLL_US: u32 = 200;
+
 const IGNORED_OPTIONS: &[&str] = &[
     "context",
     "fscontext",
@@ -420,6 +425,13 @@ impl MountOptions {
                             bail!("bad value for mount option threads: {v:?} (1-64)");
                         }
                         o.threads = Some(n);
+                    }
+                    ("busy_poll", Some(v)) => {
+                        let us = parse_u32(key, v)?;
+                        if us > 100_000 {
+                            bail!("bad value for mount option busy_poll: {v:?} (0-100000 us)");
+                        }
+                        o.busy_poll_us = Some(us);
                     }
                     ("debug", None) => o.debug = true,
                     ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
@@ -542,6 +554,9 @@ pub fn plan_mount(
         noexec: opts.noexec,
         noatime: opts.noatime,
         threads: opts.threads,
+        busy_poll: Duration::from_micros(u64::from(
+            opts.busy_poll_us.unwrap_or(DEFAULT_BUSY_POLL_US),
+        )),
         foreground: foreground || opts.debug,
         log_file: opts.log_file.clone(),
     })
@@ -1259,6 +1274,14 @@ mod tests {
         assert!(MountOptions::parse(&["squash_to_uid=x".into()]).is_err());
         assert!(MountOptions::parse(&["uidmapping=1:2".into()]).is_err());
         assert!(MountOptions::parse(&["threads=0".into()]).is_err());
+        assert!(MountOptions::parse(&["busy_poll=100001".into()]).is_err());
+        assert!(MountOptions::parse(&["busy_poll=-1".into()]).is_err());
+        assert_eq!(
+            MountOptions::parse(&["busy_poll=0".into()])
+                .unwrap()
+                .busy_poll_us,
+            Some(0)
+        );
     }
 
     #[test]

@@ -12,10 +12,12 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::busypoll;
 use crate::fuse::{FuseOptions, LayerFs};
 use crate::sys;
 use crate::union::{Union, UnionConfig};
@@ -34,6 +36,8 @@ pub struct MountPlan {
     pub noexec: bool,
     pub noatime: bool,
     pub threads: Option<usize>,
+    /// How long the event loop keeps polling `/dev/fuse` after a request (zero: never).
+    pub busy_poll: Duration,
     pub foreground: bool,
     pub log_file: Option<PathBuf>,
 }
@@ -171,6 +175,12 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
         mount_dev_fuse(&union, plan).and_then(|fd| {
             let acl = config.acl;
             let fs = LayerFs::new(union.clone(), plan.fuse.clone());
+            if !plan.busy_poll.is_zero() && config.n_threads == Some(1) {
+                match fd.try_clone() {
+                    Ok(dup) => busypoll::start(dup, plan.busy_poll)?,
+                    Err(e) => log::warn!("busy poll off: {e}"),
+                }
+            }
             fuser::Session::from_fd(fs, fd, acl, config.clone())
         })
     } else {

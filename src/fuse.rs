@@ -236,6 +236,7 @@ fn dtype_file_type(dtype: u8) -> FileType {
 
 /// Run a handler body; a panic inside drops the reply, which answers EIO.
 fn guarded(what: &str, f: impl FnOnce()) {
+    crate::busypoll::note_request();
     if catch_unwind(AssertUnwindSafe(f)).is_err() {
         log::error!("internal error in {what}: answered EIO");
     }

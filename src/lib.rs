@@ -4,6 +4,7 @@
 //! Dependencies flow one way: `cli` -> {`fuse`, `daemon`, `store`, `fsck`} -> `oci` -> `union`
 //! -> `sys` (`digest` and `fsutil` are leaf helpers over `sys`). Only `sys` contains `unsafe`.
 
+pub mod busypoll;
 pub mod cli;
 pub mod daemon;
 pub mod digest;

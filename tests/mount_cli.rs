@@ -304,3 +304,39 @@ fn an_ending_daemon_never_unmounts_a_newer_mount_at_the_same_path() {
     );
     assert_eq!(fs::read_to_string(new.p("b")).unwrap(), "b\n");
 }
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); the name's closing parenthesis ends field 2.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn the_daemon_stops_polling_when_requests_stop() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    stack(d.path());
+    let top = d.path().join("top");
+    let mut m = layerfs_stack(&[&top], None, &d.path().join("m"), &[]);
+    let pid = m.daemon.expect("daemon pid");
+    // A burst of requests (each name is a fresh lookup) switches the loop to polling.
+    for i in 0..3000 {
+        assert!(fs::symlink_metadata(m.p(&format!("missing-{i}"))).is_err());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    // A loop still polling would use about 200 ticks (two seconds) here.
+    assert!(
+        spent < 40,
+        "idle daemon used {spent} clock ticks of CPU in 2 s: still busy polling"
+    );
+    assert_eq!(fs::read(m.p("a")).unwrap(), b"a\n");
+    m.unmount();
+}

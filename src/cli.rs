@@ -275,6 +275,7 @@ pub struct MountOptions {
     pub passthrough: Option<bool>,
     pub cache_dirs: Option<bool>,
     pub readdirplus: Option<crate::fuse::ReaddirPlus>,
+    pub prefetch: Option<bool>,
     pub debug: bool,
     /// Where the daemon writes its log (stderr is closed once it is up).
     pub log_file: Option<PathBuf>,
@@ -436,6 +437,7 @@ impl MountOptions {
                     ("debug", None) => o.debug = true,
                     ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
+                    ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
                     ("readdirplus", Some(v)) => {
                         use crate::fuse::ReaddirPlus;
                         o.readdirplus = Some(match v {
@@ -537,6 +539,7 @@ pub fn plan_mount(
         passthrough: opts.passthrough.unwrap_or(true),
         cache_dirs: opts.cache_dirs.unwrap_or(true),
         readdirplus: opts.readdirplus.unwrap_or(crate::fuse::ReaddirPlus::Auto),
+        prefetch: opts.prefetch.unwrap_or(true),
     };
     Ok(MountPlan {
         union: UnionConfig {

@@ -29,6 +29,7 @@ use fuser::{
 };
 
 use crate::error::Error;
+use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, OpenFile, SetAttr, Union};
 
@@ -107,6 +108,8 @@ pub struct FuseOptions {
     pub cache_dirs: bool,
     /// When listings carry attributes.
     pub readdirplus: ReaddirPlus,
+    /// Read subdirectories ahead of a tree walk on a second thread.
+    pub prefetch: bool,
 }
 
 /// `-o readdirplus=`: when directory listings carry attributes.
@@ -127,6 +130,7 @@ impl Default for FuseOptions {
             passthrough: true,
             cache_dirs: true,
             readdirplus: ReaddirPlus::Auto,
+            prefetch: true,
         }
     }
 }
@@ -160,6 +164,7 @@ pub struct Core {
     /// The backing file registered for each inode with open passthrough handles, and the node
     /// generation it belongs to: the kernel allows one backing file per inode at a time.
     backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
+    prefetch: Option<Prefetcher>,
 }
 
 /// How an open file is served.
@@ -244,7 +249,15 @@ fn guarded(what: &str, f: impl FnOnce()) {
 
 impl LayerFs {
     pub fn new(union: Arc<Union>, opts: FuseOptions) -> Self {
+        let prefetch = if opts.prefetch {
+            Prefetcher::start(&union)
+                .map_err(|e| log::warn!("no directory prefetch: cannot start its thread: {e}"))
+                .ok()
+        } else {
+            None
+        };
         LayerFs(Arc::new(Core {
+            prefetch,
             union,
             opts,
             handles: Mutex::new(HashMap::new()),
@@ -757,26 +770,22 @@ impl Filesystem for LayerFs {
                     return reply.ok();
                 }
             }
-            for e in &entries[start..] {
-                // A full lookup: the kernel takes a reference on every entry it receives.
-                let attr = match self.union.lookup(ino, &e.name) {
-                    Ok(a) => a,
-                    // Gone since the listing was taken: skip it, as a concurrent unlink would.
-                    Err(_) => continue,
-                };
-                let fa = self.file_attr(&attr);
-                if reply.add(
-                    fa.ino,
-                    e.offset,
-                    OsStr::from_bytes(&e.name),
-                    &ttl,
-                    &fa,
-                    Generation(0),
-                ) {
-                    // Not sent: give the reference back.
-                    self.union.forget(attr.ino, 1);
-                    break;
+            // Full lookups: the kernel takes a reference on every entry it receives.
+            let mut subdirs = Vec::new();
+            let walked = self.union.lookup_listed(ino, &entries[start..], |e, attr| {
+                let fa = self.file_attr(attr);
+                let name = OsStr::from_bytes(&e.name);
+                let sent = !reply.add(fa.ino, e.offset, name, &ttl, &fa, Generation(0));
+                if sent && fa.kind == FileType::Directory {
+                    subdirs.push(attr.ino);
                 }
+                sent
+            });
+            if let Err(e) = walked {
+                return reply.error(errno(&e));
+            }
+            if let Some(p) = &self.prefetch {
+                p.push(&subdirs);
             }
             reply.ok()
         })

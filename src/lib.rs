@@ -1,8 +1,9 @@
 //! layerfs: a FUSE union filesystem for container layers that can also turn a container's
 //! changes into an OCI layer and commit it.
 //!
-//! Dependencies flow one way: `cli` -> {`fuse`, `daemon`, `store`, `fsck`} -> `oci` -> `union`
-//! -> `sys` (`digest` and `fsutil` are leaf helpers over `sys`). Only `sys` contains `unsafe`.
+//! Dependencies flow one way: `cli` -> {`fuse` (-> `prefetch`), `daemon`, `store`, `fsck`} ->
+//! `oci` -> `union` -> `sys` (`digest` and `fsutil` are leaf helpers over `sys`). Only `sys`
+//! contains `unsafe`.
 
 pub mod busypoll;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod fsck;
 pub mod fsutil;
 pub mod fuse;
 pub mod oci;
+pub mod prefetch;
 pub mod store;
 pub mod sys;
 pub mod union;

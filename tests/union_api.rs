@@ -71,3 +71,81 @@ fn indexes_dropped_under_the_budget_are_rebuilt_with_every_change() {
     assert!(u.lookup(a, b"f11999").is_err());
     assert_eq!(names(&u, a).len(), 11_999);
 }
+
+#[test]
+fn a_listing_is_looked_up_in_one_batch_across_layers() {
+    let d = tempfile::tempdir().unwrap();
+    let (low, mid) = (d.path().join("low"), d.path().join("mid"));
+    files(&low.join("dir"), 3);
+    fs::create_dir_all(low.join("dir/sub")).unwrap();
+    fs::create_dir_all(mid.join("dir")).unwrap();
+    fs::write(mid.join("dir/f00001"), b"from mid").unwrap();
+    let (up, work) = (d.path().join("up"), d.path().join("work"));
+    fs::create_dir_all(&up).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    let u = Union::new(&UnionConfig {
+        lowers: vec![mid, low],
+        upper: Some((up, work)),
+        fsync: false,
+    })
+    .unwrap();
+    let dir = u.lookup(ROOT, b"dir").unwrap().ino;
+    let (entries, start) = u.read_dir(dir, 0).unwrap();
+    // Removed after the listing was taken: skipped, as a concurrent unlink would make it.
+    u.remove(dir, b"f00002", false).unwrap();
+    let nodes_before = u.node_count();
+    let mut seen = Vec::new();
+    u.lookup_listed(dir, &entries[start..], |e, attr| {
+        seen.push((e.name.to_vec(), attr.st.size));
+        true
+    })
+    .unwrap();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (b"f00000".to_vec(), 0),
+            (b"f00001".to_vec(), 8),
+            (b"sub".to_vec(), seen[2].1)
+        ]
+    );
+    assert_eq!(u.node_count(), nodes_before + 3);
+    // Refusing an entry gives its reference back: once the first batch's references are
+    // forgotten too, the nodes are gone again.
+    let mut taken = Vec::new();
+    u.lookup_listed(dir, &entries[start..], |_, attr| {
+        taken.push(attr.ino);
+        taken.len() < 2
+    })
+    .unwrap();
+    assert_eq!(taken.len(), 2);
+    for (name, _) in &seen {
+        let ino = u.lookup(dir, name).unwrap().ino;
+        u.forget(ino, 2);
+    }
+    u.forget(taken[0], 1);
+    assert_eq!(u.node_count(), nodes_before);
+}
+
+#[test]
+fn warming_a_directory_builds_its_index_once() {
+    let d = tempfile::tempdir().unwrap();
+    files(&d.path().join("low/dir"), 50);
+    let u = Union::new(&UnionConfig {
+        lowers: vec![d.path().join("low")],
+        upper: None,
+        fsync: false,
+    })
+    .unwrap();
+    let dir = u.lookup(ROOT, b"dir").unwrap().ino;
+    let before = u.index_names();
+    assert!(u.warm_dir(dir, 10));
+    assert_eq!(u.index_names(), before + 50);
+    // Already there: nothing to do, and the listing is the same as without warming.
+    assert!(!u.warm_dir(dir, 10));
+    assert_eq!(names(&u, dir).len(), 50);
+    // Not a directory, or no such node: nothing happens.
+    let file = u.lookup(dir, b"f00000").unwrap().ino;
+    assert!(!u.warm_dir(file, 10));
+    assert!(!u.warm_dir(1 << 40, 10));
+}

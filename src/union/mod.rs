@@ -570,9 +570,21 @@ impl Union {
         let dfd = self
             .open_dir_in(top.layer, parent_path)
             .map_err(|e| Error::io(format!("lookup {}", ShowPath(parent_path)), e))?;
-        let st = sys::stat_at(dfd.as_fd(), name)?;
+        self.materialize_in(dfd.as_fd(), parent, name, top, dir_layers)
+    }
+
+    /// [`Self::materialize`] with the parent's copy in `top.layer` already open as `dfd`.
+    fn materialize_in(
+        &self,
+        dfd: BorrowedFd<'_>,
+        parent: u64,
+        name: &[u8],
+        top: Top,
+        dir_layers: &[u16],
+    ) -> Result<Attr> {
+        let st = sys::stat_at(dfd, name)?;
         let origin = if Some(top.layer) == self.upper {
-            self.read_origin(dfd.as_fd(), name)
+            self.read_origin(dfd, name)
         } else {
             None
         };
@@ -643,6 +655,92 @@ impl Union {
         })?;
         let (top, dir_layers) = found.ok_or_else(enoent)?;
         self.materialize(parent, &ppath, name, top, &dir_layers)
+    }
+
+    /// Look up every entry of a listing slice of directory `parent` (readdirplus), handing
+    /// each found one to `take`; stops when `take` returns `false` (the entry it was given is
+    /// then not counted as a kernel reference). Each layer's copy of the directory is opened
+    /// once for the whole batch instead of once per name. Entries gone since the listing was
+    /// taken are skipped, as a concurrent unlink would make them.
+    pub fn lookup_listed(
+        &self,
+        parent: u64,
+        entries: &[Listed],
+        mut take: impl FnMut(&Listed, &Attr) -> bool,
+    ) -> Result<()> {
+        let _ns = self.read_ns();
+        let (pnode, ppath) = self.node_path(parent)?;
+        let mut dirs: Vec<(u16, OwnedFd)> = Vec::new();
+        for entry in entries {
+            let found = self.with_index(&pnode, &ppath, |idx| {
+                idx.visible(&entry.name).map(|(t, d)| (t, d.to_vec()))
+            })?;
+            let Some((top, dir_layers)) = found else {
+                continue;
+            };
+            let at = match dirs.iter().position(|(l, _)| *l == top.layer) {
+                Some(i) => i,
+                None => match self.open_dir_in(top.layer, &ppath) {
+                    Ok(fd) => {
+                        dirs.push((top.layer, fd));
+                        dirs.len() - 1
+                    }
+                    Err(_) => continue,
+                },
+            };
+            let dfd = dirs[at].1.as_fd();
+            let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers) else {
+                continue;
+            };
+            if !take(entry, &attr) {
+                self.forget(attr.ino, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Get directory `ino` ready before it is read: build its index and bring the inodes of up
+    /// to `max_entries` of its entries into the kernel's caches, so the readdirplus that comes
+    /// next finds them in memory. For a prefetch thread: work done here is what a request would
+    /// otherwise do on the event loop. Returns `false` when there was nothing to do (the index
+    /// was there already, or the node is gone).
+    pub fn warm_dir(&self, ino: u64, max_entries: usize) -> bool {
+        let (dirs, names) = {
+            let _ns = self.read_ns();
+            let Ok((node, path)) = self.node_path(ino) else {
+                return false;
+            };
+            {
+                let st = node.lock();
+                if st.kind != sys::S_IFDIR || st.index.is_some() {
+                    return false;
+                }
+            }
+            let listed = self.with_index(&node, &path, |idx| {
+                let sorted = idx.sorted();
+                let layers: Vec<u16> = sorted.iter().map(|e| e.top.layer).collect();
+                (sorted, layers)
+            });
+            let Ok((sorted, mut layers)) = listed else {
+                return false;
+            };
+            layers.sort_unstable();
+            layers.dedup();
+            let dirs: Vec<(u16, OwnedFd)> = layers
+                .into_iter()
+                .filter_map(|l| Some((l, self.open_dir_in(l, &path).ok()?)))
+                .collect();
+            (dirs, sorted)
+        };
+        // Outside the namespace lock: only caches are touched, and a rename in between only
+        // makes a stat miss.
+        for entry in names.iter().take(max_entries) {
+            if let Some((_, dfd)) = dirs.iter().find(|(l, _)| *l == entry.top.layer) {
+                let _ = sys::stat_at(dfd.as_fd(), &entry.name);
+            }
+        }
+        true
     }
 
     /// The kernel dropped `n` references to `ino`.

@@ -149,3 +149,44 @@ fn warming_a_directory_builds_its_index_once() {
     assert!(!u.warm_dir(file, 10));
     assert!(!u.warm_dir(1 << 40, 10));
 }
+
+#[test]
+fn a_deep_stack_merges_the_same_when_listed_in_parallel() {
+    let d = tempfile::tempdir().unwrap();
+    // Fourteen layers (listed on several threads), top first. Layer 11's copy of `d` is
+    // opaque, layer 2 whites out layer 4's file, layer 8 has no `d` at all.
+    let mut lowers = Vec::new();
+    for i in 0..14 {
+        let layer = d.path().join(format!("l{i:02}"));
+        if i != 8 {
+            fs::create_dir_all(layer.join("d")).unwrap();
+            fs::write(layer.join(format!("d/f{i}")), format!("{i}")).unwrap();
+            fs::write(layer.join("d/shared"), format!("{i}")).unwrap();
+        } else {
+            fs::create_dir_all(&layer).unwrap();
+        }
+        lowers.push(layer);
+    }
+    fs::write(d.path().join("l02/d/.wh.f4"), b"").unwrap();
+    fs::write(d.path().join("l11/d/.wh..wh..opq"), b"").unwrap();
+    let u = Union::new(&UnionConfig {
+        lowers,
+        upper: None,
+        fsync: false,
+    })
+    .unwrap();
+    let dir = u.lookup(ROOT, b"d").unwrap().ino;
+    let mut listed = names(&u, dir);
+    listed.sort();
+    let want: Vec<Vec<u8>> = [
+        "f0", "f1", "f10", "f11", "f2", "f3", "f5", "f6", "f7", "f9", "shared",
+    ]
+    .iter()
+    .map(|n| n.as_bytes().to_vec())
+    .collect();
+    assert_eq!(listed, want);
+    let shared = u.lookup(dir, b"shared").unwrap();
+    assert_eq!(shared.st.size, 1, "the top layer's copy wins");
+    assert!(u.lookup(dir, b"f4").is_err());
+    assert!(u.lookup(dir, b"f12").is_err());
+}

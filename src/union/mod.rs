@@ -24,7 +24,7 @@ pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, co
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result, ShowPath};
@@ -86,6 +86,15 @@ pub struct Union {
 /// Names all directory indexes may hold together before old ones are dropped (about 60 bytes
 /// each): enough for every directory a build or a walk has in hand, bounded for huge trees.
 const INDEX_BUDGET: usize = 32 * 1024;
+
+/// A directory merged from at least this many layers has its copies listed in parallel.
+const PARALLEL_LISTING_MIN_LAYERS: usize = 8;
+/// Threads listing one directory's copies (I/O bound: more than the CPUs is fine).
+const PARALLEL_LISTING_THREADS: usize = 8;
+
+/// One layer's copy of a directory: its listing and whether it is opaque, or `None` when the
+/// layer has no such directory.
+type ListedLayer = std::io::Result<Option<(LayerListing, bool)>>;
 
 #[derive(Default)]
 struct IndexLru {
@@ -374,7 +383,7 @@ impl Union {
 
     /// Read one layer's copy of a directory and classify its entries. Returns the listing and
     /// whether this copy is opaque.
-    fn list_layer(&self, layer: u16, path: &[u8]) -> std::io::Result<Option<(LayerListing, bool)>> {
+    fn list_layer(&self, layer: u16, path: &[u8]) -> ListedLayer {
         let fd = match self.open_dir_in(layer, path) {
             Ok(fd) => fd,
             Err(e) if is_missing(&e) => return Ok(None),
@@ -449,9 +458,13 @@ impl Union {
     fn build_index_cut(&self, merge: &[u16], path: &[u8]) -> Result<(DirIndex, usize)> {
         let mut builder = IndexBuilder::new(self.upper);
         let mut used = merge.len();
+        let mut listings = self.list_layers(merge, path).into_iter();
         for (i, &layer) in merge.iter().enumerate() {
-            let Some((listing, opaque)) = self
-                .list_layer(layer, path)
+            let listed = match listings.next() {
+                Some(l) => l,
+                None => self.list_layer(layer, path),
+            };
+            let Some((listing, opaque)) = listed
                 .map_err(|e| Error::io(format!("reading directory {}", ShowPath(path)), e))?
             else {
                 continue;
@@ -463,6 +476,53 @@ impl Union {
             }
         }
         Ok((builder.finish(), used))
+    }
+
+    /// For a deep stack, list the copies of a directory in every layer of `merge` at once, on
+    /// several threads: on a cold cache each listing is a few dependent disk reads, and a
+    /// hundred of them one after the other is what makes the first lookup in a directory of a
+    /// deep image slow. Returns the listings in `merge` order, or nothing for a shallow stack
+    /// (the caller lists those itself: threads would cost more than they save). Listings below
+    /// an opaque copy are read for nothing and dropped by the caller.
+    fn list_layers(&self, merge: &[u16], path: &[u8]) -> Vec<ListedLayer> {
+        if merge.len() < PARALLEL_LISTING_MIN_LAYERS {
+            return Vec::new();
+        }
+        let workers = (merge.len() / 4).clamp(2, PARALLEL_LISTING_THREADS);
+        let next = AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<ListedLayer>>> =
+            merge.iter().map(|_| Mutex::new(None)).collect();
+        let spawned = std::thread::scope(|scope| {
+            let work = || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&layer) = merge.get(i) else { break };
+                    let listed = self.list_layer(layer, path);
+                    *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(listed);
+                }
+            };
+            let mut started = 0;
+            for _ in 1..workers {
+                let ok = std::thread::Builder::new()
+                    .name("layerfs-list".into())
+                    .spawn_scoped(scope, work)
+                    .is_ok();
+                started += usize::from(ok);
+            }
+            // This thread takes its share too (and all of it if no thread could start).
+            work();
+            started
+        });
+        log::trace!(
+            "listed {} layers of {} on {} threads",
+            merge.len(),
+            ShowPath(path),
+            spawned + 1
+        );
+        slots
+            .into_iter()
+            .map_while(|slot| slot.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 
     /// Run `f` on the node's directory index, building it first if needed.

@@ -541,6 +541,10 @@ pub fn plan_mount(
         readdirplus: opts.readdirplus.unwrap_or(crate::fuse::ReaddirPlus::Auto),
         prefetch: opts.prefetch.unwrap_or(true),
     };
+    // Without an upper nothing can change, and the kernel should know it (as with kernel
+    // overlayfs, which makes such a mount read-only): on a writable FUSE mount every read marks
+    // the file's atime stale, so the next stat of it is a GETATTR round trip.
+    let read_only = opts.read_only || upper.is_none();
     Ok(MountPlan {
         union: UnionConfig {
             lowers,
@@ -551,7 +555,7 @@ pub fn plan_mount(
         fuse,
         allow_other: opts.allow_other || root,
         allow_root: opts.allow_root,
-        read_only: opts.read_only,
+        read_only,
         suid: opts.suid.unwrap_or(false),
         dev: opts.dev.unwrap_or(false),
         noexec: opts.noexec,

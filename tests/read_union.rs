@@ -284,6 +284,10 @@ fn lowers_only_stack_refuses_writes() {
     wfile(d.path().join("l/f"), "f");
     mkdirp(d.path().join("l/dir"));
     let m = layerfs_stack(&[&d.path().join("l")], None, &d.path().join("m"), &[]);
+    // The kernel knows the mount is read-only (it then keeps atimes and answers stat after a
+    // read from its cache), as with kernel overlayfs without an upperdir.
+    let vfs = nix::sys::statvfs::statvfs(&m.p("")).unwrap();
+    assert!(vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
     let erofs = Some(libc::EROFS);
     assert_eq!(
         fs::write(m.p("new"), "x").unwrap_err().raw_os_error(),

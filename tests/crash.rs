@@ -367,8 +367,16 @@ fn killed_during_a_create_unlink_storm() {
                         };
                         in_flight = Some((i, want.clone()));
                         let res = match &want {
+                            // ENOENT means "already gone" only while the mount is alive:
+                            // once its dead mount is detached, the path names a directory
+                            // of the bare mount point, where nothing exists either.
                             State::Gone => match fs::remove_file(&p) {
-                                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                                Err(e)
+                                    if e.raw_os_error() == Some(libc::ENOENT)
+                                        && !killed.load(Ordering::SeqCst) =>
+                                {
+                                    Ok(())
+                                }
                                 other => other,
                             },
                             State::Data(data) => {

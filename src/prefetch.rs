@@ -77,6 +77,10 @@ fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
 }
 
 fn run(shared: Arc<Shared>, union: Weak<Union>) {
+    // Speculative work: it must never take CPU time from requests or from the callers.
+    if let Err(e) = crate::sys::lower_thread_priority() {
+        log::debug!("prefetch thread keeps its priority: {e}");
+    }
     loop {
         let ino = {
             let mut q = lock(&shared.queue);

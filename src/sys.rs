@@ -1182,6 +1182,20 @@ pub fn getuid() -> u32 {
     // SAFETY: getuid cannot fail.
     unsafe { libc::getuid() }
 }
+/// Give the calling thread the lowest scheduling weight (`nice` 19): for speculative work that
+/// should only use CPU time nothing else wants.
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain integer arguments; on Linux PRIO_PROCESS with a thread id acts on that
+    // thread only.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }

@@ -465,12 +465,14 @@ impl Union {
         let (ppath, name) = split_path(&path);
         let parent = self.table().parent(node.ino).unwrap_or(ROOT_INO);
         let dst_dir = self.upper_dir(ppath)?;
+        // The data was synced before the link: that is what keeps a crash from showing a
+        // partial copy. The link needs no sync of its own (kernel overlayfs does none either):
+        // lost in a crash, the file shows its lower content again, as the unsynced change that
+        // caused the copy-up is lost too; an fsync of the file commits the journal holding the
+        // link. (Syncing the directory here cost a third of each small copy-up.)
         self.keep_times(dst_dir.as_fd(), || {
             Ok(sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), name)?)
         })?;
-        if self.fsync {
-            let _ = sys::fsync(dst_dir.as_fd(), false);
-        }
         let new = sys::fstat(tmp.as_fd())?;
         self.finish_copy_up(node, parent, name, &new);
         Ok(())

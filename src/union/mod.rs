@@ -96,6 +96,37 @@ const PARALLEL_LISTING_THREADS: usize = 8;
 /// layer has no such directory.
 type ListedLayer = std::io::Result<Option<(LayerListing, bool)>>;
 
+/// The copies of one directory in its layers, each opened on first use: a batch of names
+/// (a readdirplus reply, a prefetch) opens every layer's copy once instead of once per name.
+struct LayerDirs<'a> {
+    union: &'a Union,
+    path: &'a [u8],
+    /// Layer, and its copy (`None`: it could not be opened; not tried again).
+    open: Vec<(u16, Option<OwnedFd>)>,
+}
+
+impl<'a> LayerDirs<'a> {
+    fn new(union: &'a Union, path: &'a [u8]) -> Self {
+        LayerDirs {
+            union,
+            path,
+            open: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, layer: u16) -> Option<BorrowedFd<'_>> {
+        let at = match self.open.iter().position(|(l, _)| *l == layer) {
+            Some(at) => at,
+            None => {
+                let fd = self.union.open_dir_in(layer, self.path).ok();
+                self.open.push((layer, fd));
+                self.open.len() - 1
+            }
+        };
+        self.open[at].1.as_ref().map(|fd| fd.as_fd())
+    }
+}
+
 #[derive(Default)]
 struct IndexLru {
     /// (directory, stamp when queued, names it held)
@@ -730,25 +761,17 @@ impl Union {
     ) -> Result<()> {
         let _ns = self.read_ns();
         let (pnode, ppath) = self.node_path(parent)?;
-        let mut dirs: Vec<(u16, OwnedFd)> = Vec::new();
-        for entry in entries {
-            let found = self.with_index(&pnode, &ppath, |idx| {
-                idx.visible(&entry.name).map(|(t, d)| (t, d.to_vec()))
-            })?;
-            let Some((top, dir_layers)) = found else {
+        let found: Vec<_> = self.with_index(&pnode, &ppath, |idx| {
+            entries
+                .iter()
+                .filter_map(|e| idx.visible(&e.name).map(|(t, d)| (e, t, d.to_vec())))
+                .collect()
+        })?;
+        let mut dirs = LayerDirs::new(self, &ppath);
+        for (entry, top, dir_layers) in found {
+            let Some(dfd) = dirs.get(top.layer) else {
                 continue;
             };
-            let at = match dirs.iter().position(|(l, _)| *l == top.layer) {
-                Some(i) => i,
-                None => match self.open_dir_in(top.layer, &ppath) {
-                    Ok(fd) => {
-                        dirs.push((top.layer, fd));
-                        dirs.len() - 1
-                    }
-                    Err(_) => continue,
-                },
-            };
-            let dfd = dirs[at].1.as_fd();
             let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers) else {
                 continue;
             };
@@ -766,7 +789,7 @@ impl Union {
     /// otherwise do on the event loop. Returns `false` when there was nothing to do (the index
     /// was there already, or the node is gone).
     pub fn warm_dir(&self, ino: u64, max_entries: usize) -> bool {
-        let (dirs, names) = {
+        let (path, listed) = {
             let _ns = self.read_ns();
             let Ok((node, path)) = self.node_path(ino) else {
                 return false;
@@ -777,27 +800,17 @@ impl Union {
                     return false;
                 }
             }
-            let listed = self.with_index(&node, &path, |idx| {
-                let sorted = idx.sorted();
-                let layers: Vec<u16> = sorted.iter().map(|e| e.top.layer).collect();
-                (sorted, layers)
-            });
-            let Ok((sorted, mut layers)) = listed else {
-                return false;
-            };
-            layers.sort_unstable();
-            layers.dedup();
-            let dirs: Vec<(u16, OwnedFd)> = layers
-                .into_iter()
-                .filter_map(|l| Some((l, self.open_dir_in(l, &path).ok()?)))
-                .collect();
-            (dirs, sorted)
+            match self.with_index(&node, &path, |idx| idx.sorted()) {
+                Ok(listed) => (path, listed),
+                Err(_) => return false,
+            }
         };
         // Outside the namespace lock: only caches are touched, and a rename in between only
         // makes a stat miss.
-        for entry in names.iter().take(max_entries) {
-            if let Some((_, dfd)) = dirs.iter().find(|(l, _)| *l == entry.top.layer) {
-                let _ = sys::stat_at(dfd.as_fd(), &entry.name);
+        let mut dirs = LayerDirs::new(self, &path);
+        for entry in listed.iter().take(max_entries) {
+            if let Some(dfd) = dirs.get(entry.top.layer) {
+                let _ = sys::stat_at(dfd, &entry.name);
             }
         }
         true

@@ -7,10 +7,16 @@
 //! picks the next request up at once. A governor thread switches back to blocking reads once no
 //! request has arrived for a whole window, so an idle mount costs no CPU.
 //!
-//! Invariants: `O_NONBLOCK` is set only while `spinning` is true; a request seen while blocking
-//! (the first of a burst) turns spinning on and wakes the governor; the flag lives on the open
-//! file description, so the duplicate held here steers the session's descriptor too. Only for a
-//! single-threaded loop: with several readers every one of them would spin.
+//! A request handed to a worker thread (a copy-up) pauses the spinning: its caller waits for the
+//! worker, and on a two-vCPU host the spinning loop would take the CPU the worker and the disk
+//! completions need (1,000 renames of lower files: 0.63-0.70 s spinning, 0.42-0.47 s not). The
+//! next request turns it back on.
+//!
+//! Invariants: `O_NONBLOCK` is set only while `spinning` is true; both change together, under
+//! the `wake` mutex; a request seen while blocking (the first of a burst) turns spinning on and
+//! wakes the governor; the flag lives on the open file description, so the duplicate held here
+//! steers the session's descriptor too. Only for a single-threaded loop: with several readers
+//! every one of them would spin.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,14 +61,37 @@ pub fn start(dev: OwnedFd, window: Duration) -> std::io::Result<()> {
 pub fn note_request() {
     let Some(p) = POLLER.get() else { return };
     p.last_request.store(p.now(), Ordering::Relaxed);
-    if !p.spinning.load(Ordering::Relaxed) && !p.spinning.swap(true, Ordering::AcqRel) {
+    if p.spinning.load(Ordering::Relaxed) {
+        return;
+    }
+    let _guard = p.lock();
+    if !p.spinning.load(Ordering::Relaxed) {
         p.set_nonblocking(true);
-        let _guard = p.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.spinning.store(true, Ordering::Release);
         p.wake.1.notify_one();
     }
 }
 
+/// Called when a request goes to a worker thread: stop spinning until the next request.
+pub fn pause() {
+    let Some(p) = POLLER.get() else { return };
+    let _guard = p.lock();
+    p.stop_spinning();
+}
+
 impl BusyPoll {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.wake.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// With the `wake` mutex held.
+    fn stop_spinning(&self) {
+        if self.spinning.load(Ordering::Relaxed) {
+            self.set_nonblocking(false);
+            self.spinning.store(false, Ordering::Release);
+        }
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -91,7 +120,7 @@ fn govern() {
     let window_ns = u64::try_from(p.window.as_nanos()).unwrap_or(u64::MAX);
     loop {
         {
-            let mut guard = p.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = p.lock();
             while !p.spinning.load(Ordering::Acquire) {
                 guard = p.wake.1.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
@@ -101,14 +130,49 @@ fn govern() {
             let idle = p
                 .now()
                 .saturating_sub(p.last_request.load(Ordering::Relaxed));
-            if idle >= window_ns {
+            if idle >= window_ns || !p.spinning.load(Ordering::Acquire) {
                 break;
             }
         }
-        // Blocking first, then the flag: a request noted in between sees `spinning` still true
-        // and leaves the descriptor blocking; it still gets served, only without spinning, and
-        // the next request after that one turns spinning back on.
-        p.set_nonblocking(false);
-        p.spinning.store(false, Ordering::Release);
+        // A request noted after the idle check but before the lock finds spinning still on and
+        // is served without spinning; the next one after it turns spinning back on.
+        let _guard = p.lock();
+        p.stop_spinning();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nonblocking(fd: &OwnedFd) -> bool {
+        let flags = fcntl(fd, FcntlArg::F_GETFL).expect("F_GETFL");
+        OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK)
+    }
+
+    /// The only test in this binary that starts the poller (it is once per process).
+    #[test]
+    fn requests_spin_workers_pause_and_idle_stops() {
+        let (read_end, _write_end) = nix::unistd::pipe().expect("pipe");
+        let dup = read_end.try_clone().expect("dup");
+        start(dup, Duration::from_millis(20)).expect("start");
+        assert!(!nonblocking(&read_end));
+
+        note_request();
+        assert!(nonblocking(&read_end), "a request turns spinning on");
+        pause();
+        assert!(!nonblocking(&read_end), "a worker request pauses it");
+        pause();
+        assert!(!nonblocking(&read_end));
+        note_request();
+        assert!(nonblocking(&read_end), "the next request turns it back on");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nonblocking(&read_end) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!nonblocking(&read_end), "idle for a window: blocking again");
+        note_request();
+        assert!(nonblocking(&read_end), "and a new burst spins again");
     }
 }

@@ -239,9 +239,14 @@ fn dtype_file_type(dtype: u8) -> FileType {
     }
 }
 
-/// Run a handler body; a panic inside drops the reply, which answers EIO.
+/// Run a handler body on the session's thread; a panic inside drops the reply, which answers
+/// EIO.
 fn guarded(what: &str, f: impl FnOnce()) {
     crate::busypoll::note_request();
+    unwind_to_eio(what, f);
+}
+
+fn unwind_to_eio(what: &str, f: impl FnOnce()) {
     if catch_unwind(AssertUnwindSafe(f)).is_err() {
         log::error!("internal error in {what}: answered EIO");
     }
@@ -280,9 +285,10 @@ impl LayerFs {
     /// Run `f` on a thread of its own.
     fn offload(&self, what: &'static str, f: impl FnOnce(&Core) + Send + 'static) {
         let core = self.0.clone();
+        crate::busypoll::pause();
         let spawned = std::thread::Builder::new()
             .name("layerfs-slow".into())
-            .spawn(move || guarded(what, || f(&core)));
+            .spawn(move || unwind_to_eio(what, || f(&core)));
         if let Err(e) = spawned {
             // The closure (and its reply, which answers EIO when dropped) is gone with it.
             log::error!("{what}: cannot start a worker thread: {e}");

@@ -32,6 +32,10 @@ use crate::error::Error;
 use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, OpenFile, SetAttr, Union};
+use crate::workers::Workers;
+
+/// How long a copy-up worker waits for the next job before it exits.
+const WORKER_LINGER: Duration = Duration::from_secs(2);
 
 /// How ids on disk are shown through the mount.
 #[derive(Clone, Debug, Default)]
@@ -165,6 +169,8 @@ pub struct Core {
     /// generation it belongs to: the kernel allows one backing file per inode at a time.
     backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
     prefetch: Option<Prefetcher>,
+    /// Threads for requests that may copy data up.
+    workers: Workers,
 }
 
 /// How an open file is served.
@@ -263,6 +269,7 @@ impl LayerFs {
         };
         LayerFs(Arc::new(Core {
             prefetch,
+            workers: Workers::new("layerfs-slow", WORKER_LINGER),
             union,
             opts,
             handles: Mutex::new(HashMap::new()),
@@ -272,7 +279,7 @@ impl LayerFs {
         }))
     }
 
-    /// Run `f` here, or (`slow`: the request may copy file data up) on a thread of its own so
+    /// Run `f` here, or (`slow`: the request may copy file data up) on a worker thread so
     /// one large copy never holds up unrelated requests.
     fn run(&self, what: &'static str, slow: bool, f: impl FnOnce(&Core) + Send + 'static) {
         if slow {
@@ -282,14 +289,15 @@ impl LayerFs {
         }
     }
 
-    /// Run `f` on a thread of its own.
+    /// Run `f` on a worker that has no other job.
     fn offload(&self, what: &'static str, f: impl FnOnce(&Core) + Send + 'static) {
         let core = self.0.clone();
         crate::busypoll::pause();
-        let spawned = std::thread::Builder::new()
-            .name("layerfs-slow".into())
-            .spawn(move || unwind_to_eio(what, || f(&core)));
-        if let Err(e) = spawned {
+        let submitted = self
+            .0
+            .workers
+            .submit(move || unwind_to_eio(what, || f(&core)));
+        if let Err(e) = submitted {
             // The closure (and its reply, which answers EIO when dropped) is gone with it.
             log::error!("{what}: cannot start a worker thread: {e}");
         }

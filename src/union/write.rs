@@ -1506,8 +1506,8 @@ impl Union {
     }
 }
 
-/// Copy `size` bytes of file data, keeping holes: reflink when the filesystem can, else
-/// `copy_file_range` over each data extent, else read/write.
+/// Copy `size` bytes of file data into the empty file `dst`, keeping holes: reflink when the
+/// filesystem can, else `copy_file_range` over each data extent, else read/write.
 pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io::Result<()> {
     if size == 0 {
         return Ok(());
@@ -1516,6 +1516,7 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io
         return Ok(());
     }
     let mut off = 0u64;
+    let mut copied_to = 0u64;
     while off < size {
         let data = match sys::lseek(src, off as i64, sys::SEEK_DATA) {
             Ok(d) => d as u64,
@@ -1527,10 +1528,15 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io
             Ok(h) => (h as u64).min(size),
             Err(_) => size,
         };
-        copy_range(src, dst, data, hole - data)?;
+        copied_to = copied_to.max(copy_range(src, dst, data, hole - data)?);
         off = hole.max(data + 1);
     }
-    sys::ftruncate(dst, size)
+    // A trailing hole (or a source that shrank) leaves the copy short; only then is a truncate
+    // (one more inode update) needed.
+    if copied_to != size {
+        sys::ftruncate(dst, size)?;
+    }
+    Ok(())
 }
 
 fn copy_range(
@@ -1538,11 +1544,11 @@ fn copy_range(
     dst: BorrowedFd<'_>,
     start: u64,
     len: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let mut done = 0u64;
     while done < len {
         match sys::copy_file_range(src, start + done, dst, start + done, len - done) {
-            Ok(0) => return Ok(()),
+            Ok(0) => break,
             Ok(n) => done += n as u64,
             Err(e)
                 if matches!(
@@ -1559,16 +1565,16 @@ fn copy_range(
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(start + done)
 }
 
-/// Last resort: copy through a userspace buffer.
+/// Last resort: copy through a userspace buffer. Returns the offset reached.
 fn copy_range_rw(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     start: u64,
     len: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < len {
@@ -1583,12 +1589,38 @@ fn copy_range_rw(
         }
         done += n as u64;
     }
-    Ok(())
+    Ok(start + done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_data_sizes_the_copy_with_a_trailing_hole_or_none() -> std::io::Result<()> {
+        let d = tempfile::tempdir()?;
+        let dir = sys::open_dir_path(d.path())?;
+        for (name, data_len, size) in [
+            (&b"dense"[..], 5000usize, 5000u64),
+            (b"trailing-hole", 4, 32 << 20),
+        ] {
+            let src = sys::open_at(dir.as_fd(), name, libc::O_CREAT | libc::O_RDWR, 0o644)?;
+            sys::pwrite(src.as_fd(), &vec![b'x'; data_len], 0)?;
+            sys::ftruncate(src.as_fd(), size)?;
+            let dst = sys::open_tmpfile(dir.as_fd(), libc::O_RDWR, 0o600)?;
+            copy_data(src.as_fd(), dst.as_fd(), size)?;
+            assert_eq!(sys::fstat(dst.as_fd())?.size, size);
+            let mut tail = [1u8; 4];
+            assert_eq!(sys::pread(dst.as_fd(), &mut tail, size - 4)?, 4);
+            let want = if data_len as u64 == size {
+                *b"xxxx"
+            } else {
+                [0; 4]
+            };
+            assert_eq!(tail, want);
+        }
+        Ok(())
+    }
 
     #[test]
     fn copy_data_keeps_holes_and_content() -> std::io::Result<()> {

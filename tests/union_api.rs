@@ -5,7 +5,8 @@
 use std::fs;
 use std::path::Path;
 
-use layerfs::union::{Caller, ROOT, Union, UnionConfig};
+use layerfs::union::{Caller, ROOT, SetAttr, Union, UnionConfig};
+use std::os::unix::fs::PermissionsExt;
 
 fn files(dir: &Path, n: usize) {
     fs::create_dir_all(dir).unwrap();
@@ -189,4 +190,65 @@ fn a_deep_stack_merges_the_same_when_listed_in_parallel() {
     assert_eq!(shared.st.size, 1, "the top layer's copy wins");
     assert!(u.lookup(dir, b"f4").is_err());
     assert!(u.lookup(dir, b"f12").is_err());
+}
+
+/// Name operations reuse their parent directory's fd between requests; a rename or a removal
+/// of that directory must not leave a later request working in the old one.
+#[test]
+fn a_moved_or_replaced_parent_is_not_used_through_a_kept_descriptor() {
+    let d = tempfile::tempdir().unwrap();
+    let (low, up, work) = (
+        d.path().join("low"),
+        d.path().join("up"),
+        d.path().join("work"),
+    );
+    for p in [&low, &up, &work] {
+        fs::create_dir_all(p).unwrap();
+    }
+    let u = Union::new(&UnionConfig {
+        lowers: vec![low],
+        upper: Some((up.clone(), work)),
+        fsync: false,
+    })
+    .unwrap();
+    let caller = Caller::root();
+    let chmod = |ino: u64, mode: u32| {
+        let changes = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        u.setattr(ino, &changes, None).unwrap();
+    };
+    let mode_of = |rel: &str| fs::metadata(up.join(rel)).unwrap().permissions().mode() & 0o7777;
+    let make = |top: &[u8]| {
+        let a = u.mkdir(ROOT, top, 0o755, &caller).unwrap().ino;
+        let b = u.mkdir(a, b"b", 0o755, &caller).unwrap().ino;
+        u.create(b, b"f", 0o644, libc::O_WRONLY, &caller)
+            .unwrap()
+            .0
+            .ino
+    };
+
+    let first = make(b"a");
+    chmod(first, 0o600); // a/b is now a kept descriptor
+    u.rename(ROOT, b"a", ROOT, b"moved", 0).unwrap();
+    let second = make(b"a");
+    chmod(second, 0o640);
+    assert_eq!(mode_of("a/b/f"), 0o640, "the new a/b/f changed");
+    assert_eq!(mode_of("moved/b/f"), 0o600, "the moved file kept its mode");
+
+    // Removed and made again under the same name.
+    chmod(second, 0o600);
+    let a = u.lookup(ROOT, b"a").unwrap().ino;
+    let b = u.lookup(a, b"b").unwrap().ino;
+    u.remove(b, b"f", false).unwrap();
+    u.remove(a, b"b", true).unwrap();
+    let b = u.mkdir(a, b"b", 0o755, &caller).unwrap().ino;
+    let third = u
+        .create(b, b"f", 0o644, libc::O_WRONLY, &caller)
+        .unwrap()
+        .0
+        .ino;
+    chmod(third, 0o604);
+    assert_eq!(mode_of("a/b/f"), 0o604);
 }

@@ -21,7 +21,7 @@ mod write;
 
 pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, copy_data};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,6 +81,78 @@ pub struct Union {
     /// Directory indexes in the order they were built, for dropping the least used.
     index_lru: Mutex<IndexLru>,
     index_clock: AtomicU64,
+    /// Parent directories opened for name operations, kept between requests.
+    dir_fds: DirFds,
+}
+
+/// Open directory fds by (layer, path), so a request on a name spares the walk from the layer
+/// root (untar sends about eight requests per file to the same parent).
+///
+/// Invariant: an entry is used only while `epoch` equals the value read before it was opened.
+/// Every exclusive hold of the namespace lock (all creating, removing and renaming happens
+/// under it) bumps the epoch when taken and when released, so an fd opened before or during
+/// a change of which directory a path names is never used after it. Lower layers never change,
+/// but share the rule for simplicity.
+struct DirFds {
+    epoch: AtomicU64,
+    map: Mutex<DirFdMap>,
+}
+
+/// (layer, directory path) -> (epoch it was opened in, fd).
+type DirFdMap = HashMap<(u16, Vec<u8>), (u64, Arc<OwnedFd>)>;
+
+/// Directory fds [`DirFds`] keeps at most (then it starts over).
+pub const DIR_FDS_MAX: usize = 256;
+
+impl DirFds {
+    fn new() -> Self {
+        DirFds {
+            epoch: AtomicU64::new(0),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn map(&self) -> MutexGuard<'_, DirFdMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(
+        &self,
+        layer: u16,
+        path: &[u8],
+        open: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> std::io::Result<Arc<OwnedFd>> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let key = (layer, path.to_vec());
+        if let Some((at, fd)) = self.map().get(&key) {
+            if *at == epoch {
+                return Ok(fd.clone());
+            }
+        }
+        let fd = Arc::new(open()?);
+        let mut map = self.map();
+        if map.len() >= DIR_FDS_MAX {
+            map.clear();
+        }
+        map.insert(key, (epoch, fd.clone()));
+        Ok(fd)
+    }
+}
+
+/// The exclusive namespace lock; see [`DirFds`] for why taking and releasing it invalidates.
+struct NsWrite<'a> {
+    _guard: RwLockWriteGuard<'a, ()>,
+    dir_fds: &'a DirFds,
+}
+
+impl Drop for NsWrite<'_> {
+    fn drop(&mut self) {
+        self.dir_fds.invalidate();
+    }
 }
 
 /// Names all directory indexes may hold together before old ones are dropped (about 60 bytes
@@ -292,6 +364,7 @@ impl Union {
             own_gid: sys::getegid(),
             index_lru: Mutex::new(IndexLru::default()),
             index_clock: AtomicU64::new(1),
+            dir_fds: DirFds::new(),
         })
     }
 
@@ -309,8 +382,13 @@ impl Union {
         self.ns.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_ns(&self) -> RwLockWriteGuard<'_, ()> {
-        self.ns.write().unwrap_or_else(|p| p.into_inner())
+    fn write_ns(&self) -> NsWrite<'_> {
+        let guard = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        self.dir_fds.invalidate();
+        NsWrite {
+            _guard: guard,
+            dir_fds: &self.dir_fds,
+        }
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -353,7 +431,12 @@ impl Union {
             return f(self.root_fd(layer), b"");
         }
         let (dir, name) = split_path(path);
-        let dfd = self.open_dir_in(layer, dir)?;
+        if dir.is_empty() {
+            return f(self.root_fd(layer), name);
+        }
+        let dfd = self
+            .dir_fds
+            .get(layer, dir, || self.open_dir_in(layer, dir))?;
         f(dfd.as_fd(), name)
     }
 

@@ -81,12 +81,13 @@ pub struct Union {
     /// Directory indexes in the order they were built, for dropping the least used.
     index_lru: Mutex<IndexLru>,
     index_clock: AtomicU64,
-    /// Parent directories opened for name operations, kept between requests.
+    /// Directories opened for name operations and lookups, kept between requests.
     dir_fds: DirFds,
 }
 
-/// Open directory fds by (layer, path), so a request on a name spares the walk from the layer
-/// root (untar sends about eight requests per file to the same parent).
+/// Open directory fds by (layer, path), so a request on a name (a lookup, a stat, a setattr)
+/// spares the walk from the layer root (untar sends about eight requests per file to the same
+/// parent).
 ///
 /// Invariant: an entry is used only while `epoch` equals the value read before it was opened.
 /// Every exclusive hold of the namespace lock (all creating, removing and renaming happens
@@ -174,7 +175,7 @@ struct LayerDirs<'a> {
     union: &'a Union,
     path: &'a [u8],
     /// Layer, and its copy (`None`: it could not be opened; not tried again).
-    open: Vec<(u16, Option<OwnedFd>)>,
+    open: Vec<(u16, Option<Arc<OwnedFd>>)>,
 }
 
 impl<'a> LayerDirs<'a> {
@@ -190,7 +191,7 @@ impl<'a> LayerDirs<'a> {
         let at = match self.open.iter().position(|(l, _)| *l == layer) {
             Some(at) => at,
             None => {
-                let fd = self.union.open_dir_in(layer, self.path).ok();
+                let fd = self.union.dir_fd(layer, self.path).ok();
                 self.open.push((layer, fd));
                 self.open.len() - 1
             }
@@ -434,10 +435,16 @@ impl Union {
         if dir.is_empty() {
             return f(self.root_fd(layer), name);
         }
-        let dfd = self
-            .dir_fds
-            .get(layer, dir, || self.open_dir_in(layer, dir))?;
+        let dfd = self.dir_fd(layer, dir)?;
         f(dfd.as_fd(), name)
+    }
+
+    /// The directory `path` of `layer`, from the kept descriptors when it is there. It names
+    /// `path` for as long as the namespace lock is held (see [`DirFds`]); used later, it may only
+    /// fill caches (as `warm_dir` does).
+    fn dir_fd(&self, layer: u16, path: &[u8]) -> std::io::Result<Arc<OwnedFd>> {
+        self.dir_fds
+            .get(layer, path, || self.open_dir_in(layer, path))
     }
 
     /// xattr target for `name` in `dir`, or the directory itself when `name` is empty.
@@ -742,7 +749,7 @@ impl Union {
         dir_layers: &[u16],
     ) -> Result<Attr> {
         let dfd = self
-            .open_dir_in(top.layer, parent_path)
+            .dir_fd(top.layer, parent_path)
             .map_err(|e| Error::io(format!("lookup {}", ShowPath(parent_path)), e))?;
         self.materialize_in(dfd.as_fd(), parent, name, top, dir_layers)
     }
@@ -970,7 +977,7 @@ impl Union {
         }
         let _ns = self.read_ns();
         let ppath = self.table().path(parent).ok_or_else(enoent)?;
-        let dfd = self.open_dir_in(entry.top.layer, &ppath)?;
+        let dfd = self.dir_fd(entry.top.layer, &ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
         let origin = if Some(entry.top.layer) == self.upper {
             self.read_origin(dfd.as_fd(), &entry.name)

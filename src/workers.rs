@@ -71,8 +71,8 @@ impl Workers {
             .map(drop)
     }
 
-    /// Workers parked now (for tests).
-    pub fn parked(&self) -> usize {
+    #[cfg(test)]
+    fn parked(&self) -> usize {
         self.shared.lock().parked
     }
 }

@@ -53,7 +53,18 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender {
+            dev: self.0.clone(),
+            target: None,
+        }
+    }
+
+    /// A sender whose replies go to `target`; backing files are still opened on this channel.
+    pub(crate) fn sender_to(&self, target: Arc<dyn ReplyTarget>) -> ChannelSender {
+        ChannelSender {
+            dev: self.0.clone(),
+            target: Some(target),
+        }
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -79,12 +90,35 @@ impl Channel {
     }
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+/// Receives the reply to a request dispatched with [`crate::RawDispatcher`]: the
+/// fuse_out_header followed by the reply's arguments, exactly as they would be written to the
+/// FUSE device.
+pub trait ReplyTarget: Send + Sync + 'static {
+    /// Deliver one reply. Called at most once per request.
+    fn send(&self, data: &[io::IoSlice<'_>]) -> io::Result<()>;
+}
+
+#[derive(Clone)]
+pub(crate) struct ChannelSender {
+    dev: Arc<DevFuse>,
+    target: Option<Arc<dyn ReplyTarget>>,
+}
+
+impl std::fmt::Debug for ChannelSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSender")
+            .field("dev", &self.dev)
+            .field("target", &self.target.is_some())
+            .finish()
+    }
+}
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let rc = nix::sys::uio::writev(&self.0, bufs)?;
+        if let Some(target) = &self.target {
+            return target.send(bufs);
+        }
+        let rc = nix::sys::uio::writev(&self.dev, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
@@ -93,10 +127,10 @@ impl ChannelSender {
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        BackingId::create(&self.0, fd)
+        BackingId::create(&self.dev, fd)
     }
 
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
-        unsafe { BackingId::wrap_raw(&self.0, id) }
+        unsafe { BackingId::wrap_raw(&self.dev, id) }
     }
 }

@@ -32,6 +32,7 @@ use crate::ReplyEmpty;
 use crate::Request;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
+use crate::channel::ReplyTarget;
 use crate::dev_fuse::DevFuse;
 use crate::ll;
 use crate::ll::Operation;
@@ -125,7 +126,7 @@ impl Drop for UmountOnDrop {
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
     /// Filesystem operation implementations. None after `destroy` called.
-    pub(crate) filesystem: FilesystemHolder<FS>,
+    pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     /// Communication channel to the kernel driver
     pub(crate) ch: Channel,
     /// Handle to the mount.  Dropping this unmounts.
@@ -175,9 +176,9 @@ impl<FS: Filesystem> Session<FS> {
         let ch = Channel::new(file);
 
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(Some(mount))),
@@ -203,9 +204,9 @@ impl<FS: Filesystem> Session<FS> {
     ) -> io::Result<Self> {
         let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(None)),
@@ -267,7 +268,7 @@ impl<FS: Filesystem> Session<FS> {
             return Err(io::Error::other("n_threads"));
         };
 
-        let mut filesystem = Arc::new(filesystem);
+        let mut filesystem = filesystem;
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -321,13 +322,11 @@ impl<FS: Filesystem> Session<FS> {
             }
         }
 
-        let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
-            return Err(io::Error::other(
-                "BUG: must have one refcount for filesystem",
-            ));
-        };
-
-        filesystem.destroy();
+        // A RawDispatcher may still hold the filesystem; its holder then calls destroy when the
+        // last reference goes.
+        if let Some(filesystem) = Arc::get_mut(&mut filesystem) {
+            filesystem.destroy();
+        }
 
         reply
     }
@@ -415,7 +414,8 @@ impl<FS: Filesystem> Session<FS> {
             let mut config = KernelConfig::new(init.capabilities(), init.max_readahead(), v);
 
             // Call filesystem init method and give it a chance to return an error
-            let Some(filesystem) = &mut self.filesystem.fs else {
+            let Some(filesystem) = Arc::get_mut(&mut self.filesystem).and_then(|h| h.fs.as_mut())
+            else {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "Bug: filesystem must be initialized during handshake",
@@ -474,6 +474,21 @@ impl<FS: Filesystem> Session<FS> {
                 .send_ll(&response);
 
             return Ok(());
+        }
+    }
+
+    /// A dispatcher for requests that reach this process other than by `read()` on the FUSE
+    /// device (FUSE-over-io_uring). It runs the same `Filesystem` with the same access checks.
+    /// Call it after the session is created (the FUSE_INIT handshake is done by then).
+    pub fn raw_dispatcher(&self, thread_name: &str) -> RawDispatcher<FS> {
+        RawDispatcher {
+            event_loop: SessionEventLoop {
+                thread_name: thread_name.to_string(),
+                ch: self.ch.clone(),
+                filesystem: self.filesystem.clone(),
+                allowed: self.allowed,
+                session_owner: self.session_owner,
+            },
         }
     }
 
@@ -552,6 +567,42 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+}
+
+/// Dispatches requests whose bytes were received by the caller, with replies going to a
+/// [`ReplyTarget`] instead of the FUSE device. See [`Session::raw_dispatcher`].
+pub struct RawDispatcher<FS: Filesystem> {
+    event_loop: SessionEventLoop<FS>,
+}
+
+impl<FS: Filesystem> std::fmt::Debug for RawDispatcher<FS> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDispatcher")
+            .field("thread_name", &self.event_loop.thread_name)
+            .finish()
+    }
+}
+
+impl<FS: Filesystem> RawDispatcher<FS> {
+    /// Parse `data` (a fuse_in_header and the request's arguments, as `read()` on the device
+    /// would return them) and run it. The reply, if the operation has one, goes to `target`,
+    /// possibly later and from another thread. An error means `data` was not a valid request
+    /// and nothing was sent to `target`.
+    pub fn dispatch(&self, data: &[u8], target: Arc<dyn ReplyTarget>) -> io::Result<()> {
+        let sender = self.event_loop.ch.sender_to(target);
+        let Some(req) = RequestWithSender::new(sender, data) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid FUSE request",
+            ));
+        };
+        if let Ok(Operation::Destroy(_)) = req.request.operation() {
+            req.reply::<ReplyEmpty>().ok();
+        } else {
+            req.dispatch(&self.event_loop);
+        }
+        Ok(())
     }
 }
 

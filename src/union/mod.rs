@@ -207,13 +207,12 @@ struct IndexLru {
     total: usize,
 }
 
-/// Open flags passed through to the backing file.
-const PASSED_OPEN_FLAGS: i32 = libc::O_APPEND
-    | libc::O_NONBLOCK
-    | libc::O_DIRECT
-    | libc::O_SYNC
-    | libc::O_DSYNC
-    | libc::O_NOATIME;
+/// Open flags passed through to the backing file. Not O_DIRECT: the daemon reads and writes
+/// with buffers of its own, which O_DIRECT would require to be block-aligned (every read
+/// failed with EINVAL), and the kernel already keeps such opens out of the FUSE page cache.
+/// Passthrough I/O takes O_DIRECT from the caller's own file, not from this one.
+const PASSED_OPEN_FLAGS: i32 =
+    libc::O_APPEND | libc::O_NONBLOCK | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
 
 fn enoent() -> Error {
     Error::os(libc::ENOENT)

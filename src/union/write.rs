@@ -831,7 +831,7 @@ impl Union {
                 let f = sys::open_at(
                     mk_dir,
                     &mk_name,
-                    (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+                    (flags & (libc::O_ACCMODE | super::PASSED_OPEN_FLAGS))
                         | libc::O_CREAT
                         | libc::O_EXCL,
                     perm & 0o777,

@@ -28,6 +28,29 @@ if [ "$(id -u)" = 0 ]; then
   modprobe overlay 2>/dev/null || true
 fi
 
-cargo fmt --all -- --check
+# FUSE-over-io_uring is served only when the fuse module offers it: turn it on for the run
+# (the tests cover both transports) and put the setting back afterwards.
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_saved=""
+if [ "$(id -u)" = 0 ] && [ -w "$uring_param" ]; then
+  uring_saved=$(cat "$uring_param")
+  echo Y >"$uring_param"
+  trap 'echo "$uring_saved" >"$uring_param"' EXIT
+elif [ -e "$uring_param" ]; then
+  echo "note: $uring_param is $(cat "$uring_param"); FUSE-over-io_uring is tested only when it is Y"
+else
+  echo "note: this kernel has no FUSE-over-io_uring; only /dev/fuse is tested"
+fi
+
+# Only this crate: the vendored fuser keeps its upstream formatting.
+cargo fmt -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
+
+# The FUSE behaviour tests again over /dev/fuse, when the first run went over io_uring.
+if [ -n "$uring_saved" ]; then
+  echo "== FUSE tests again with io_uring=off (requests over /dev/fuse)"
+  LAYERFS_TEST_MOUNT_OPTS=io_uring=off cargo test \
+    --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring \
+    -- --test-threads="${TEST_THREADS:-4}"
+fi

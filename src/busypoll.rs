@@ -42,6 +42,9 @@ struct BusyPoll {
 
 static POLLER: OnceLock<BusyPoll> = OnceLock::new();
 
+/// Set when requests stopped coming through `/dev/fuse` (FUSE-over-io_uring serves them).
+static OFF: AtomicBool = AtomicBool::new(false);
+
 /// Start polling `dev` (a duplicate of the session's `/dev/fuse` descriptor) for `window` after
 /// each request. Once per process; later calls are ignored.
 pub fn start(dev: OwnedFd, window: Duration) -> std::io::Result<()> {
@@ -65,6 +68,9 @@ pub fn start(dev: OwnedFd, window: Duration) -> std::io::Result<()> {
 /// Called at the start of every request.
 pub fn note_request() {
     let Some(p) = POLLER.get() else { return };
+    if OFF.load(Ordering::Relaxed) {
+        return;
+    }
     p.last_request.store(p.now(), Ordering::Relaxed);
     if p.spinning.load(Ordering::Relaxed) {
         return;
@@ -75,6 +81,15 @@ pub fn note_request() {
         p.spinning.store(true, Ordering::Release);
         p.wake.1.notify_one();
     }
+}
+
+/// Stop polling for good: the requests now come through io_uring, served on their callers'
+/// CPUs, and a spinning `/dev/fuse` reader would only take a CPU from them.
+pub fn turn_off() {
+    OFF.store(true, Ordering::Relaxed);
+    let Some(p) = POLLER.get() else { return };
+    let _guard = p.lock();
+    p.stop_spinning();
 }
 
 /// Called when a request goes to a worker thread: stop spinning until the next request.

@@ -273,6 +273,7 @@ pub struct MountOptions {
     pub threads: Option<usize>,
     pub busy_poll_us: Option<u32>,
     pub passthrough: Option<bool>,
+    pub io_uring: Option<bool>,
     pub cache_dirs: Option<bool>,
     pub readdirplus: Option<crate::fuse::ReaddirPlus>,
     pub prefetch: Option<bool>,
@@ -436,6 +437,7 @@ impl MountOptions {
                     }
                     ("debug", None) => o.debug = true,
                     ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
+                    ("io_uring", Some(v)) => o.io_uring = Some(parse_switch(key, v)?),
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
                     ("readdirplus", Some(v)) => {
@@ -537,6 +539,7 @@ pub fn plan_mount(
         },
         default_permissions,
         passthrough: opts.passthrough.unwrap_or(true),
+        io_uring: opts.io_uring.unwrap_or(true),
         cache_dirs: opts.cache_dirs.unwrap_or(true),
         readdirplus: opts.readdirplus.unwrap_or(crate::fuse::ReaddirPlus::Auto),
         prefetch: opts.prefetch.unwrap_or(true),

@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -21,6 +22,7 @@ use crate::busypoll;
 use crate::fuse::{FuseOptions, LayerFs};
 use crate::sys;
 use crate::union::{Union, UnionConfig};
+use crate::uring;
 
 /// Everything needed to mount, validated.
 #[derive(Debug, Clone)]
@@ -171,22 +173,29 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     // umask already).
     sys::umask(0);
     let config = plan.fuser_config();
+    let io_uring_granted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let session = if sys::geteuid() == 0 {
         mount_dev_fuse(&union, plan).and_then(|fd| {
             let acl = config.acl;
             let fs = LayerFs::new(union.clone(), plan.fuse.clone());
+            let granted = fs.io_uring_granted();
             if !plan.busy_poll.is_zero() && config.n_threads == Some(1) {
                 match fd.try_clone() {
                     Ok(dup) => busypoll::start(dup, plan.busy_poll)?,
                     Err(e) => log::warn!("busy poll off: {e}"),
                 }
             }
-            fuser::Session::from_fd(fs, fd, acl, config.clone())
+            let session = fuser::Session::from_fd(fs, fd, acl, config.clone())?;
+            io_uring_granted.store(granted.load(Ordering::Relaxed), Ordering::Relaxed);
+            Ok(session)
         })
     } else {
         // Unprivileged: fusermount3 does the mount.
         let fs = LayerFs::new(union.clone(), plan.fuse.clone());
-        fuser::Session::new(fs, &plan.mountpoint, &config)
+        let granted = fs.io_uring_granted();
+        fuser::Session::new(fs, &plan.mountpoint, &config).inspect(|_| {
+            io_uring_granted.store(granted.load(Ordering::Relaxed), Ordering::Relaxed);
+        })
     };
     let session = match session {
         Ok(s) => s,
@@ -197,6 +206,30 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
             }
             bail!(msg);
         }
+    };
+    // With FUSE-over-io_uring granted, requests go to the rings once every queue is registered.
+    // If that fails, they keep coming through /dev/fuse, served as before.
+    let rings = if io_uring_granted.load(Ordering::Relaxed) {
+        match uring::Rings::start(&session, uring::DEFAULT_DEPTH, uring::PAYLOAD_LEN) {
+            Ok(rings) => {
+                busypoll::turn_off();
+                log::info!("io_uring on");
+                Some(rings)
+            }
+            Err(e) => {
+                log::warn!("io_uring off: {e}");
+                if let Err(e) = uring::give_up(&session) {
+                    bail!(
+                        "{}: io_uring failed and cannot be turned off: {e}",
+                        plan.mountpoint.display()
+                    );
+                }
+                None
+            }
+        }
+    } else {
+        log::info!("io_uring off (not offered by the kernel or not asked for)");
+        None
     };
     let mnt = plan.mountpoint.clone();
     std::thread::Builder::new()
@@ -230,6 +263,9 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     session
         .run()
         .with_context(|| format!("serving {}", plan.mountpoint.display()))?;
+    if let Some(rings) = rings {
+        rings.join(Duration::from_secs(2));
+    }
     log::info!("{} unmounted", plan.mountpoint.display());
     Ok(())
 }

@@ -114,6 +114,8 @@ pub struct FuseOptions {
     pub readdirplus: ReaddirPlus,
     /// Read subdirectories ahead of a tree walk on a second thread.
     pub prefetch: bool,
+    /// Ask for FUSE-over-io_uring when the kernel offers it (see `uring`).
+    pub io_uring: bool,
 }
 
 /// `-o readdirplus=`: when directory listings carry attributes.
@@ -132,6 +134,7 @@ impl Default for FuseOptions {
             ids: IdView::default(),
             default_permissions: true,
             passthrough: true,
+            io_uring: true,
             cache_dirs: true,
             readdirplus: ReaddirPlus::Auto,
             prefetch: true,
@@ -165,6 +168,8 @@ pub struct Core {
     next_fh: AtomicU64,
     /// Passthrough is on (asked for, granted by the kernel, and not refused since).
     passthrough: AtomicBool,
+    /// The kernel granted FUSE_OVER_IO_URING at init.
+    io_uring: Arc<AtomicBool>,
     /// The backing file registered for each inode with open passthrough handles, and the node
     /// generation it belongs to: the kernel allows one backing file per inode at a time.
     backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
@@ -275,8 +280,14 @@ impl LayerFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
+            io_uring: Arc::new(AtomicBool::new(false)),
             backings: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Set once FUSE_INIT granted FUSE-over-io_uring: the daemon then starts the rings.
+    pub fn io_uring_granted(&self) -> Arc<AtomicBool> {
+        self.io_uring.clone()
     }
 
     /// Run `f` here, or (`slow`: the request may copy file data up) on a worker thread so
@@ -614,6 +625,23 @@ impl Filesystem for LayerFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough.store(true, Ordering::Relaxed);
+        }
+        if self.opts.io_uring
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING)
+        {
+            match crate::uring::usable() {
+                Ok(()) => {
+                    if config
+                        .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                        .is_ok()
+                    {
+                        self.io_uring.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => log::warn!("io_uring offered by the kernel but unusable here: {e}"),
+            }
         }
         log::info!(
             "passthrough {}",

@@ -18,4 +18,5 @@ pub mod prefetch;
 pub mod store;
 pub mod sys;
 pub mod union;
+pub mod uring;
 pub mod workers;

@@ -1196,6 +1196,23 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Put the calling thread in the SCHED_IDLE class (`idle`) or back in the normal one.
+pub fn set_idle_class(idle: bool) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for both policies
+    // (priority 0).
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
@@ -1597,4 +1614,323 @@ mod tests {
         xattr_remove(t, b"user.x").unwrap();
         assert_eq!(xattr_get(t, b"user.x").unwrap(), None);
     }
+}
+
+// ------------------------------------------------------------------ FUSE over io_uring
+
+/// Size of `struct fuse_uring_req_header`: the request's fuse_in_header (or the reply's
+/// fuse_out_header) in the first 128 bytes, the per-operation header in the next 128, then
+/// `struct fuse_uring_ent_in_out`.
+const RING_HEADER_LEN: usize = 288;
+const RING_OP_IN: usize = 128;
+const RING_OP_IN_MAX: usize = 128;
+const RING_ENT_IN_OUT: usize = 256;
+const FUSE_IN_HEADER_LEN: usize = 40;
+const FUSE_OUT_HEADER_LEN: usize = 16;
+const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
+const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
+
+/// One entry's memory: the header block and the payload buffer the kernel copies requests into
+/// and replies out of, and the two iovecs that describe them to the kernel.
+struct RingSlot {
+    header: *mut u8,
+    payload: *mut u8,
+    payload_len: usize,
+    iov: Box<[libc::iovec; 2]>,
+}
+
+impl RingSlot {
+    fn new(payload_len: usize) -> RingSlot {
+        let header = Box::into_raw(vec![0u8; RING_HEADER_LEN].into_boxed_slice()).cast::<u8>();
+        let payload = Box::into_raw(vec![0u8; payload_len].into_boxed_slice()).cast::<u8>();
+        let iov = Box::new([
+            libc::iovec {
+                iov_base: header.cast(),
+                iov_len: RING_HEADER_LEN,
+            },
+            libc::iovec {
+                iov_base: payload.cast(),
+                iov_len: payload_len,
+            },
+        ]);
+        RingSlot {
+            header,
+            payload,
+            payload_len,
+            iov,
+        }
+    }
+}
+
+impl Drop for RingSlot {
+    fn drop(&mut self) {
+        // SAFETY: both pointers came from Box::into_raw of boxed slices of exactly these lengths
+        // in RingSlot::new, and are freed only here. The ring (and with it every command that
+        // could still write to them) is dropped before the slots: FuseRing declares `ring` first.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.header,
+                RING_HEADER_LEN,
+            )));
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.payload,
+                self.payload_len,
+            )));
+        }
+    }
+}
+
+/// A request taken from a ring entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingRequest {
+    pub commit_id: u64,
+    pub unique: u64,
+    pub opcode: u32,
+}
+
+/// One FUSE-over-io_uring queue: an io_uring whose entries are registered with the FUSE device
+/// for queue `qid`. Each entry is owned by the kernel from its REGISTER or COMMIT_AND_FETCH
+/// submission until its completion (a request arrived), then by the daemon until the reply is
+/// committed; the daemon touches an entry's memory only in that window, and only one thread
+/// does (the ring thread reads the request, then whoever holds the reply writes it).
+pub struct FuseRing {
+    ring: io_uring::IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry>,
+    slots: Vec<RingSlot>,
+    submit_lock: std::sync::Mutex<()>,
+    dev: OwnedFd,
+    qid: u16,
+}
+
+// SAFETY: the raw pointers in `slots` point to heap memory owned by the FuseRing. Access to an
+// entry's memory follows the ownership protocol above (one thread at a time, handed over
+// through the ring's completion and the reply object); the submission queue is only touched
+// under `submit_lock` and the completion queue only by the ring thread (`wait`).
+unsafe impl Send for FuseRing {}
+// SAFETY: see Send.
+unsafe impl Sync for FuseRing {}
+
+impl FuseRing {
+    /// A ring of `depth` entries for queue `qid` of the FUSE connection behind `dev`, each with
+    /// a payload buffer of `payload_len` bytes. Nothing is registered yet.
+    pub fn new(
+        dev: BorrowedFd<'_>,
+        qid: u16,
+        depth: usize,
+        payload_len: usize,
+    ) -> io::Result<FuseRing> {
+        let entries = u32::try_from(depth + 1)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?
+            .next_power_of_two();
+        let ring =
+            io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
+                .setup_cqsize(entries * 2)
+                .build(entries)?;
+        Ok(FuseRing {
+            ring,
+            slots: (0..depth).map(|_| RingSlot::new(payload_len)).collect(),
+            submit_lock: std::sync::Mutex::new(()),
+            dev: dev.try_clone_to_owned()?,
+            qid,
+        })
+    }
+
+    /// Whether io_uring with 128-byte entries can be set up here (it may be disabled by
+    /// sysctl, seccomp or an old kernel).
+    pub fn probe() -> io::Result<()> {
+        io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
+            .build(2)
+            .map(drop)
+    }
+
+    pub fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn command(&self, slot: usize, cmd_op: u32, commit_id: u64) -> io_uring::squeue::Entry128 {
+        // struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 padding[6]; }
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
+        let mut op =
+            io_uring::opcode::UringCmd80::new(io_uring::types::Fd(self.dev.as_raw_fd()), cmd_op)
+                .cmd(cmd);
+        if cmd_op == FUSE_IO_URING_CMD_REGISTER {
+            op = op.addr(Some(self.slots[slot].iov.as_ptr() as u64));
+        }
+        let entry = op.build().user_data(slot as u64);
+        if cmd_op != FUSE_IO_URING_CMD_REGISTER {
+            return entry;
+        }
+        // The kernel wants sqe->len = 2 (header and payload iovecs); the builder has no setter.
+        // SAFETY: Entry128 is repr(C): a 64-byte io_uring_sqe followed by 64 bytes of command
+        // data, 128 bytes with no padding, and every bit pattern is a valid value of it.
+        let mut raw: [u8; 128] = unsafe { std::mem::transmute(entry) };
+        raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
+        // SAFETY: as above; only the u32 `len` field at offset 24 was changed.
+        unsafe { std::mem::transmute::<[u8; 128], io_uring::squeue::Entry128>(raw) }
+    }
+
+    fn push(&self, entry: &io_uring::squeue::Entry128, submit: bool) -> io::Result<()> {
+        let _guard = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the submission queue is only ever accessed under submit_lock. The entry's
+        // iovecs and buffers (for REGISTER) live as long as the ring (see RingSlot's Drop).
+        unsafe {
+            let mut sq = self.ring.submission_shared();
+            sq.push(entry)
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        if submit {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Hand every entry to the kernel (FUSE_IO_URING_CMD_REGISTER).
+    pub fn register_all(&self) -> io::Result<()> {
+        for slot in 0..self.slots.len() {
+            self.push(&self.command(slot, FUSE_IO_URING_CMD_REGISTER, 0), false)?;
+        }
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Re-issue an entry's last command after a transient error.
+    pub fn reregister(&self, slot: usize) -> io::Result<()> {
+        self.push(&self.command(slot, FUSE_IO_URING_CMD_REGISTER, 0), true)
+    }
+
+    /// Submit what is queued, wait for at least one completion, and append (entry, result) of
+    /// every completion to `out`. Only the ring thread calls this.
+    pub fn wait(&self, out: &mut Vec<(usize, i32)>) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // SAFETY: only the ring thread reads the completion queue.
+        let cq = unsafe { self.ring.completion_shared() };
+        for cqe in cq {
+            out.push((cqe.user_data() as usize, cqe.result()));
+        }
+        Ok(())
+    }
+
+    /// Copy the request in entry `slot` into `buf` as `read()` on the device would return it:
+    /// fuse_in_header, per-operation header, payload. `op_header_len` maps (opcode, in.len,
+    /// payload size) to the size of the per-operation header.
+    pub fn take_request(
+        &self,
+        slot: usize,
+        buf: &mut Vec<u8>,
+        op_header_len: impl Fn(u32, usize, usize) -> Option<usize>,
+    ) -> (RingRequest, io::Result<()>) {
+        let s = &self.slots[slot];
+        // SAFETY: the entry's completion arrived, so the kernel is done writing it and this
+        // thread owns it (see FuseRing); the header block is RING_HEADER_LEN bytes.
+        let header = unsafe { std::slice::from_raw_parts(s.header, RING_HEADER_LEN) };
+        let word32 = |o: usize| u32::from_ne_bytes(header[o..o + 4].try_into().unwrap_or_default());
+        let word64 = |o: usize| u64::from_ne_bytes(header[o..o + 8].try_into().unwrap_or_default());
+        let in_len = word32(0) as usize;
+        let opcode = word32(4);
+        let unique = word64(8);
+        let commit_id = word64(RING_ENT_IN_OUT + 8);
+        let payload_sz = word32(RING_ENT_IN_OUT + 16) as usize;
+        let id = RingRequest {
+            commit_id,
+            unique,
+            opcode,
+        };
+        let bad = |what: &str| {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("ring request {unique} (opcode {opcode}): {what}"),
+            );
+            (id, Err(e))
+        };
+        if payload_sz > s.payload_len {
+            return bad("payload larger than the buffer");
+        }
+        let Some(op_len) =
+            op_header_len(opcode, in_len, payload_sz).filter(|&n| n <= RING_OP_IN_MAX)
+        else {
+            return bad("unknown header size");
+        };
+        // SAFETY: as above; payload_sz was checked against the buffer's length.
+        let payload = unsafe { std::slice::from_raw_parts(s.payload, payload_sz) };
+        let total = FUSE_IN_HEADER_LEN + op_len + payload_sz;
+        buf.clear();
+        buf.extend_from_slice(&header[..FUSE_IN_HEADER_LEN]);
+        buf[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
+        buf.extend_from_slice(&header[RING_OP_IN..RING_OP_IN + op_len]);
+        buf.extend_from_slice(payload);
+        (id, Ok(()))
+    }
+
+    /// Write a reply (fuse_out_header then the reply's arguments, as for `write()` on the
+    /// device) into entry `slot` and give the entry back to the kernel (COMMIT_AND_FETCH).
+    /// `submit`: enter the kernel now; the ring thread passes false while it is between
+    /// completions, as its next `wait` submits anyway.
+    pub fn commit(
+        &self,
+        slot: usize,
+        commit_id: u64,
+        reply: &[std::io::IoSlice<'_>],
+        submit: bool,
+    ) -> io::Result<()> {
+        let s = &self.slots[slot];
+        // SAFETY: the daemon owns the entry between its completion and this commit, and the
+        // reply object that calls this is the only holder (see FuseRing).
+        let header = unsafe { std::slice::from_raw_parts_mut(s.header, RING_HEADER_LEN) };
+        // SAFETY: as above.
+        let payload = unsafe { std::slice::from_raw_parts_mut(s.payload, s.payload_len) };
+        let mut out_header = [0u8; FUSE_OUT_HEADER_LEN];
+        let mut header_filled = 0;
+        let mut payload_len = 0;
+        let mut overflow = false;
+        for part in reply {
+            let mut part: &[u8] = part;
+            if header_filled < FUSE_OUT_HEADER_LEN {
+                let n = part.len().min(FUSE_OUT_HEADER_LEN - header_filled);
+                out_header[header_filled..header_filled + n].copy_from_slice(&part[..n]);
+                header_filled += n;
+                part = &part[n..];
+            }
+            if payload_len + part.len() > payload.len() {
+                overflow = true;
+                break;
+            }
+            payload[payload_len..payload_len + part.len()].copy_from_slice(part);
+            payload_len += part.len();
+        }
+        if overflow || header_filled < FUSE_OUT_HEADER_LEN {
+            // Tell the kernel the request failed rather than leave it waiting.
+            out_header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+            payload_len = 0;
+        }
+        out_header[0..4]
+            .copy_from_slice(&((FUSE_OUT_HEADER_LEN + payload_len) as u32).to_ne_bytes());
+        header[..FUSE_OUT_HEADER_LEN].copy_from_slice(&out_header);
+        header[RING_ENT_IN_OUT + 16..RING_ENT_IN_OUT + 20]
+            .copy_from_slice(&(payload_len as u32).to_ne_bytes());
+        self.push(
+            &self.command(slot, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id),
+            submit,
+        )?;
+        if overflow {
+            return Err(io::Error::other(
+                "reply larger than the ring payload buffer",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Pin the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(io::Error::from)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
 }

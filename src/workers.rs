@@ -78,6 +78,9 @@ impl Workers {
 }
 
 fn work(shared: &Shared, first: Job) {
+    // A worker started from an io_uring ring thread inherits its SCHED_IDLE class; the copies
+    // it runs must not wait behind every other task on a busy host.
+    let _ = crate::sys::set_idle_class(false);
     let mut job = first;
     loop {
         let _ = catch_unwind(AssertUnwindSafe(job));

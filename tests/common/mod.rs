@@ -220,10 +220,16 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 }
 
 /// Mount layerfs with `args` (e.g. `--lower A --upper U ...`) at `mnt`; `mnt` is created.
+/// `LAYERFS_TEST_MOUNT_OPTS` adds mount options to every mount (scripts/test.sh runs the FUSE
+/// tests a second time with `io_uring=off`).
 pub fn layerfs(args: &[&OsStr], mnt: &Path) -> Mount {
     mkdirp(mnt);
     let mut cmd = Command::new(bin());
-    cmd.arg("mount").args(args).arg(mnt);
+    cmd.arg("mount");
+    if let Some(extra) = std::env::var_os("LAYERFS_TEST_MOUNT_OPTS").filter(|o| !o.is_empty()) {
+        cmd.arg("-o").arg(extra);
+    }
+    cmd.args(args).arg(mnt);
     run(&mut cmd);
     let mnt = fs::canonicalize(mnt).expect("canonical mountpoint");
     assert!(

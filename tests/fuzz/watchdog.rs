@@ -2,7 +2,9 @@
 //! if one takes longer than the limit, the watchdog records what was stalled, dumps the stacks
 //! of the watched daemons (all threads with gdb when it is installed, plus the kernel stacks
 //! from /proc), and aborts the watched FUSE connections so the stalled system calls return
-//! (ENOTCONN) and the test can fail with the report instead of hanging.
+//! (ENOTCONN) and the test can fail with the report instead of hanging. Requests a daemon took
+//! over FUSE-over-io_uring survive the abort, so if the operation is still stalled two seconds
+//! later the watched daemons are killed.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -169,6 +171,24 @@ fn fire(shared: &Shared, what: String, elapsed: Duration) {
         report.push_str(&line);
         if let Some(f) = shared.lock().fired.as_mut() {
             f.push_str(&line);
+        }
+    }
+    // Over FUSE-over-io_uring, a request the daemon already took from its ring is not ended by
+    // the abort; it ends when the daemon exits. Give the abort a moment, then kill.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && !shared.lock().running.is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !shared.lock().running.is_empty() {
+        for (_, _, daemon) in &targets {
+            if let Some(pid) = daemon {
+                let r = layerfs::sys::kill(*pid as i32, libc::SIGKILL);
+                let line = format!("still stalled after the abort: killed daemon {pid}: {r:?}\n");
+                report.push_str(&line);
+                if let Some(f) = shared.lock().fired.as_mut() {
+                    f.push_str(&line);
+                }
+            }
         }
     }
     eprintln!("{report}");

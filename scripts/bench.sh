@@ -4,7 +4,7 @@
 #
 #   sudo bash scripts/bench.sh [--quick] [--reps N] [--only W[,W..]] [--subjects S[,S..]]
 #                              [--dir DIR] [--seed N] [--out PREFIX] [--keep] [--no-build]
-#                              [--timeout SECONDS]
+#                              [--timeout SECONDS] [--io-uring on|off|keep]
 #
 # Benchmarks are not tests: nothing here asserts a time. Run with --help for the workload list.
 
@@ -36,6 +36,9 @@ usage: sudo bash scripts/bench.sh [options]
   --keep             keep this run's upper dirs (default: deleted at the end)
   --no-build         do not run cargo build (use target/release/layerfs as it is, or \$LAYERFS)
   --timeout S        limit for one timed command (default 600)
+  --io-uring M       the fuse module's enable_uring parameter for the run: on (default), off, or
+                     keep it as it is; restored at the end. With it on, layerfs serves requests
+                     over FUSE-over-io_uring on the calling CPU (fuse-overlayfs cannot use it)
 
 workloads: ${ALL_WORKLOADS[*]}
   find, lsR, stat, readdir, grep, seqread, randread: cold (fresh mount, caches dropped) then warm
@@ -59,6 +62,9 @@ OUT=""
 KEEP=0
 BUILD=1
 TIMEOUT=600
+IO_URING=on
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_SAVED=""
 
 while (($#)); do
 	case $1 in
@@ -72,6 +78,7 @@ while (($#)); do
 	--keep) KEEP=1 ;;
 	--no-build) BUILD=0 ;;
 	--timeout) TIMEOUT=${2:?}; shift ;;
+	--io-uring) IO_URING=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "bench.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -86,6 +93,7 @@ if [[ -z $REPS ]]; then
 	if ((QUICK)); then REPS=1; else REPS=3; fi
 fi
 ((REPS >= 1)) || die "--reps must be at least 1"
+[[ $IO_URING == on || $IO_URING == off || $IO_URING == keep ]] || die "--io-uring takes on, off or keep"
 ((EUID == 0)) || die "needs root (kernel overlay mounts, drop_caches, whiteout devices)"
 [[ $DIR == /* ]] || DIR=$PWD/$DIR
 [[ $DIR =~ ^[A-Za-z0-9/._+-]+$ ]] || die "--dir must be a plain path (letters, digits, / . _ + -)"
@@ -232,6 +240,7 @@ cleanup() {
 	trap - EXIT INT TERM
 	for m in "${!MOUNTED[@]}"; do unmount "$m"; done
 	[[ -n $TMPO ]] && rm -f "$TMPO"
+	[[ -n $URING_SAVED ]] && echo "$URING_SAVED" >"$URING_PARAM"
 	if [[ -n $RUN && -d $RUN ]]; then
 		if ((KEEP)); then
 			log "kept $RUN"
@@ -246,6 +255,13 @@ trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+if [[ $IO_URING != keep && -w $URING_PARAM ]]; then
+	URING_SAVED=$(cat "$URING_PARAM")
+	if [[ $IO_URING == on ]]; then echo Y >"$URING_PARAM"; else echo N >"$URING_PARAM"; fi
+elif [[ $IO_URING == on ]]; then
+	log "this kernel has no $URING_PARAM: layerfs runs over /dev/fuse"
+fi
 
 # mount_subject SUBJECT MNT UPPER|- WORK|- LOWER... (top first; native: LOWER is the tree to bind)
 # Sets MPID (daemon pid or -). Returns 1 (with a reason in MFAIL) if the mount is not live.
@@ -425,6 +441,7 @@ HEADER=$(
 	echo "- layerfs: $({ [[ -x $LAYERFS ]] && "$LAYERFS" --version 2>&1; } | head -1)${LAYERFS_NOTE:+ ($LAYERFS_NOTE)}"
 	echo "- fuse-overlayfs: $(fuse-overlayfs --version 2>/dev/null | grep -m1 'fuse-overlayfs' || echo none)"
 	echo "- kernel: $(uname -r); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); memory: $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
+	echo "- fuse.enable_uring: $(cat "$URING_PARAM" 2>/dev/null || echo absent) (layerfs uses FUSE-over-io_uring when it is Y)"
 	echo "- work dir: $DIR on $(findmnt -no FSTYPE,SOURCE,OPTIONS -T "$DIR" | tr -s ' ' ' ')"
 	echo "- stack: $PARAMS; $(tr -d '\n ' <"$STACK/info.json" 2>/dev/null)"
 	echo "- runs: $REPS repetition(s), subjects interleaved in the order ${SUBJECTS[*]}; every cell is a fresh mount with a fresh upper/work; caches dropped before every cold run and every write workload"

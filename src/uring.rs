@@ -238,7 +238,15 @@ fn serve<FS: fuser::Filesystem>(
     let mut live = ring.depth();
     while live > 0 {
         completions.clear();
-        if let Err(e) = ring.wait(&mut completions) {
+        // SCHED_IDLE only while waiting: the replies this thread queued are committed inside
+        // this wait, and the wakeup of their callers is what must see an idle CPU.
+        let _ = sys::set_idle_class(true);
+        let waited = ring.wait(&mut completions);
+        // Normal class while serving: the requests share locks with the normal-class prefetch
+        // and worker threads, and an idle-class holder or waiter of a lock starves behind
+        // them (cold `find`: 23 s instead of 0.9 s; cold `grep -r`: 12 s instead of 5 s).
+        let _ = sys::set_idle_class(false);
+        if let Err(e) = waited {
             log::error!("ring {qid}: {e}");
             return;
         }

@@ -8,6 +8,12 @@
 //! CPU, so the caller blocks, the ring thread runs on the same CPU, and its reply wakes the
 //! caller there.
 //!
+//! Left alone, the scheduler would move the woken caller to another CPU, because the ring
+//! thread is still running on its own. So a ring thread enters the SCHED_IDLE class before it
+//! commits its replies and waits: its CPU then counts as idle, and the caller stays. It serves
+//! requests in the normal class: they share locks with normal-class threads (prefetch,
+//! workers), and an idle-class thread on either side of a lock starves.
+//!
 //! Invariants:
 //! * One queue per possible CPU, `qid` = CPU number; the kernel uses the ring only once every
 //!   queue has registered its entries, and then still sends some requests (interrupts, and

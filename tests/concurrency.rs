@@ -395,6 +395,20 @@ fn workers_race_on_one_mount() {
     );
 }
 
+/// Whether every thread of `pid` is in the stopped state.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesized command name, which may contain spaces.
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
+}
+
 /// The watchdog itself: a stopped daemon stalls an operation; the watchdog reports it with the
 /// daemon's stacks and aborts the connection, so the operation returns instead of hanging.
 #[test]
@@ -411,6 +425,13 @@ fn watchdog_reports_and_unblocks_a_stalled_operation() {
     let wd = Watchdog::start(Duration::from_secs(2));
     wd.watch_mount(&m.path, Some(pid));
     layerfs::sys::kill(pid as i32, libc::SIGSTOP).unwrap();
+    // SIGSTOP takes effect asynchronously: a ring thread that is still awake would answer the
+    // stat first (it did under CI). Wait until every thread of the daemon is stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(std::time::Instant::now() < deadline, "daemon {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let r = wd.op(
         || "stat f on a stopped daemon".into(),
         || fs::metadata(m.p("f")),

@@ -429,7 +429,10 @@ fn watchdog_reports_and_unblocks_a_stalled_operation() {
     // stat first (it did under CI). Wait until every thread of the daemon is stopped.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !all_threads_stopped(pid) {
-        assert!(std::time::Instant::now() < deadline, "daemon {pid} did not stop");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon {pid} did not stop"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let r = wd.op(

@@ -173,29 +173,22 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     // umask already).
     sys::umask(0);
     let config = plan.fuser_config();
-    let io_uring_granted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fs = LayerFs::new(union.clone(), plan.fuse.clone());
+    let io_uring_granted = fs.io_uring_granted();
     let session = if sys::geteuid() == 0 {
         mount_dev_fuse(&union, plan).and_then(|fd| {
             let acl = config.acl;
-            let fs = LayerFs::new(union.clone(), plan.fuse.clone());
-            let granted = fs.io_uring_granted();
             if !plan.busy_poll.is_zero() && config.n_threads == Some(1) {
                 match fd.try_clone() {
                     Ok(dup) => busypoll::start(dup, plan.busy_poll)?,
                     Err(e) => log::warn!("busy poll off: {e}"),
                 }
             }
-            let session = fuser::Session::from_fd(fs, fd, acl, config.clone())?;
-            io_uring_granted.store(granted.load(Ordering::Relaxed), Ordering::Relaxed);
-            Ok(session)
+            fuser::Session::from_fd(fs, fd, acl, config.clone())
         })
     } else {
         // Unprivileged: fusermount3 does the mount.
-        let fs = LayerFs::new(union.clone(), plan.fuse.clone());
-        let granted = fs.io_uring_granted();
-        fuser::Session::new(fs, &plan.mountpoint, &config).inspect(|_| {
-            io_uring_granted.store(granted.load(Ordering::Relaxed), Ordering::Relaxed);
-        })
+        fuser::Session::new(fs, &plan.mountpoint, &config)
     };
     let session = match session {
         Ok(s) => s,

@@ -161,7 +161,7 @@ pub struct Rings {
 }
 
 impl Rings {
-    /// Register one queue per CPU on the FUSE connection behind `dev` and serve it with
+    /// Register one queue per CPU on the session's FUSE connection and serve it with
     /// `session`'s filesystem. Call after the session exists (FUSE_INIT done, with
     /// FUSE_OVER_IO_URING granted). `payload_len` must be at least what the kernel requires
     /// (its max_write and max_pages).

@@ -10,9 +10,9 @@
 //!
 //! Left alone, the scheduler would move the woken caller to another CPU, because the ring
 //! thread is still running on its own. So a ring thread enters the SCHED_IDLE class before it
-//! commits its replies and waits: its CPU then counts as idle, and the caller stays. It serves
-//! requests in the normal class: they share locks with normal-class threads (prefetch,
-//! workers), and an idle-class thread on either side of a lock starves.
+//! commits its replies and waits: its CPU then counts as idle, and the caller stays. While a
+//! normal-class helper (prefetch, copy-up worker) runs a job, it serves requests in the normal
+//! class: they share locks, and an idle-class thread on either side of a lock starves.
 //!
 //! Invariants:
 //! * One queue per possible CPU, `qid` = CPU number; the kernel uses the ring only once every
@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{JoinHandle, ThreadId};
 
 use crate::sys::{self, FuseRing};
+use crate::workers;
 
 /// Entries per queue: requests one CPU can have in flight at once. Requests beyond that wait
 /// in the kernel.
@@ -242,16 +243,22 @@ fn serve<FS: fuser::Filesystem>(
     let mut completions = Vec::with_capacity(ring.depth());
     let mut request = Vec::with_capacity(64 * 1024);
     let mut live = ring.depth();
+    let mut normal_class = false;
     while live > 0 {
         completions.clear();
-        // SCHED_IDLE only while waiting: the replies this thread queued are committed inside
-        // this wait, and the wakeup of their callers is what must see an idle CPU.
-        let _ = sys::set_idle_class(true);
+        // SCHED_IDLE while waiting: the replies this thread queued are committed inside this
+        // wait, and the wakeup of their callers is what must see an idle CPU.
+        if normal_class && sys::set_idle_class(true).is_ok() {
+            normal_class = false;
+        }
         let waited = ring.wait(&mut completions);
-        // Normal class while serving: the requests share locks with the normal-class prefetch
-        // and worker threads, and an idle-class holder or waiter of a lock starves behind
-        // them (cold `find`: 23 s instead of 0.9 s; cold `grep -r`: 12 s instead of 5 s).
-        let _ = sys::set_idle_class(false);
+        // Normal class while serving, if a normal-class helper (prefetch, copy-up worker)
+        // runs: requests share locks with them, and an idle-class holder or waiter of a lock
+        // starves behind them (cold `find`: 23 s instead of 0.9 s). Otherwise nothing
+        // competes, and staying idle-class saves two system calls per wakeup.
+        if workers::helpers_busy() && sys::set_idle_class(false).is_ok() {
+            normal_class = true;
+        }
         if let Err(e) = waited {
             log::error!("ring {qid}: {e}");
             return;

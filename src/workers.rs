@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -77,13 +78,41 @@ impl Workers {
     }
 }
 
+/// Jobs running on normal-class helper threads of this process (copy-up workers, the
+/// directory prefetch). An io_uring ring thread serves requests in the normal class only while
+/// one runs (see `uring`).
+static HELPERS_BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a normal-class helper thread is running a job.
+pub fn helpers_busy() -> bool {
+    HELPERS_BUSY.load(Ordering::Relaxed) > 0
+}
+
+/// Counts a helper job as running while it lives.
+pub struct HelperJob(());
+
+impl HelperJob {
+    pub fn start() -> HelperJob {
+        HELPERS_BUSY.fetch_add(1, Ordering::Relaxed);
+        HelperJob(())
+    }
+}
+
+impl Drop for HelperJob {
+    fn drop(&mut self) {
+        HELPERS_BUSY.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn work(shared: &Shared, first: Job) {
     // A worker started from an io_uring ring thread inherits its SCHED_IDLE class; the copies
     // it runs must not wait behind every other task on a busy host.
     let _ = crate::sys::set_idle_class(false);
     let mut job = first;
     loop {
+        let running = HelperJob::start();
         let _ = catch_unwind(AssertUnwindSafe(job));
+        drop(running);
         match park(shared) {
             Some(next) => job = next,
             None => return,
@@ -125,6 +154,24 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(w.parked(), n);
+    }
+
+    #[test]
+    fn a_running_job_counts_as_a_busy_helper() {
+        let w = Workers::new("test-worker", Duration::from_secs(30));
+        let (started_tx, started_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        w.submit(move || {
+            started_tx.send(helpers_busy()).unwrap();
+            let _ = release_rx.recv();
+        })
+        .unwrap();
+        assert!(started_rx.recv().unwrap(), "busy inside the job");
+        assert!(helpers_busy(), "busy while the job runs");
+        release_tx.send(()).unwrap();
+        let job = HelperJob::start();
+        assert!(helpers_busy());
+        drop(job);
     }
 
     #[test]

@@ -276,6 +276,7 @@ pub struct MountOptions {
     pub io_uring: Option<bool>,
     pub cache_dirs: Option<bool>,
     pub readdirplus: Option<crate::fuse::ReaddirPlus>,
+    pub readdirplus_budget: Option<Duration>,
     pub prefetch: Option<bool>,
     pub debug: bool,
     /// Where the daemon writes its log (stderr is closed once it is up).
@@ -440,6 +441,15 @@ impl MountOptions {
                     ("io_uring", Some(v)) => o.io_uring = Some(parse_switch(key, v)?),
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
+                    ("readdirplus_budget_ms", Some(v)) => {
+                        let ms = parse_u32(key, v)?;
+                        if ms > 60_000 {
+                            bail!(
+                                "bad value for mount option readdirplus_budget_ms: {v:?} (0-60000)"
+                            );
+                        }
+                        o.readdirplus_budget = Some(Duration::from_millis(ms.into()));
+                    }
                     ("readdirplus", Some(v)) => {
                         use crate::fuse::ReaddirPlus;
                         o.readdirplus = Some(match v {
@@ -542,6 +552,9 @@ pub fn plan_mount(
         io_uring: opts.io_uring.unwrap_or(true),
         cache_dirs: opts.cache_dirs.unwrap_or(true),
         readdirplus: opts.readdirplus.unwrap_or(crate::fuse::ReaddirPlus::Auto),
+        readdirplus_budget: opts
+            .readdirplus_budget
+            .unwrap_or(FuseOptions::default().readdirplus_budget),
         prefetch: opts.prefetch.unwrap_or(true),
     };
     // Without an upper nothing can change, and the kernel should know it (as with kernel

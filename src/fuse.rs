@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
@@ -31,7 +31,7 @@ use fuser::{
 use crate::error::Error;
 use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
-use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, OpenFile, SetAttr, Union};
+use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
 use crate::workers::Workers;
 
 /// How long a copy-up worker waits for the next job before it exits.
@@ -112,6 +112,12 @@ pub struct FuseOptions {
     pub cache_dirs: bool,
     /// When listings carry attributes.
     pub readdirplus: ReaddirPlus,
+    /// How long a readdirplus reply may spend looking entries up before it lists the rest of
+    /// its batch by name only. Warm, a full batch (about 200 entries) takes well under the
+    /// default; cold, each lookup may read inodes from disk, and the kernel asks for the first
+    /// batch of every listing with lookups (`readdirplus=auto`) even when the caller only wants
+    /// names. Entries listed by name get a LOOKUP later if the caller stats them.
+    pub readdirplus_budget: Duration,
     /// Read subdirectories ahead of a tree walk on a second thread.
     pub prefetch: bool,
     /// Ask for FUSE-over-io_uring when the kernel offers it (see `uring`).
@@ -137,6 +143,7 @@ impl Default for FuseOptions {
             io_uring: true,
             cache_dirs: true,
             readdirplus: ReaddirPlus::Auto,
+            readdirplus_budget: Duration::from_millis(1),
             prefetch: true,
         }
     }
@@ -792,6 +799,7 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         guarded("readdirplus", || {
+            let started = Instant::now();
             let ino = ino.0;
             let (entries, start) = match self.union.read_dir(ino, offset) {
                 Ok(s) => s,
@@ -814,15 +822,26 @@ impl Filesystem for LayerFs {
             }
             // Full lookups: the kernel takes a reference on every entry it receives.
             let mut subdirs = Vec::new();
-            let walked = self.union.lookup_listed(ino, &entries[start..], |e, attr| {
-                let fa = self.file_attr(attr);
-                let name = OsStr::from_bytes(&e.name);
-                let sent = !reply.add(fa.ino, e.offset, name, &ttl, &fa, Generation(0));
-                if sent && fa.kind == FileType::Directory {
-                    subdirs.push(attr.ino);
-                }
-                sent
-            });
+            let deadline = started + self.opts.readdirplus_budget;
+            let walked = self
+                .union
+                .lookup_listed(ino, &entries[start..], deadline, |e, found| {
+                    let name = OsStr::from_bytes(&e.name);
+                    match found {
+                        Listing::Found(attr) => {
+                            let fa = self.file_attr(attr);
+                            let sent = !reply.add(fa.ino, e.offset, name, &ttl, &fa, Generation(0));
+                            if sent && fa.kind == FileType::Directory {
+                                subdirs.push(attr.ino);
+                            }
+                            sent
+                        }
+                        Listing::NameOnly(child) => {
+                            let kind = dtype_file_type(e.top.dtype);
+                            !reply.add_name_only(INodeNo(child), e.offset, kind, name)
+                        }
+                    }
+                });
             if let Err(e) = walked {
                 return reply.error(errno(&e));
             }

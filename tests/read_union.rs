@@ -443,3 +443,65 @@ fn passthrough_reads_never_reach_the_daemon() {
         assert_eq!(requests(&log, "READ") > 0, expect_reads, "passthrough={pt}");
     }
 }
+
+/// Readdirplus replies that run out of lookup time list the rest of their batch by name only
+/// (`readdirplus_budget_ms=0`: every entry). Such entries must carry the same inode numbers and
+/// types as a stat of them, upper, copied-up and lower entries alike, and the names and
+/// attributes seen through the mount must not change.
+#[test]
+fn readdirplus_names_only_entries_match_stat() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (top, bottom) = (d.path().join("top"), d.path().join("bottom"));
+    for i in 0..600 {
+        let layer = if i % 3 == 0 { &top } else { &bottom };
+        wfile(layer.join(format!("wide/f{i:04}")), format!("{i}"));
+    }
+    mkdirp(bottom.join("wide/sub"));
+    symlink("f0001", bottom.join("wide/link"));
+    whiteout(top.join("wide/f0002"));
+    let (upper, work) = (d.path().join("upper"), d.path().join("work"));
+    let lowers = [&*top, &*bottom];
+    let expected = {
+        let mut m = layerfs_stack(&lowers, Some((&upper, &work)), &d.path().join("m"), &[]);
+        fs::OpenOptions::new()
+            .append(true)
+            .open(m.p("wide/f0004"))
+            .unwrap();
+        wfile(m.p("wide/new"), "new");
+        fs::remove_file(m.p("wide/f0005")).unwrap();
+        let snap = snapshot(&m.p("wide"));
+        m.unmount();
+        snap
+    };
+    let m = layerfs_stack(
+        &lowers,
+        Some((&upper, &work)),
+        &d.path().join("m-names"),
+        &["readdirplus=always", "readdirplus_budget_ms=0"],
+    );
+    let wide = m.p("wide");
+    let fd = sys::open_dir_path(&wide).unwrap();
+    let mut reader = sys::DirReader::with_buffer(fd, 32768).unwrap();
+    let mut names = 0;
+    while let Some(e) = reader.next_entry().unwrap() {
+        if &*e.name == b"." || &*e.name == b".." {
+            continue;
+        }
+        let st = fs::symlink_metadata(wide.join(OsStr::from_bytes(&e.name))).unwrap();
+        assert_eq!(e.ino, st.ino(), "d_ino of {}", e.name.escape_ascii());
+        let want = match st.mode() & libc::S_IFMT {
+            libc::S_IFDIR => libc::DT_DIR,
+            libc::S_IFLNK => libc::DT_LNK,
+            _ => libc::DT_REG,
+        };
+        assert_eq!(e.dtype, want, "d_type of {}", e.name.escape_ascii());
+        names += 1;
+    }
+    // 600 files, less one whiteout and one unlink, plus sub, link and new.
+    assert_eq!(names, 601);
+    assert_same(&expected, &snapshot(&wide), "names-only listing");
+    assert_dino_matches(&wide);
+}

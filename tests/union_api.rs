@@ -5,8 +5,9 @@
 use std::fs;
 use std::path::Path;
 
-use layerfs::union::{Caller, ROOT, SetAttr, Union, UnionConfig};
+use layerfs::union::{Caller, Listing, ROOT, SetAttr, Union, UnionConfig};
 use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
 
 fn files(dir: &Path, n: usize) {
     fs::create_dir_all(dir).unwrap();
@@ -95,8 +96,24 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
     // Removed after the listing was taken: skipped, as a concurrent unlink would make it.
     u.remove(dir, b"f00002", false).unwrap();
     let nodes_before = u.node_count();
+    // Past the deadline, entries come by name only and no node is made.
+    let mut names_only = Vec::new();
+    u.lookup_listed(dir, &entries[start..], Instant::now(), |e, found| {
+        match found {
+            Listing::Found(_) => panic!("{:?} looked up past the deadline", e.name),
+            Listing::NameOnly(ino) => names_only.push((e.name.to_vec(), ino)),
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(u.node_count(), nodes_before);
+    names_only.sort();
+    let later = Instant::now() + Duration::from_secs(3600);
     let mut seen = Vec::new();
-    u.lookup_listed(dir, &entries[start..], |e, attr| {
+    u.lookup_listed(dir, &entries[start..], later, |e, found| {
+        let Listing::Found(attr) = found else {
+            panic!("{:?} not looked up", e.name)
+        };
         seen.push((e.name.to_vec(), attr.st.size));
         true
     })
@@ -114,14 +131,19 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
     // Refusing an entry gives its reference back: once the first batch's references are
     // forgotten too, the nodes are gone again.
     let mut taken = Vec::new();
-    u.lookup_listed(dir, &entries[start..], |_, attr| {
-        taken.push(attr.ino);
+    u.lookup_listed(dir, &entries[start..], later, |_, found| {
+        if let Listing::Found(attr) = found {
+            taken.push(attr.ino);
+        }
         taken.len() < 2
     })
     .unwrap();
     assert_eq!(taken.len(), 2);
     for (name, _) in &seen {
         let ino = u.lookup(dir, name).unwrap().ino;
+        // Names-only entries carry the numbers a lookup gives.
+        let listed = names_only.iter().find(|(n, _)| n == name).map(|e| e.1);
+        assert_eq!(listed, Some(ino), "{name:?}");
         u.forget(ino, 2);
     }
     u.forget(taken[0], 1);

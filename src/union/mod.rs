@@ -26,6 +26,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use crate::error::{Error, Result, ShowPath};
 use crate::sys::{self, FileStat, XTarget};
@@ -62,6 +63,14 @@ pub struct Attr {
 }
 
 pub use dirindex::{FIRST_NAME_OFFSET, Listed};
+
+/// One entry of a readdirplus batch ([`Union::lookup_listed`]).
+pub enum Listing<'a> {
+    /// Looked up: the kernel gets a reference on it.
+    Found(&'a Attr),
+    /// Listed by name and inode number only, no reference taken.
+    NameOnly(u64),
+}
 
 /// The union filesystem.
 pub struct Union {
@@ -842,11 +851,16 @@ impl Union {
     /// then not counted as a kernel reference). Each layer's copy of the directory is opened
     /// once for the whole batch instead of once per name. Entries gone since the listing was
     /// taken are skipped, as a concurrent unlink would make them.
+    ///
+    /// Once `deadline` has passed, the remaining entries are handed over as
+    /// [`Listing::NameOnly`], without a lookup: on a cold directory each lookup may wait for
+    /// the disk, and a caller that only wants names should not wait for thousands of them.
     pub fn lookup_listed(
         &self,
         parent: u64,
         entries: &[Listed],
-        mut take: impl FnMut(&Listed, &Attr) -> bool,
+        deadline: Instant,
+        mut take: impl FnMut(&Listed, Listing<'_>) -> bool,
     ) -> Result<()> {
         let _ns = self.read_ns();
         let (pnode, ppath) = self.node_path(parent)?;
@@ -857,14 +871,27 @@ impl Union {
                 .collect()
         })?;
         let mut dirs = LayerDirs::new(self, &ppath);
+        let mut in_time = true;
         for (entry, top, dir_layers) in found {
+            if in_time && Instant::now() >= deadline {
+                in_time = false;
+            }
+            if !in_time {
+                let Ok(ino) = self.entry_ino_in(parent, &ppath, entry) else {
+                    continue;
+                };
+                if !take(entry, Listing::NameOnly(ino)) {
+                    break;
+                }
+                continue;
+            }
             let Some(dfd) = dirs.get(top.layer) else {
                 continue;
             };
             let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers) else {
                 continue;
             };
-            if !take(entry, &attr) {
+            if !take(entry, Listing::Found(&attr)) {
                 self.forget(attr.ino, 1);
                 break;
             }
@@ -963,6 +990,14 @@ impl Union {
 
     /// Inode number of a directory entry without counting a lookup (plain readdir).
     pub fn entry_ino(&self, parent: u64, entry: &Listed) -> Result<u64> {
+        let _ns = self.read_ns();
+        let ppath = self.table().path(parent).ok_or_else(enoent)?;
+        self.entry_ino_in(parent, &ppath, entry)
+    }
+
+    /// [`Union::entry_ino`] with the namespace lock held by the caller; `ppath` is the path
+    /// of `parent`.
+    fn entry_ino_in(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
         let known = self.table().child(parent, &entry.name);
         if let Some(ino) = known {
             return Ok(ino);
@@ -974,15 +1009,9 @@ impl Union {
             let mapped = self.table().inos.map(dev, entry.top.dino);
             return Ok(mapped.unwrap_or(entry.top.dino));
         }
-        let _ns = self.read_ns();
-        let ppath = self.table().path(parent).ok_or_else(enoent)?;
-        let dfd = self.dir_fd(entry.top.layer, &ppath)?;
+        let dfd = self.dir_fd(entry.top.layer, ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
-        let origin = if Some(entry.top.layer) == self.upper {
-            self.read_origin(dfd.as_fd(), &entry.name)
-        } else {
-            None
-        };
+        let origin = self.read_origin(dfd.as_fd(), &entry.name);
         Ok(origin
             .or_else(|| self.table().inos.map(st.dev, st.ino))
             .unwrap_or(st.ino))

@@ -781,6 +781,19 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// Add an entry without attributes: the kernel lists it as plain readdir would and takes
+    /// no lookup reference on it. Returns true if the buffer is full.
+    pub fn add_name_only<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        kind: FileType,
+        name: T,
+    ) -> bool {
+        self.buf
+            .push_name_only(ino, DirEntOffset(offset), kind, name.as_ref())
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();

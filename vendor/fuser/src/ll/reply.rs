@@ -1,6 +1,7 @@
 #![allow(refining_impl_trait)]
 
 use std::io::IoSlice;
+use std::ffi::OsStr;
 use std::os::unix::prelude::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
@@ -531,6 +532,30 @@ impl DirEntPlusList {
                 off: x.offset.0,
                 namelen: name.len().try_into().expect("Name too long"),
                 typ: x.attr.attr.mode >> 12,
+            },
+        };
+        self.0.push([header.as_bytes(), name])
+    }
+
+    /// Add an entry with no attributes (node id 0): the kernel lists the name as plain
+    /// readdir would and links no inode, so no lookup reference is taken. Returns true if the
+    /// buffer is full.
+    #[must_use]
+    pub(crate) fn push_name_only(
+        &mut self,
+        ino: INodeNo,
+        offset: DirEntOffset,
+        kind: FileType,
+        name: &OsStr,
+    ) -> bool {
+        let name = name.as_bytes();
+        let header = abi::fuse_direntplus {
+            entry_out: zerocopy::FromZeros::new_zeroed(),
+            dirent: abi::fuse_dirent {
+                ino: ino.into(),
+                off: offset.0,
+                namelen: name.len().try_into().expect("Name too long"),
+                typ: mode_from_kind_and_perm(kind, 0) >> 12,
             },
         };
         self.0.push([header.as_bytes(), name])

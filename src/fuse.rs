@@ -29,6 +29,7 @@ use fuser::{
 };
 
 use crate::error::Error;
+use crate::heap::Trimmer;
 use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
@@ -181,6 +182,8 @@ pub struct Core {
     /// generation it belongs to: the kernel allows one backing file per inode at a time.
     backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
     prefetch: Option<Prefetcher>,
+    /// Gives freed heap memory back after the kernel forgets many inodes.
+    trimmer: Option<Trimmer>,
     /// Threads for requests that may copy data up.
     workers: Workers,
 }
@@ -279,8 +282,12 @@ impl LayerFs {
         } else {
             None
         };
+        let trimmer = Trimmer::start()
+            .map_err(|e| log::warn!("no heap trimming: cannot start its thread: {e}"))
+            .ok();
         LayerFs(Arc::new(Core {
             prefetch,
+            trimmer,
             workers: Workers::new("layerfs-slow", WORKER_LINGER),
             union,
             opts,
@@ -669,7 +676,12 @@ impl Filesystem for LayerFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        guarded("forget", || self.union.forget(ino.0, nlookup))
+        guarded("forget", || {
+            let freed = self.union.forget(ino.0, nlookup);
+            if let Some(t) = &self.trimmer {
+                t.freed(freed);
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {

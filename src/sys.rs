@@ -1196,6 +1196,14 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Return the free memory of every malloc heap to the system (`malloc_trim(0)`); true if
+/// any was released.
+pub fn release_free_heap() -> bool {
+    // SAFETY: malloc_trim takes a plain integer, locks each heap itself and only returns free
+    // pages; it is safe to call from any thread at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 /// Put the calling thread in the SCHED_IDLE class (`idle`) or back in the normal one.
 pub fn set_idle_class(idle: bool) -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };

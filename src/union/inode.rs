@@ -408,17 +408,21 @@ impl Table {
     }
 
     /// The kernel dropped `n` references.
-    pub fn forget(&mut self, ino: u64, n: u64) {
+    /// Drop `n` kernel references to `ino`; returns how many nodes were freed.
+    pub fn forget(&mut self, ino: u64, n: u64) -> usize {
         if ino == ROOT_INO {
-            return;
+            return 0;
         }
         if let Some(e) = self.entries.get_mut(&ino) {
             e.nlookup = e.nlookup.saturating_sub(n);
         }
-        self.try_evict(ino);
+        self.try_evict(ino)
     }
 
-    fn try_evict(&mut self, ino: u64) {
+    /// Free `ino` if nothing holds it, then its parents that it held; returns how many
+    /// nodes were freed.
+    fn try_evict(&mut self, ino: u64) -> usize {
+        let mut freed = 0;
         let mut stack = vec![ino];
         while let Some(ino) = stack.pop() {
             if ino == ROOT_INO {
@@ -433,6 +437,7 @@ impl Table {
             let Some(e) = self.entries.remove(&ino) else {
                 continue;
             };
+            freed += 1;
             if self.by_backing.get(&e.backing) == Some(&ino) {
                 self.by_backing.remove(&e.backing);
             }
@@ -444,6 +449,7 @@ impl Table {
                 }
             }
         }
+        freed
     }
 
     /// Number of nodes held (for tests and memory checks).
@@ -501,12 +507,13 @@ mod tests {
         let c = look(&mut t, b, "c\u{e9}", (1, 12), Some(12));
         assert_eq!(t.path(c).as_deref(), Some("a/b/c\u{e9}".as_bytes()));
         assert_eq!(t.path(ROOT_INO).as_deref(), Some(&b""[..]));
-        // Parents stay while a child is referenced.
-        t.forget(a, 1);
-        t.forget(b, 1);
+        // Parents stay while a child is referenced; the last forget frees all three.
+        assert_eq!(t.forget(a, 1), 0);
+        assert_eq!(t.forget(b, 1), 0);
         assert_eq!(t.len(), 4);
-        t.forget(c, 1);
+        assert_eq!(t.forget(c, 1), 3);
         assert_eq!(t.len(), 1);
+        assert_eq!(t.forget(c, 1), 0, "already gone");
     }
 
     #[test]

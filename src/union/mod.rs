@@ -932,9 +932,9 @@ impl Union {
         true
     }
 
-    /// The kernel dropped `n` references to `ino`.
-    pub fn forget(&self, ino: u64, n: u64) {
-        self.table().forget(ino, n);
+    /// The kernel dropped `n` references to `ino`; returns how many nodes were freed.
+    pub fn forget(&self, ino: u64, n: u64) -> usize {
+        self.table().forget(ino, n)
     }
 
     /// Attributes of a node, from its current backing object.

@@ -416,6 +416,70 @@ fn open_files_keep_working_across_copy_up() {
     }
 }
 
+/// Readers and writers of one file, opened in either order, with passthrough and through the
+/// page cache: every open sees the latest data, also after writes through a shared mapping
+/// and reads that skip the stat (which would refetch attributes and drop stale pages).
+#[test]
+fn readers_and_writers_of_one_file_see_the_latest_data() {
+    if !can_mount() {
+        return;
+    }
+    for opts in [&[][..], &["passthrough=off"][..]] {
+        readers_and_writers(opts);
+    }
+}
+
+fn readers_and_writers(opts: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let (top, bot, u, w) = rw_stack(d.path());
+    wfile(bot.join("small"), "lower data");
+    let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), opts);
+    let f = m.p("small");
+    // Read, rewritten, read again: the second read must not see the first one's pages.
+    assert_eq!(fs::read_to_string(&f).unwrap(), "lower data");
+    fs::write(&f, "rewritten!").unwrap();
+    assert_eq!(fs::read_to_string(&f).unwrap(), "rewritten!");
+    // A writer while a reader is open: both work and the reader sees the writes.
+    let mut reader = fs::File::open(&f).unwrap();
+    let mut writer = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    writer.write_all(b"0123").unwrap();
+    let mut seen = String::new();
+    reader.read_to_string(&mut seen).unwrap();
+    assert_eq!(seen, "0123itten!");
+    drop((reader, writer));
+    // A reader while a writer is open.
+    let mut writer = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    let mut reader = fs::File::open(&f).unwrap();
+    writer.write_all(b"abcd").unwrap();
+    let mut seen = String::new();
+    reader.read_to_string(&mut seen).unwrap();
+    assert_eq!(seen, "abcditten!");
+    drop((reader, writer));
+    // Growth through a writer, then a fresh read of the whole file.
+    let mut writer = fs::OpenOptions::new().append(true).open(&f).unwrap();
+    writer.write_all(&[b'x'; 100_000]).unwrap();
+    drop(writer);
+    let all = fs::read(&f).unwrap();
+    assert_eq!(all.len(), 100_010);
+    assert_eq!(&all[..10], b"abcditten!");
+    fs::write(&f, "short again").unwrap();
+    assert_eq!(fs::read_to_string(&f).unwrap(), "short again");
+    // Written through a shared mapping, and read without a stat (a stat would refetch the
+    // attributes and the new mtime would drop cached pages): the new data must show.
+    let read_no_stat = format!(
+        "import os\nfd=os.open('{p}',os.O_RDONLY)\nprint(os.read(fd,100).decode())\nos.close(fd)",
+        p = f.display()
+    );
+    let read = || run(Command::new("python3").arg("-c").arg(&read_no_stat));
+    assert_eq!(read().trim(), "short again");
+    let code = format!(
+        "import mmap,os\nfd=os.open('{p}',os.O_RDWR)\nmm=mmap.mmap(fd,11,mmap.MAP_SHARED)\nmm[0:5]=b'SHORT'\nmm.flush()\nmm.close()\nos.close(fd)",
+        p = f.display()
+    );
+    run(Command::new("python3").arg("-c").arg(code));
+    assert_eq!(read().trim(), "SHORT again");
+}
+
 #[test]
 fn mmap_shared_writes_are_visible_to_read() {
     if !can_mount() {

@@ -113,11 +113,13 @@ pub struct FuseOptions {
     pub cache_dirs: bool,
     /// When listings carry attributes.
     pub readdirplus: ReaddirPlus,
-    /// How long a readdirplus reply may spend looking entries up before it lists the rest of
-    /// its batch by name only. Warm, a full batch (about 200 entries) takes well under the
-    /// default; cold, each lookup may read inodes from disk, and the kernel asks for the first
-    /// batch of every listing with lookups (`readdirplus=auto`) even when the caller only wants
-    /// names. Entries listed by name get a LOOKUP later if the caller stats them.
+    /// How long the reply to a listing's first readdirplus batch may spend looking entries up
+    /// before it lists the rest of the batch by name only. Warm, a full batch (about 200
+    /// entries) takes well under the default; cold, each lookup may read inodes from disk, and
+    /// the kernel asks for the first batch of every listing with lookups (`readdirplus=auto`)
+    /// even when the caller only wants names. Entries listed by name get a LOOKUP later if the
+    /// caller stats them; later batches come with lookups only when the caller stats entries,
+    /// and are looked up in full (with `readdirplus=always`, every batch has the budget).
     pub readdirplus_budget: Duration,
     /// Read subdirectories ahead of a tree walk on a second thread.
     pub prefetch: bool,
@@ -834,7 +836,15 @@ impl Filesystem for LayerFs {
             }
             // Full lookups: the kernel takes a reference on every entry it receives.
             let mut subdirs = Vec::new();
-            let deadline = started + self.opts.readdirplus_budget;
+            // The kernel asks for a listing's first batch with attributes whatever the caller
+            // wants (and for every batch with `readdirplus=always`); a later batch comes with
+            // attributes only after the caller looked entries up, so it gets them all.
+            let speculative = offset == 0 || self.opts.readdirplus == ReaddirPlus::Always;
+            let deadline = if speculative {
+                started + self.opts.readdirplus_budget
+            } else {
+                started + Duration::from_secs(3600)
+            };
             let walked = self
                 .union
                 .lookup_listed(ino, &entries[start..], deadline, |e, found| {

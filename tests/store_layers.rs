@@ -441,11 +441,13 @@ fn containers_commit_rm_and_gc() {
     let _ = id;
 }
 
-/// The mount daemon releases its lease when it exits, shortly after the unmount.
+/// The mount daemon releases its lease when it exits, shortly after the unmount. Matches any
+/// `layerfs mount ... MNT` command line (it only matched `--image top` mounts, so a wait for
+/// a `--container` mount returned at once and `rm` could still find the lease held).
 fn wait_unmounted(mnt: &Path) {
     for _ in 0..600 {
         let busy = std::process::Command::new("pgrep")
-            .args(["-f", &format!("mount --image top {}", mnt.display())])
+            .args(["-f", &format!("layerfs mount .* {}$", mnt.display())])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);

@@ -172,6 +172,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     // Objects are created with exactly the mode the kernel asked for (it applied the caller's
     // umask already).
     sys::umask(0);
+    crate::heap::fix_large_blocks();
     let config = plan.fuser_config();
     let fs = LayerFs::new(union.clone(), plan.fuse.clone());
     let io_uring_granted = fs.io_uring_granted();

@@ -15,6 +15,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+/// Blocks of this size and more get their own mappings ([`fix_large_blocks`]): just above
+/// the 1 MiB request buffers, so those keep coming from the heaps, while what grows with the
+/// tree (the inode table's hash tables, the indexes of huge directories) is mapped apart.
+const MMAP_THRESHOLD: usize = (1 << 20) + (64 << 10);
+
+/// Give large blocks their own mappings for the life of the process. glibc raises its mmap
+/// threshold after the first large block is freed, and from then on the inode table's hash
+/// tables, reallocated as the kernel's inode cache grows and shrinks, came from the
+/// per-thread heaps and fragmented them: over 10 walks with caches dropped in between, the
+/// heap of one ring thread grew by 2.3 MiB. With a fixed threshold the daemon's RSS after
+/// each walk stays flat (44.6-45.9 MiB, no trend) and is lower than before (50-53 MiB).
+/// Call once, before the daemon starts its threads.
+pub fn fix_large_blocks() {
+    if !crate::sys::set_mmap_threshold(MMAP_THRESHOLD) {
+        log::debug!("malloc mmap threshold left as it is");
+    }
+}
+
 /// Trim once at least this many nodes were freed since the last trim.
 const TRIM_AFTER_FREED: usize = 4096;
 /// ... and no node was freed for this long (the storm is over).

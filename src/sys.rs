@@ -1196,6 +1196,17 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Serve allocations of at least `bytes` with their own mappings, returned to the system
+/// when freed, and stop glibc from raising that threshold by itself (it does after the first
+/// large free, and large blocks then come from the heaps and fragment them). True if set.
+pub fn set_mmap_threshold(bytes: usize) -> bool {
+    let Ok(bytes) = libc::c_int::try_from(bytes) else {
+        return false;
+    };
+    // SAFETY: mallopt takes two plain integers and only changes allocator tunables.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+}
+
 /// Return the free memory of every malloc heap to the system (`malloc_trim(0)`); true if
 /// any was released.
 pub fn release_free_heap() -> bool {

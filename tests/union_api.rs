@@ -274,3 +274,53 @@ fn a_moved_or_replaced_parent_is_not_used_through_a_kept_descriptor() {
     chmod(third, 0o604);
     assert_eq!(mode_of("a/b/f"), 0o604);
 }
+
+/// A long listing is looked up a chunk at a time: every entry once, in listing order, and a
+/// stop in a later chunk leaves exactly the entries taken referenced.
+#[test]
+fn a_long_listing_is_looked_up_across_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (low, mid) = (d.path().join("low"), d.path().join("mid"));
+    files(&low.join("dir"), 700);
+    files(&mid.join("dir"), 100);
+    let u = Union::new(&UnionConfig {
+        lowers: vec![mid, low],
+        upper: None,
+        fsync: false,
+    })
+    .unwrap();
+    let dir = u.lookup(ROOT, b"dir").unwrap().ino;
+    let (entries, start) = u.read_dir(dir, 0).unwrap();
+    let listed = &entries[start..];
+    assert_eq!(listed.len(), 700);
+    let later = Instant::now() + Duration::from_secs(3600);
+    let nodes_before = u.node_count();
+    let mut seen = Vec::new();
+    u.lookup_listed(dir, listed, later, |e, found| {
+        assert!(matches!(found, Listing::Found(_)), "{:?}", e.name);
+        seen.push(e.name.to_vec());
+        true
+    })
+    .unwrap();
+    let want: Vec<Vec<u8>> = listed.iter().map(|e| e.name.to_vec()).collect();
+    assert_eq!(seen, want);
+    assert_eq!(u.node_count(), nodes_before + 700);
+    // Stop at the 600th entry (third chunk): 599 more references, the refused one given back.
+    let mut taken = Vec::new();
+    u.lookup_listed(dir, listed, later, |_, found| {
+        if let Listing::Found(attr) = found {
+            taken.push(attr.ino);
+        }
+        taken.len() < 600
+    })
+    .unwrap();
+    assert_eq!(taken.len(), 600);
+    for e in listed {
+        let ino = u.lookup(dir, &e.name).unwrap().ino;
+        u.forget(ino, 2);
+    }
+    for ino in &taken[..599] {
+        u.forget(*ino, 1);
+    }
+    assert_eq!(u.node_count(), nodes_before);
+}

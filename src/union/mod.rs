@@ -64,6 +64,10 @@ pub struct Attr {
 
 pub use dirindex::{FIRST_NAME_OFFSET, Listed};
 
+/// Entries of a listing checked against the directory index at a time by
+/// [`Union::lookup_listed`].
+const LOOKUP_CHUNK: usize = 256;
+
 /// One entry of a readdirplus batch ([`Union::lookup_listed`]).
 pub enum Listing<'a> {
     /// Looked up: the kernel gets a reference on it.
@@ -864,36 +868,42 @@ impl Union {
     ) -> Result<()> {
         let _ns = self.read_ns();
         let (pnode, ppath) = self.node_path(parent)?;
-        let found: Vec<_> = self.with_index(&pnode, &ppath, |idx| {
-            entries
-                .iter()
-                .filter_map(|e| idx.visible(&e.name).map(|(t, d)| (e, t, d.to_vec())))
-                .collect()
-        })?;
         let mut dirs = LayerDirs::new(self, &ppath);
         let mut in_time = true;
-        for (entry, top, dir_layers) in found {
-            if in_time && Instant::now() >= deadline {
-                in_time = false;
-            }
-            if !in_time {
-                let Ok(ino) = self.entry_ino_in(parent, &ppath, entry) else {
+        // A reply holds a few hundred entries while `entries` runs to the end of the listing:
+        // checked against the index a chunk at a time, so a listing read in many batches
+        // does not cost the square of its size.
+        for chunk in entries.chunks(LOOKUP_CHUNK) {
+            let found: Vec<_> = self.with_index(&pnode, &ppath, |idx| {
+                chunk
+                    .iter()
+                    .filter_map(|e| idx.visible(&e.name).map(|(t, d)| (e, t, d.to_vec())))
+                    .collect()
+            })?;
+            for (entry, top, dir_layers) in found {
+                if in_time && Instant::now() >= deadline {
+                    in_time = false;
+                }
+                if !in_time {
+                    let Ok(ino) = self.entry_ino_in(parent, &ppath, entry) else {
+                        continue;
+                    };
+                    if !take(entry, Listing::NameOnly(ino)) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let Some(dfd) = dirs.get(top.layer) else {
                     continue;
                 };
-                if !take(entry, Listing::NameOnly(ino)) {
-                    break;
+                let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers)
+                else {
+                    continue;
+                };
+                if !take(entry, Listing::Found(&attr)) {
+                    self.forget(attr.ino, 1);
+                    return Ok(());
                 }
-                continue;
-            }
-            let Some(dfd) = dirs.get(top.layer) else {
-                continue;
-            };
-            let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers) else {
-                continue;
-            };
-            if !take(entry, Listing::Found(&attr)) {
-                self.forget(attr.ino, 1);
-                break;
             }
         }
         Ok(())

@@ -1000,25 +1000,41 @@ impl Union {
 
     /// Inode number of a directory entry without counting a lookup (plain readdir).
     pub fn entry_ino(&self, parent: u64, entry: &Listed) -> Result<u64> {
+        if let Some(ino) = self.entry_ino_known(parent, entry) {
+            return Ok(ino);
+        }
         let _ns = self.read_ns();
         let ppath = self.table().path(parent).ok_or_else(enoent)?;
-        self.entry_ino_in(parent, &ppath, entry)
+        self.entry_ino_upper(&ppath, entry)
     }
 
     /// [`Union::entry_ino`] with the namespace lock held by the caller; `ppath` is the path
     /// of `parent`.
     fn entry_ino_in(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
+        match self.entry_ino_known(parent, entry) {
+            Some(ino) => Ok(ino),
+            None => self.entry_ino_upper(ppath, entry),
+        }
+    }
+
+    /// The number of an entry when it needs no stat: a node the table holds, or a lower
+    /// object (those never carry an origin: their number comes straight from the listing,
+    /// so cold directories read fast).
+    fn entry_ino_known(&self, parent: u64, entry: &Listed) -> Option<u64> {
         let known = self.table().child(parent, &entry.name);
-        if let Some(ino) = known {
-            return Ok(ino);
+        if known.is_some() {
+            return known;
         }
         if Some(entry.top.layer) != self.upper {
-            // Lower objects never carry an origin: their number comes straight from the
-            // listing, with no stat (cold directories read fast).
             let dev = self.layers[entry.top.layer as usize].dev;
             let mapped = self.table().inos.map(dev, entry.top.dino);
-            return Ok(mapped.unwrap_or(entry.top.dino));
+            return Some(mapped.unwrap_or(entry.top.dino));
         }
+        None
+    }
+
+    /// The number of an upper entry: its recorded origin, else its own.
+    fn entry_ino_upper(&self, ppath: &[u8], entry: &Listed) -> Result<u64> {
         let dfd = self.dir_fd(entry.top.layer, ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
         let origin = self.read_origin(dfd.as_fd(), &entry.name);

@@ -1,15 +1,18 @@
-//! Heap trimming: give the memory of forgotten inodes back to the system after the kernel
-//! drops many of them at once (memory pressure, `drop_caches`, the end of a tree walk).
+//! Daemon memory: give the memory of forgotten inodes back to the system, and keep it from
+//! fragmenting over repeated walks.
 //!
 //! Nodes are allocated by whichever thread served the lookup (one ring thread per CPU, the
-//! prefetch thread), and glibc keeps a heap per thread. Freed nodes stay in their heap, and
-//! each heap grows to the largest share of a walk it ever served: over repeated walks the
-//! daemon's RSS crept up by 4 MiB until every heap had reached its peak. A single heap would
-//! avoid that but costs contention: one shared heap made `create` twice as slow.
+//! prefetch thread), and glibc keeps a heap per thread. Two things made the daemon's RSS creep
+//! up by 4 MiB over 10 walks with caches dropped in between, and stay at its peak after the
+//! kernel forgot the inodes: large blocks (the inode table's hash tables) came from the heaps
+//! once glibc had raised its mmap threshold, and freed small blocks stayed in their heaps.
+//! [`fix_large_blocks`] pins the threshold, and a [`Trimmer`] returns free heap pages after a
+//! storm of forgets. A single shared heap also stopped the creep but made `create` twice as
+//! slow (contention).
 //!
-//! Invariants: trimming only returns free pages; it never touches live data, so doing it or
-//! not gives the same results. The thread waits until a storm of forgets is over before it
-//! trims, trims at most once per storm, and ends when the owning [`Trimmer`] is dropped.
+//! Invariants: neither touches live data, so doing it or not gives the same results. The
+//! trim thread waits until a storm of forgets is over before it trims, trims at most once per
+//! storm, and ends when the owning [`Trimmer`] is dropped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,8 +28,8 @@ const MMAP_THRESHOLD: usize = (1 << 20) + (64 << 10);
 /// tables, reallocated as the kernel's inode cache grows and shrinks, came from the
 /// per-thread heaps and fragmented them: over 10 walks with caches dropped in between, the
 /// heap of one ring thread grew by 2.3 MiB. With a fixed threshold the daemon's RSS after
-/// each walk stays flat (44.6-45.9 MiB, no trend) and is lower than before (50-53 MiB).
-/// Call once, before the daemon starts its threads.
+/// each walk stays flat (43.0-43.8 MiB on the bench tree, no trend) and is lower than before
+/// (50-53 MiB). Call once, when the daemon starts.
 pub fn fix_large_blocks() {
     if !crate::sys::set_mmap_threshold(MMAP_THRESHOLD) {
         log::debug!("malloc mmap threshold left as it is");

@@ -427,8 +427,7 @@ fn containers_commit_rm_and_gc() {
     let clayer = env.store().join("layers").join(diff_id_hex(&cid));
     assert!(clayer.is_dir(), "gc removed a mounted layer");
     assert_eq!(fs::read(m.0.join("x")).unwrap(), b"x");
-    drop(m);
-    wait_unmounted(&env.path("m3"));
+    unmount_and_wait(m);
     let gc = env.ok(&["gc"]);
     assert!(!clayer.exists(), "{gc}");
     assert!(gc.contains("1 stale mount leases"), "{gc}");
@@ -441,22 +440,33 @@ fn containers_commit_rm_and_gc() {
     let _ = id;
 }
 
-/// The mount daemon releases its lease when it exits, shortly after the unmount. Matches any
-/// `layerfs mount ... MNT` command line (it only matched `--image top` mounts, so a wait for
-/// a `--container` mount returned at once and `rm` could still find the lease held).
-fn wait_unmounted(mnt: &Path) {
+/// Unmount and wait for the mount daemon to exit: it releases its lease then, shortly after
+/// the unmount. The daemon is found by its `layerfs [--root STORE] mount ... MNT` command
+/// line (the pattern used to need `--image top`, so a wait for a `--container` mount returned
+/// at once and `rm` could still find the lease held).
+fn unmount_and_wait(m: LayerfsMount) {
+    let mnt = m.0.clone();
+    assert!(
+        daemon_running(&mnt),
+        "no mount daemon of {} found (the pattern must match it)",
+        mnt.display()
+    );
+    drop(m);
     for _ in 0..600 {
-        let busy = std::process::Command::new("pgrep")
-            .args(["-f", &format!("layerfs mount .* {}$", mnt.display())])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !busy {
+        if !daemon_running(&mnt) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("the mount daemon of {} did not exit", mnt.display());
+}
+
+fn daemon_running(mnt: &Path) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", &format!(" mount .* {}$", mnt.display())])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -557,8 +567,7 @@ fn rm_container_refuses_while_mounted_then_frees_its_layers() {
     fs::write(m.0.join("made-in-c1"), b"x").unwrap();
     env.fails(&["rm", "--container", "c1"], "is mounted");
     assert!(env.store().join("containers/c1/upper/made-in-c1").exists());
-    drop(m);
-    wait_unmounted(&env.path("m"));
+    unmount_and_wait(m);
     env.fails(&["rm", "--container", "nope"], "no container");
     env.fails(&["rm", "--container", "../x"], "bad container name");
     let out = env.ok(&["rm", "--container", "c1"]);

@@ -840,11 +840,7 @@ impl Filesystem for LayerFs {
             // wants (and for every batch with `readdirplus=always`); a later batch comes with
             // attributes only after the caller looked entries up, so it gets them all.
             let speculative = offset == 0 || self.opts.readdirplus == ReaddirPlus::Always;
-            let deadline = if speculative {
-                started + self.opts.readdirplus_budget
-            } else {
-                started + Duration::from_secs(3600)
-            };
+            let deadline = speculative.then(|| started + self.opts.readdirplus_budget);
             let walked = self
                 .union
                 .lookup_listed(ino, &entries[start..], deadline, |e, found| {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use layerfs::union::{Caller, Listing, ROOT, SetAttr, Union, UnionConfig};
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn files(dir: &Path, n: usize) {
     fs::create_dir_all(dir).unwrap();
@@ -98,7 +98,7 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
     let nodes_before = u.node_count();
     // Past the deadline, entries come by name only and no node is made.
     let mut names_only = Vec::new();
-    u.lookup_listed(dir, &entries[start..], Instant::now(), |e, found| {
+    u.lookup_listed(dir, &entries[start..], Some(Instant::now()), |e, found| {
         match found {
             Listing::Found(_) => panic!("{:?} looked up past the deadline", e.name),
             Listing::NameOnly(ino) => names_only.push((e.name.to_vec(), ino)),
@@ -108,9 +108,8 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
     .unwrap();
     assert_eq!(u.node_count(), nodes_before);
     names_only.sort();
-    let later = Instant::now() + Duration::from_secs(3600);
     let mut seen = Vec::new();
-    u.lookup_listed(dir, &entries[start..], later, |e, found| {
+    u.lookup_listed(dir, &entries[start..], None, |e, found| {
         let Listing::Found(attr) = found else {
             panic!("{:?} not looked up", e.name)
         };
@@ -131,7 +130,7 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
     // Refusing an entry gives its reference back: once the first batch's references are
     // forgotten too, the nodes are gone again.
     let mut taken = Vec::new();
-    u.lookup_listed(dir, &entries[start..], later, |_, found| {
+    u.lookup_listed(dir, &entries[start..], None, |_, found| {
         if let Listing::Found(attr) = found {
             taken.push(attr.ino);
         }
@@ -293,10 +292,9 @@ fn a_long_listing_is_looked_up_across_chunks() {
     let (entries, start) = u.read_dir(dir, 0).unwrap();
     let listed = &entries[start..];
     assert_eq!(listed.len(), 700);
-    let later = Instant::now() + Duration::from_secs(3600);
     let nodes_before = u.node_count();
     let mut seen = Vec::new();
-    u.lookup_listed(dir, listed, later, |e, found| {
+    u.lookup_listed(dir, listed, None, |e, found| {
         assert!(matches!(found, Listing::Found(_)), "{:?}", e.name);
         seen.push(e.name.to_vec());
         true
@@ -307,7 +305,7 @@ fn a_long_listing_is_looked_up_across_chunks() {
     assert_eq!(u.node_count(), nodes_before + 700);
     // Stop at the 600th entry (third chunk): 599 more references, the refused one given back.
     let mut taken = Vec::new();
-    u.lookup_listed(dir, listed, later, |_, found| {
+    u.lookup_listed(dir, listed, None, |_, found| {
         if let Listing::Found(attr) = found {
             taken.push(attr.ino);
         }

@@ -856,14 +856,14 @@ impl Union {
     /// once for the whole batch instead of once per name. Entries gone since the listing was
     /// taken are skipped, as a concurrent unlink would make them.
     ///
-    /// Once `deadline` has passed, the remaining entries are handed over as
+    /// Once `deadline` (if any) has passed, the remaining entries are handed over as
     /// [`Listing::NameOnly`], without a lookup: on a cold directory each lookup may wait for
     /// the disk, and a caller that only wants names should not wait for thousands of them.
     pub fn lookup_listed(
         &self,
         parent: u64,
         entries: &[Listed],
-        deadline: Instant,
+        deadline: Option<Instant>,
         mut take: impl FnMut(&Listed, Listing<'_>) -> bool,
     ) -> Result<()> {
         let _ns = self.read_ns();
@@ -881,7 +881,7 @@ impl Union {
                     .collect()
             })?;
             for (entry, top, dir_layers) in found {
-                if in_time && Instant::now() >= deadline {
+                if in_time && deadline.is_some_and(|d| Instant::now() >= d) {
                     in_time = false;
                 }
                 if !in_time {

@@ -9,13 +9,14 @@
 //! back; a directory handle holds the readdir snapshot taken at `opendir`, so offsets stay
 //! valid (telldir/seekdir) however the listing is read.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
@@ -32,6 +33,7 @@ use crate::error::Error;
 use crate::heap::Trimmer;
 use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
+use crate::union::inode::PassthroughSlot;
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
 use crate::workers::Workers;
 
@@ -180,9 +182,6 @@ pub struct Core {
     passthrough: AtomicBool,
     /// The kernel granted FUSE_OVER_IO_URING at init.
     io_uring: Arc<AtomicBool>,
-    /// The backing file registered for each inode with open passthrough handles, and the node
-    /// generation it belongs to: the kernel allows one backing file per inode at a time.
-    backings: Mutex<HashMap<u64, (u64, Weak<BackingId>)>>,
     prefetch: Option<Prefetcher>,
     /// Gives freed heap memory back after the kernel forgets many inodes.
     trimmer: Option<Trimmer>,
@@ -297,7 +296,6 @@ impl LayerFs {
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
             io_uring: Arc::new(AtomicBool::new(false)),
-            backings: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -416,37 +414,50 @@ impl Core {
     }
 
     /// Decide how to serve a new open of `file`; `register` turns a descriptor into a
-    /// backing id with the kernel.
+    /// backing id with the kernel. A deferred open gets its descriptor here when it needs one.
     fn open_mode(
         &self,
         file: &OpenFile,
         register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
-    ) -> OpenMode {
+    ) -> Result<OpenMode, Error> {
         if !self.passthrough.load(Ordering::Relaxed) {
-            return OpenMode::Cached;
+            self.union.file_fd(file)?;
+            return Ok(OpenMode::Cached);
         }
+        // The kernel takes one backing file per inode at a time: every open of the node
+        // shares the registration in its slot while it lives.
+        let mut slot = file.passthrough_slot();
         let generation = file.generation();
-        let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((g, weak)) = backings.get(&file.ino()) {
-            if let Some(b) = weak.upgrade() {
-                return OpenMode::Passthrough {
+        if let Some(s) = slot.as_mut() {
+            if s.generation != generation {
+                s.kept = None;
+            }
+            if let Some(b) = s
+                .live
+                .upgrade()
+                .and_then(|b| b.downcast::<BackingId>().ok())
+            {
+                return Ok(OpenMode::Passthrough {
                     backing: b,
-                    direct: *g != generation,
-                };
+                    direct: s.generation != generation,
+                });
             }
         }
-        let fd = match self.union.file_fd(file) {
-            Ok(fd) => fd,
-            Err(_) => return OpenMode::Cached,
-        };
+        let fd = self.union.file_fd(file)?;
+        let generation = file.generation();
         match register(fd.as_fd()) {
             Ok(b) => {
                 let b = Arc::new(b);
-                backings.insert(file.ino(), (generation, Arc::downgrade(&b)));
-                OpenMode::Passthrough {
+                let shared: Arc<dyn Any + Send + Sync> = b.clone();
+                *slot = Some(Box::new(PassthroughSlot {
+                    generation,
+                    live: Arc::downgrade(&shared),
+                    kept: file.in_lower().then_some(shared),
+                }));
+                Ok(OpenMode::Passthrough {
                     backing: b,
                     direct: false,
-                }
+                })
             }
             Err(e) => {
                 if matches!(
@@ -460,7 +471,7 @@ impl Core {
                 }
                 // No backing is attached to this inode (none was live above), so the page
                 // cache is free to use.
-                OpenMode::Cached
+                Ok(OpenMode::Cached)
             }
         }
     }
@@ -469,38 +480,38 @@ impl Core {
         let h = self.handles().remove(&fh.0);
         if let Some(h) = h {
             if h.backing.is_some() {
-                let ino = h.file.ino();
+                let node = h.file.node();
                 drop(h);
-                let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
-                if backings
-                    .get(&ino)
-                    .is_some_and(|(_, w)| w.strong_count() == 0)
-                {
-                    backings.remove(&ino);
+                // The last handle of a registration that is not kept: free the slot.
+                let mut slot = node.passthrough_slot();
+                if slot.as_ref().is_some_and(|s| s.live.strong_count() == 0) {
+                    *slot = None;
                 }
             }
         }
     }
 
     fn do_open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
-        match self.union.open(ino, flags) {
-            Ok(file) => match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-                OpenMode::Cached => {
-                    let fh = self.add_handle(Handle {
-                        file,
-                        backing: None,
-                    });
-                    reply.opened(FileHandle(fh), cached_flags())
-                }
-                OpenMode::Passthrough { backing: b, direct } => {
-                    let flags = passthrough_flags(direct);
-                    let fh = self.add_handle(Handle {
-                        file,
-                        backing: Some(b.clone()),
-                    });
-                    reply.opened_passthrough(FileHandle(fh), flags, &b)
-                }
-            },
+        let file = match self.union.open_deferred(ino, flags) {
+            Ok(file) => file,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match self.open_mode(&file, |fd| reply.open_backing(fd)) {
+            Ok(OpenMode::Cached) => {
+                let fh = self.add_handle(Handle {
+                    file,
+                    backing: None,
+                });
+                reply.opened(FileHandle(fh), cached_flags())
+            }
+            Ok(OpenMode::Passthrough { backing: b, direct }) => {
+                let flags = passthrough_flags(direct);
+                let fh = self.add_handle(Handle {
+                    file,
+                    backing: Some(b.clone()),
+                });
+                reply.opened_passthrough(FileHandle(fh), flags, &b)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1089,7 +1100,7 @@ impl Filesystem for LayerFs {
                 Ok((attr, file)) => {
                     let fa = self.file_attr(&attr);
                     match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-                        OpenMode::Cached => {
+                        Ok(OpenMode::Cached) => {
                             let fh = self.add_handle(Handle {
                                 file,
                                 backing: None,
@@ -1102,7 +1113,7 @@ impl Filesystem for LayerFs {
                                 cached_flags(),
                             )
                         }
-                        OpenMode::Passthrough { backing: b, direct } => {
+                        Ok(OpenMode::Passthrough { backing: b, direct }) => {
                             let flags = passthrough_flags(direct);
                             let fh = self.add_handle(Handle {
                                 file,
@@ -1117,6 +1128,7 @@ impl Filesystem for LayerFs {
                                 &b,
                             )
                         }
+                        Err(e) => reply.error(errno(&e)),
                     }
                 }
                 Err(e) => reply.error(errno(&e)),

@@ -480,6 +480,30 @@ fn readers_and_writers(opts: &[&str]) {
     assert_eq!(read().trim(), "SHORT again");
 }
 
+/// A lower file read and closed stays registered for passthrough; a copy-up that opens
+/// nothing (a truncate by path) must still send later reads to the upper copy.
+#[test]
+fn reads_after_a_copy_up_by_path_see_the_upper_copy() {
+    if !can_mount() {
+        return;
+    }
+    for opts in [&[][..], &["passthrough=off"][..]] {
+        let d = tempfile::tempdir().unwrap();
+        let (top, bot, u, w) = rw_stack(d.path());
+        wfile(bot.join("f"), "lower data");
+        let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), opts);
+        let f = m.p("f");
+        for _ in 0..2 {
+            assert_eq!(fs::read_to_string(&f).unwrap(), "lower data", "{opts:?}");
+        }
+        let truncate = format!("import os\nos.truncate('{}', 3)", f.display());
+        run(Command::new("python3").arg("-c").arg(truncate));
+        assert_eq!(fs::read_to_string(&f).unwrap(), "low", "{opts:?}");
+        assert_eq!(fs::read_to_string(u.join("f")).unwrap(), "low");
+        assert_eq!(fs::read_to_string(bot.join("f")).unwrap(), "lower data");
+    }
+}
+
 #[test]
 fn mmap_shared_writes_are_visible_to_read() {
     if !can_mount() {

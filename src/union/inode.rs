@@ -13,9 +13,10 @@
 //!   table (so paths can always be built). Root (inode 1) is never removed.
 //! * Nothing here does I/O: the table is changed under a short mutex.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::dirindex::DirIndex;
 
@@ -63,6 +64,25 @@ pub struct Node {
     /// Bumped each time the node's backing object changes (copy-up), so descriptors opened
     /// on the old object know to reopen.
     pub generation: AtomicU64,
+    /// The kernel's registration of the node's file for FUSE passthrough, once there is one.
+    pub passthrough: Mutex<Option<Box<PassthroughSlot>>>,
+}
+
+/// A node's backing-file registration with the kernel (FUSE passthrough). The FUSE layer
+/// owns what goes in; the union only ties its lifetime to the node's, so the registration
+/// type stays opaque here.
+#[derive(Debug)]
+pub struct PassthroughSlot {
+    /// The node generation the registered file belongs to.
+    pub generation: u64,
+    /// The registration, alive while an open handle or `kept` holds it. The kernel takes
+    /// one registration per inode at a time, so every open of the node shares this one.
+    pub live: Weak<dyn Any + Send + Sync>,
+    /// Held past the last close, so a re-open needs no system call. Only for files of
+    /// lower layers: they never change, and a kept file holds no deleted data's space. It
+    /// goes with the node, when the kernel forgets the inode (kernel overlayfs, likewise,
+    /// holds the lower objects of every cached dentry).
+    pub kept: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Node {
@@ -72,7 +92,13 @@ impl Node {
             state: Mutex::new(state),
             copy_up: Mutex::new(()),
             generation: AtomicU64::new(0),
+            passthrough: Mutex::new(None),
         })
+    }
+
+    /// Lock the node's passthrough registration (poison ignored, as for the state).
+    pub fn passthrough_slot(&self) -> std::sync::MutexGuard<'_, Option<Box<PassthroughSlot>>> {
+        self.passthrough.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Lock the node state. A poisoned lock (a panic elsewhere) still yields the state: the

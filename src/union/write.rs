@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use super::dirindex::Top;
-use super::inode::{Node, ROOT_INO};
+use super::inode::{Node, PassthroughSlot, ROOT_INO};
 use super::whiteout::{self, WhiteoutFormat};
 use super::{Attr, Union, dtype_of, join_path, split_path};
 use crate::error::{Error, Result};
@@ -69,8 +69,17 @@ pub struct OpenFile {
     ino: u64,
     node: Arc<Node>,
     flags: i32,
-    /// The node generation the descriptor was opened at, and the descriptor.
-    fd: RwLock<(u64, Arc<OwnedFd>)>,
+    fd: RwLock<Opened>,
+}
+
+/// The object an [`OpenFile`] is on now.
+struct Opened {
+    /// The node generation the object belongs to.
+    generation: u64,
+    /// The object is in a lower layer.
+    lower: bool,
+    /// Its descriptor; `None` until first needed for a deferred open.
+    fd: Option<Arc<OwnedFd>>,
 }
 
 impl OpenFile {
@@ -78,9 +87,28 @@ impl OpenFile {
         self.ino
     }
 
-    /// The node generation the descriptor was opened at (changes with copy-up).
+    fn opened(&self) -> std::sync::RwLockReadGuard<'_, Opened> {
+        self.fd.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node generation the file is on (changes with copy-up).
     pub fn generation(&self) -> u64 {
-        self.fd.read().unwrap_or_else(|p| p.into_inner()).0
+        self.opened().generation
+    }
+
+    /// The file is on an object of a lower layer.
+    pub fn in_lower(&self) -> bool {
+        self.opened().lower
+    }
+
+    /// The node's passthrough registration, locked.
+    pub fn passthrough_slot(&self) -> std::sync::MutexGuard<'_, Option<Box<PassthroughSlot>>> {
+        self.node.passthrough_slot()
+    }
+
+    /// The node the file is open on.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.clone()
     }
 }
 
@@ -929,7 +957,11 @@ impl Union {
                 ino: attr.ino,
                 node,
                 flags: flags & (libc::O_ACCMODE | super::PASSED_OPEN_FLAGS),
-                fd: RwLock::new((generation, Arc::new(fd))),
+                fd: RwLock::new(Opened {
+                    generation,
+                    lower: false,
+                    fd: Some(Arc::new(fd)),
+                }),
             },
         ))
     }
@@ -1341,6 +1373,34 @@ impl Union {
         self.open_current(ino, flags)
     }
 
+    /// Like [`Union::open`], but a read-only open gets no descriptor until
+    /// [`Union::file_fd`] needs one: the caller may serve it through a file it registered
+    /// with the kernel before. Opens that write go through [`Union::open`].
+    pub fn open_deferred(&self, ino: u64, flags: i32) -> Result<OpenFile> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return self.open(ino, flags);
+        }
+        let node = self.node(ino)?;
+        let generation = node.generation.load(Ordering::Acquire);
+        let (layer, kind) = {
+            let s = node.lock();
+            (s.layer, s.kind)
+        };
+        if kind == sys::S_IFDIR {
+            return Err(Error::os(libc::EISDIR));
+        }
+        Ok(OpenFile {
+            ino,
+            node,
+            flags: libc::O_RDONLY | (flags & super::PASSED_OPEN_FLAGS),
+            fd: RwLock::new(Opened {
+                generation,
+                lower: Some(layer) != self.upper,
+                fd: None,
+            }),
+        })
+    }
+
     fn open_current(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino)?;
@@ -1359,39 +1419,48 @@ impl Union {
             ino,
             node,
             flags: pass & !libc::O_TRUNC,
-            fd: RwLock::new((generation, Arc::new(fd))),
+            fd: RwLock::new(Opened {
+                generation,
+                lower: Some(layer) != self.upper,
+                fd: Some(Arc::new(fd)),
+            }),
         })
     }
 
-    /// The descriptor to use for `file` now. A read-only descriptor opened on a lower file
-    /// that has since been copied up is reopened on the upper copy, so every open file sees
-    /// the same data (and the shared page cache is never refilled from the stale lower file).
+    /// The descriptor to use for `file` now, opened here if the open was deferred. A
+    /// read-only descriptor opened on a lower file that has since been copied up is reopened
+    /// on the upper copy, so every open file sees the same data (and the shared page cache
+    /// is never refilled from the stale lower file).
     pub fn file_fd(&self, file: &OpenFile) -> Result<Arc<OwnedFd>> {
         let now = file.node.generation.load(Ordering::Acquire);
         {
-            let cur = file.fd.read().unwrap_or_else(|p| p.into_inner());
-            if cur.0 == now {
-                return Ok(cur.1.clone());
+            let cur = file.opened();
+            if cur.generation == now {
+                if let Some(fd) = &cur.fd {
+                    return Ok(fd.clone());
+                }
             }
         }
         match self.open_current(file.ino, file.flags) {
             Ok(fresh) => {
                 let fresh = fresh.fd.into_inner().unwrap_or_else(|p| p.into_inner());
-                let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
-                *cur = fresh;
-                Ok(cur.1.clone())
+                let fd = fresh.fd.clone().ok_or_else(|| Error::os(libc::EIO))?;
+                *file.fd.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                Ok(fd)
             }
             // Unlinked meanwhile: reopen the object through the descriptor kept at unlink,
             // or keep the old descriptor when there is none.
-            Err(_) => {
+            Err(e) => {
                 let orphan = file.node.lock().orphan.clone();
                 let reopened = orphan.and_then(|o| sys::reopen(o.as_fd(), file.flags).ok());
                 let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
-                cur.0 = now;
+                cur.generation = now;
+                // An orphan is not the node's lower file any more: never keep it registered.
+                cur.lower = false;
                 if let Some(fd) = reopened {
-                    cur.1 = Arc::new(fd);
+                    cur.fd = Some(Arc::new(fd));
                 }
-                Ok(cur.1.clone())
+                cur.fd.clone().ok_or(e)
             }
         }
     }

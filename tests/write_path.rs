@@ -877,6 +877,40 @@ fn xattrs_appear_after_misses_were_answered_from_memory() {
     assert_eq!(getxattr(m.p("plain"), "user.other"), None);
 }
 
+/// New files are known to have no file capabilities (the kernel asks before every first
+/// write): a capability set later shows, and a write drops it again, as on any filesystem.
+#[test]
+fn capabilities_of_new_files_show_once_set_and_go_with_a_write() {
+    if !can_mount() {
+        return;
+    }
+    for opts in [&[][..], &["passthrough=off"][..]] {
+        let d = tempfile::tempdir().unwrap();
+        let (top, bot, u, w) = rw_stack(d.path());
+        let m = layerfs_stack(&[&top, &bot], Some((&u, &w)), &d.path().join("m"), opts);
+        let f = m.p("tool");
+        fs::write(&f, "elf\n").unwrap();
+        assert_eq!(getxattr(&f, "security.capability"), None, "{opts:?}");
+        // VFS_CAP_REVISION_2 with CAP_NET_RAW (13) permitted and effective.
+        let mut cap = vec![0x01, 0, 0, 0x02];
+        cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+        cap.extend_from_slice(&[0; 12]);
+        setxattr(&f, "security.capability", &cap);
+        assert_eq!(
+            getxattr(&f, "security.capability"),
+            Some(cap.clone()),
+            "{opts:?}"
+        );
+        assert_eq!(getxattr(u.join("tool"), "security.capability"), Some(cap));
+        let mut append = fs::OpenOptions::new().append(true).open(&f).unwrap();
+        append.write_all(b"more\n").unwrap();
+        drop(append);
+        assert_eq!(getxattr(&f, "security.capability"), None, "{opts:?}");
+        assert_eq!(getxattr(u.join("tool"), "security.capability"), None);
+        assert_eq!(fs::read_to_string(&f).unwrap(), "elf\nmore\n");
+    }
+}
+
 /// O_DIRECT opens served by the daemon (no passthrough): block-aligned reads and writes work
 /// (`dd` aligns its buffers). Reads failed with EINVAL while the daemon opened its own
 /// descriptor with O_DIRECT and read into unaligned buffers.

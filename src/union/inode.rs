@@ -50,6 +50,9 @@ pub struct NodeState {
     /// The object is known to carry no user-visible xattr: `getxattr` answers ENODATA
     /// without a system call (`ls -l` asks for `security.selinux` on every file).
     pub no_xattrs: bool,
+    /// The object is known to carry no `security.capability`: the kernel asks for it before
+    /// the first write through every open (the killpriv check), and new files never have it.
+    pub no_caps: bool,
     /// When the index was last used (for dropping the least used indexes).
     pub index_stamp: u64,
 }
@@ -504,6 +507,7 @@ mod tests {
             unlinked: false,
             orphan: None,
             no_xattrs: false,
+            no_caps: false,
             index_stamp: 0,
         }
     }

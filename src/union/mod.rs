@@ -64,6 +64,9 @@ pub struct Attr {
 
 pub use dirindex::{FIRST_NAME_OFFSET, Listed};
 
+/// The xattr the kernel reads before writes, to drop file capabilities (killpriv).
+const CAPS_XATTR: &[u8] = b"security.capability";
+
 /// Entries of a listing checked against the directory index at a time by
 /// [`Union::lookup_listed`].
 const LOOKUP_CHUNK: usize = 256;
@@ -349,6 +352,7 @@ impl Union {
                 unlinked: false,
                 orphan: None,
                 no_xattrs: false,
+                no_caps: false,
                 index_stamp: 0,
             },
         );
@@ -805,6 +809,7 @@ impl Union {
                         unlinked: false,
                         orphan: None,
                         no_xattrs: false,
+                        no_caps: false,
                         index_stamp: 0,
                     },
                 )
@@ -1053,20 +1058,23 @@ impl Union {
         Ok(sys::fstatvfs(self.root_fd(0))?)
     }
 
-    /// Read an xattr visible to users (private overlay xattrs are never shown).
+    /// Read an xattr visible to users (private overlay xattrs are never shown). Absences the
+    /// node has seen before are answered without a system call.
     pub fn getxattr(&self, ino: u64, attr: &[u8]) -> Result<Vec<u8>> {
         if whiteout::is_private_xattr(attr) {
             return Err(Error::os(libc::ENODATA));
         }
+        let caps = attr == CAPS_XATTR;
+        {
+            let node = self.node(ino)?;
+            let s = node.lock();
+            if s.no_xattrs || (caps && s.no_caps) {
+                return Err(Error::os(libc::ENODATA));
+            }
+        }
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
-        let (layer, none) = {
-            let s = node.lock();
-            (s.layer, s.no_xattrs)
-        };
-        if none {
-            return Err(Error::os(libc::ENODATA));
-        }
+        let layer = node.lock().layer;
         let (value, none) = self.at(layer, &path, |d, n| {
             let target = Self::xtarget(d, n);
             Ok(match sys::xattr_get(target, attr)? {
@@ -1080,8 +1088,10 @@ impl Union {
                 ),
             })
         })?;
-        if none {
-            node.lock().no_xattrs = true;
+        if value.is_none() {
+            let mut s = node.lock();
+            s.no_xattrs |= none;
+            s.no_caps |= caps;
         }
         value.ok_or_else(|| Error::os(libc::ENODATA))
     }

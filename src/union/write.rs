@@ -904,7 +904,10 @@ impl Union {
         if self.fsync && over_whiteout {
             let _ = sys::fsync(dir.as_fd(), false);
         }
-        let st = sys::stat_at(dir.as_fd(), name)?;
+        let st = match &fd {
+            Some(f) => sys::fstat(f.as_fd())?,
+            None => sys::stat_at(dir.as_fd(), name)?,
+        };
         let upper = self.upper_layer()?;
         if let Some(idx) = pnode.lock().index.as_mut() {
             idx.created(name, dtype_of(st.mode));
@@ -929,6 +932,7 @@ impl Union {
                         unlinked: false,
                         orphan: None,
                         no_xattrs: false,
+                        no_caps: kind == sys::S_IFREG,
                         index_stamp: 0,
                     },
                 )
@@ -1532,7 +1536,11 @@ impl Union {
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let upper = self.upper_layer()?;
-        node.lock().no_xattrs = false;
+        {
+            let mut s = node.lock();
+            s.no_xattrs = false;
+            s.no_caps = false;
+        }
         Ok(self.at(upper, &path, |d, n| {
             sys::xattr_set(Self::xtarget(d, n), attr, value, flags)
         })?)

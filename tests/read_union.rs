@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 use layerfs::sys;
@@ -504,4 +505,56 @@ fn readdirplus_names_only_entries_match_stat() {
     assert_eq!(names, 601);
     assert_same(&expected, &snapshot(&wide), "names-only listing");
     assert_dino_matches(&wide);
+}
+
+/// A lower file read through the mount stays registered for passthrough after it is closed,
+/// but only until the kernel forgets its inode: then the registration goes, and with it the
+/// last hold on the file (here: its space, once something outside deleted it).
+#[test]
+fn a_read_lower_file_is_let_go_when_the_kernel_forgets_it() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let fs_dir = d.path().join("lowerfs");
+    mkdirp(&fs_dir);
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "layerfs-test"])
+        .arg(&fs_dir));
+    let lower_fs = Mount {
+        path: fs_dir.clone(),
+        daemon: None,
+    };
+    let lower = fs_dir.join("l");
+    let big = vec![b'z'; 8 << 20];
+    wfile(lower.join("big"), &big);
+    let (u, w) = (d.path().join("u"), d.path().join("w"));
+    mkdirp(&u);
+    mkdirp(&w);
+    let free = || {
+        let dir = fs::File::open(&fs_dir).unwrap();
+        let st = sys::fstatvfs(dir.as_fd()).unwrap();
+        st.bfree * st.frsize as u64
+    };
+    {
+        let m = layerfs_stack(&[&lower], Some((&u, &w)), &d.path().join("m"), &[]);
+        for _ in 0..2 {
+            assert_eq!(fs::read(m.p("big")).unwrap(), big);
+        }
+        let before = free();
+        // Deleted behind the mount's back: only open files now hold the data.
+        fs::remove_file(lower.join("big")).unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut freed = free().saturating_sub(before);
+        while freed < 8 << 20 && std::time::Instant::now() < until {
+            let _ = fs::write("/proc/sys/vm/drop_caches", "2");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            freed = free().saturating_sub(before);
+        }
+        assert!(
+            freed >= 8 << 20,
+            "the daemon still holds the deleted lower file: {freed} bytes freed"
+        );
+    }
+    drop(lower_fs);
 }

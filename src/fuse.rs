@@ -452,7 +452,7 @@ impl Core {
                 *slot = Some(Box::new(PassthroughSlot {
                     generation,
                     live: Arc::downgrade(&shared),
-                    kept: file.in_lower().then_some(shared),
+                    kept: Some(shared),
                 }));
                 Ok(OpenMode::Passthrough {
                     backing: b,

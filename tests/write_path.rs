@@ -955,3 +955,49 @@ fn o_direct_io_through_the_daemon() {
     assert_eq!(fs::read(m.p("lower")).unwrap(), want);
     assert_eq!(fs::read(u.join("new")).unwrap(), vec![b'l'; 1 << 20]);
 }
+
+/// Files stay registered for passthrough after their last close, but a file removed through
+/// the mount gives its space back at once: the kernel forgets an unlinked inode right away.
+#[test]
+fn removing_a_file_that_was_read_frees_its_space() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let upper_fs = d.path().join("upperfs");
+    mkdirp(&upper_fs);
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "layerfs-test"])
+        .arg(&upper_fs));
+    let upper_mount = Mount {
+        path: upper_fs.clone(),
+        daemon: None,
+    };
+    let (u, w, lower) = (upper_fs.join("u"), upper_fs.join("w"), d.path().join("l"));
+    for p in [&u, &w, &lower] {
+        mkdirp(p);
+    }
+    let free = || {
+        let dir = fs::File::open(&upper_fs).unwrap();
+        let st = sys::fstatvfs(dir.as_fd()).unwrap();
+        st.bfree * st.frsize as u64
+    };
+    {
+        let m = layerfs_stack(&[&lower], Some((&u, &w)), &d.path().join("m"), &[]);
+        let big = vec![b'u'; 8 << 20];
+        fs::write(m.p("big"), &big).unwrap();
+        for _ in 0..2 {
+            assert_eq!(fs::read(m.p("big")).unwrap(), big);
+        }
+        let before = free();
+        fs::remove_file(m.p("big")).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let mut freed = free().saturating_sub(before);
+        while freed < 8 << 20 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+            freed = free().saturating_sub(before);
+        }
+        assert!(freed >= 8 << 20, "removed, but only {freed} bytes freed");
+    }
+    drop(upper_mount);
+}

@@ -81,10 +81,11 @@ pub struct PassthroughSlot {
     /// The registration, alive while an open handle or `kept` holds it. The kernel takes
     /// one registration per inode at a time, so every open of the node shares this one.
     pub live: Weak<dyn Any + Send + Sync>,
-    /// Held past the last close, so a re-open needs no system call. Only for files of
-    /// lower layers: they never change, and a kept file holds no deleted data's space. It
-    /// goes with the node, when the kernel forgets the inode (kernel overlayfs, likewise,
-    /// holds the lower objects of every cached dentry).
+    /// Held past the last close, so a re-open needs no system call. It goes with the node,
+    /// when the kernel forgets the inode. Until then an unlinked node holds its object anyway
+    /// (the descriptor kept at unlink), so keeping it holds no space an unlink through the
+    /// mount would free. Kernel overlayfs, likewise, holds the real objects of every cached
+    /// inode.
     pub kept: Option<Arc<dyn Any + Send + Sync>>,
 }
 

@@ -76,8 +76,6 @@ pub struct OpenFile {
 struct Opened {
     /// The node generation the object belongs to.
     generation: u64,
-    /// The object is in a lower layer.
-    lower: bool,
     /// Its descriptor; `None` until first needed for a deferred open.
     fd: Option<Arc<OwnedFd>>,
 }
@@ -94,11 +92,6 @@ impl OpenFile {
     /// The node generation the file is on (changes with copy-up).
     pub fn generation(&self) -> u64 {
         self.opened().generation
-    }
-
-    /// The file is on an object of a lower layer.
-    pub fn in_lower(&self) -> bool {
-        self.opened().lower
     }
 
     /// The node's passthrough registration, locked.
@@ -963,7 +956,6 @@ impl Union {
                 flags: flags & (libc::O_ACCMODE | super::PASSED_OPEN_FLAGS),
                 fd: RwLock::new(Opened {
                     generation,
-                    lower: false,
                     fd: Some(Arc::new(fd)),
                 }),
             },
@@ -1386,11 +1378,7 @@ impl Union {
         }
         let node = self.node(ino)?;
         let generation = node.generation.load(Ordering::Acquire);
-        let (layer, kind) = {
-            let s = node.lock();
-            (s.layer, s.kind)
-        };
-        if kind == sys::S_IFDIR {
+        if node.lock().kind == sys::S_IFDIR {
             return Err(Error::os(libc::EISDIR));
         }
         Ok(OpenFile {
@@ -1399,7 +1387,6 @@ impl Union {
             flags: libc::O_RDONLY | (flags & super::PASSED_OPEN_FLAGS),
             fd: RwLock::new(Opened {
                 generation,
-                lower: Some(layer) != self.upper,
                 fd: None,
             }),
         })
@@ -1425,7 +1412,6 @@ impl Union {
             flags: pass & !libc::O_TRUNC,
             fd: RwLock::new(Opened {
                 generation,
-                lower: Some(layer) != self.upper,
                 fd: Some(Arc::new(fd)),
             }),
         })
@@ -1459,8 +1445,6 @@ impl Union {
                 let reopened = orphan.and_then(|o| sys::reopen(o.as_fd(), file.flags).ok());
                 let mut cur = file.fd.write().unwrap_or_else(|p| p.into_inner());
                 cur.generation = now;
-                // An orphan is not the node's lower file any more: never keep it registered.
-                cur.lower = false;
                 if let Some(fd) = reopened {
                     cur.fd = Some(Arc::new(fd));
                 }

@@ -322,3 +322,49 @@ fn a_long_listing_is_looked_up_across_chunks() {
     }
     assert_eq!(u.node_count(), nodes_before);
 }
+
+/// A capability set while another request finds the attribute missing must show afterwards:
+/// the miss remembered by that request may not hide it (the kernel decides from it whether
+/// a write drops the file's capabilities).
+#[test]
+fn an_xattr_set_during_a_miss_is_not_hidden_by_it() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir_all(d.path().join("low")).unwrap();
+    fs::write(d.path().join("low/tool"), "elf").unwrap();
+    let (up, work) = (d.path().join("up"), d.path().join("work"));
+    fs::create_dir_all(&up).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    let u = Union::new(&UnionConfig {
+        lowers: vec![d.path().join("low")],
+        upper: Some((up, work)),
+        fsync: false,
+    })
+    .unwrap();
+    let ino = u.lookup(ROOT, b"tool").unwrap().ino;
+    // VFS_CAP_REVISION_2 with CAP_NET_RAW (13) permitted and effective.
+    let mut cap = vec![0x01, 0, 0, 0x02];
+    cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+    cap.extend_from_slice(&[0; 12]);
+    let name = b"security.capability";
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = u.getxattr(ino, name);
+            }
+        });
+        let until = Instant::now() + std::time::Duration::from_secs(2);
+        let mut rounds = 0;
+        while Instant::now() < until {
+            u.setxattr(ino, name, &cap, 0).unwrap();
+            let seen = u.getxattr(ino, name).ok();
+            if seen.as_deref() != Some(&cap[..]) {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!("set in round {rounds}, but getxattr answers {seen:?}");
+            }
+            u.removexattr(ino, name).unwrap();
+            rounds += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}

@@ -53,6 +53,9 @@ pub struct NodeState {
     /// The object is known to carry no `security.capability`: the kernel asks for it before
     /// the first write through every open (the killpriv check), and new files never have it.
     pub no_caps: bool,
+    /// Bumped by every xattr change: a miss is remembered (`no_xattrs`, `no_caps`) only if no
+    /// change ran while it was looked up, or a capability set meanwhile could stay hidden.
+    pub xattr_epoch: u32,
     /// When the index was last used (for dropping the least used indexes).
     pub index_stamp: u64,
 }
@@ -509,6 +512,7 @@ mod tests {
             orphan: None,
             no_xattrs: false,
             no_caps: false,
+            xattr_epoch: 0,
             index_stamp: 0,
         }
     }

@@ -353,6 +353,7 @@ impl Union {
                 orphan: None,
                 no_xattrs: false,
                 no_caps: false,
+                xattr_epoch: 0,
                 index_stamp: 0,
             },
         );
@@ -810,6 +811,7 @@ impl Union {
                         orphan: None,
                         no_xattrs: false,
                         no_caps: false,
+                        xattr_epoch: 0,
                         index_stamp: 0,
                     },
                 )
@@ -1065,13 +1067,14 @@ impl Union {
             return Err(Error::os(libc::ENODATA));
         }
         let caps = attr == CAPS_XATTR;
-        {
+        let epoch = {
             let node = self.node(ino)?;
             let s = node.lock();
             if s.no_xattrs || (caps && s.no_caps) {
                 return Err(Error::os(libc::ENODATA));
             }
-        }
+            s.xattr_epoch
+        };
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let layer = node.lock().layer;
@@ -1090,8 +1093,10 @@ impl Union {
         })?;
         if value.is_none() {
             let mut s = node.lock();
-            s.no_xattrs |= none;
-            s.no_caps |= caps;
+            if s.xattr_epoch == epoch {
+                s.no_xattrs |= none;
+                s.no_caps |= caps;
+            }
         }
         value.ok_or_else(|| Error::os(libc::ENODATA))
     }

@@ -926,6 +926,7 @@ impl Union {
                         orphan: None,
                         no_xattrs: false,
                         no_caps: kind == sys::S_IFREG,
+                        xattr_epoch: 0,
                         index_stamp: 0,
                     },
                 )
@@ -1520,14 +1521,20 @@ impl Union {
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let upper = self.upper_layer()?;
-        {
+        let forget_misses = || {
             let mut s = node.lock();
+            s.xattr_epoch = s.xattr_epoch.wrapping_add(1);
             s.no_xattrs = false;
             s.no_caps = false;
-        }
-        Ok(self.at(upper, &path, |d, n| {
+        };
+        // Before, so no miss is answered while the value is being set; after, so a miss
+        // looked up meanwhile is not remembered.
+        forget_misses();
+        let set = self.at(upper, &path, |d, n| {
             sys::xattr_set(Self::xtarget(d, n), attr, value, flags)
-        })?)
+        });
+        forget_misses();
+        Ok(set?)
     }
 
     pub fn removexattr(&self, ino: u64, attr: &[u8]) -> Result<()> {

@@ -17,7 +17,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use layerfs::sys::{self, XTarget};
+
+mod unmount;
 use sha2::{Digest, Sha256};
+pub use unmount::unmount_retrying;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_layerfs")
@@ -140,10 +143,7 @@ impl Mount {
         if !is_mounted(&self.path) {
             return;
         }
-        let st = Command::new("umount").arg(&self.path).status();
-        if !matches!(st, Ok(s) if s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
+        unmount_retrying(&self.path);
         if let Some(pid) = self.daemon.take() {
             wait_gone(pid, Duration::from_secs(20));
         }

@@ -16,6 +16,10 @@ use std::process::{Command, Output, Stdio};
 
 use sha2::{Digest, Sha256};
 
+#[path = "../common/unmount.rs"]
+mod unmount;
+pub use unmount::unmount_retrying;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_layerfs")
 }
@@ -445,7 +449,7 @@ impl Overlay {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        unmount_retrying(&self.0);
     }
 }
 
@@ -466,7 +470,10 @@ impl LayerfsMount {
 
 impl Drop for LayerfsMount {
     fn drop(&mut self) {
-        let _ = Command::new(bin()).arg("umount").arg(&self.0).status();
+        let st = Command::new(bin()).arg("umount").arg(&self.0).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            unmount_retrying(&self.0);
+        }
     }
 }
 

@@ -10,7 +10,6 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use layerfs::sys;
@@ -517,25 +516,14 @@ fn a_read_lower_file_is_let_go_when_the_kernel_forgets_it() {
     }
     let d = tempfile::tempdir().unwrap();
     let fs_dir = d.path().join("lowerfs");
-    mkdirp(&fs_dir);
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "layerfs-test"])
-        .arg(&fs_dir));
-    let lower_fs = Mount {
-        path: fs_dir.clone(),
-        daemon: None,
-    };
+    let lower_fs = tmpfs(&fs_dir);
     let lower = fs_dir.join("l");
     let big = vec![b'z'; 8 << 20];
     wfile(lower.join("big"), &big);
     let (u, w) = (d.path().join("u"), d.path().join("w"));
     mkdirp(&u);
     mkdirp(&w);
-    let free = || {
-        let dir = fs::File::open(&fs_dir).unwrap();
-        let st = sys::fstatvfs(dir.as_fd()).unwrap();
-        st.bfree * st.frsize as u64
-    };
+    let free = || free_bytes(&fs_dir);
     {
         let m = layerfs_stack(&[&lower], Some((&u, &w)), &d.path().join("m"), &[]);
         for _ in 0..2 {

@@ -16,6 +16,19 @@ fn files(dir: &Path, n: usize) {
     }
 }
 
+/// A union of `root/low` under the upper `root/up` (work dir `root/work`).
+fn writable_union(root: &Path) -> Union {
+    let (up, work) = (root.join("up"), root.join("work"));
+    fs::create_dir_all(&up).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    Union::new(&UnionConfig {
+        lowers: vec![root.join("low")],
+        upper: Some((up, work)),
+        fsync: false,
+    })
+    .unwrap()
+}
+
 fn names(u: &Union, ino: u64) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut offset = 0;
@@ -36,15 +49,7 @@ fn indexes_dropped_under_the_budget_are_rebuilt_with_every_change() {
     for dir in ["a", "b", "c", "d"] {
         files(&d.path().join("low").join(dir), 12_000);
     }
-    let (up, work) = (d.path().join("up"), d.path().join("work"));
-    fs::create_dir_all(&up).unwrap();
-    fs::create_dir_all(&work).unwrap();
-    let u = Union::new(&UnionConfig {
-        lowers: vec![d.path().join("low")],
-        upper: Some((up, work)),
-        fsync: false,
-    })
-    .unwrap();
+    let u = writable_union(d.path());
     let a = u.lookup(ROOT, b"a").unwrap().ino;
     // Change `a` while its index is live...
     u.remove(a, b"f00000", false).unwrap();
@@ -331,15 +336,7 @@ fn an_xattr_set_during_a_miss_is_not_hidden_by_it() {
     let d = tempfile::tempdir().unwrap();
     fs::create_dir_all(d.path().join("low")).unwrap();
     fs::write(d.path().join("low/tool"), "elf").unwrap();
-    let (up, work) = (d.path().join("up"), d.path().join("work"));
-    fs::create_dir_all(&up).unwrap();
-    fs::create_dir_all(&work).unwrap();
-    let u = Union::new(&UnionConfig {
-        lowers: vec![d.path().join("low")],
-        upper: Some((up, work)),
-        fsync: false,
-    })
-    .unwrap();
+    let u = writable_union(d.path());
     let ino = u.lookup(ROOT, b"tool").unwrap().ino;
     // VFS_CAP_REVISION_2 with CAP_NET_RAW (13) permitted and effective.
     let mut cap = vec![0x01, 0, 0, 0x02];

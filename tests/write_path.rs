@@ -965,23 +965,12 @@ fn removing_a_file_that_was_read_frees_its_space() {
     }
     let d = tempfile::tempdir().unwrap();
     let upper_fs = d.path().join("upperfs");
-    mkdirp(&upper_fs);
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "layerfs-test"])
-        .arg(&upper_fs));
-    let upper_mount = Mount {
-        path: upper_fs.clone(),
-        daemon: None,
-    };
+    let upper_mount = tmpfs(&upper_fs);
     let (u, w, lower) = (upper_fs.join("u"), upper_fs.join("w"), d.path().join("l"));
     for p in [&u, &w, &lower] {
         mkdirp(p);
     }
-    let free = || {
-        let dir = fs::File::open(&upper_fs).unwrap();
-        let st = sys::fstatvfs(dir.as_fd()).unwrap();
-        st.bfree * st.frsize as u64
-    };
+    let free = || free_bytes(&upper_fs);
     {
         let m = layerfs_stack(&[&lower], Some((&u, &w)), &d.path().join("m"), &[]);
         let big = vec![b'u'; 8 << 20];

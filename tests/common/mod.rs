@@ -150,6 +150,26 @@ impl Mount {
     }
 }
 
+/// A fresh 64 MiB tmpfs at `dir` (created), unmounted on drop: a filesystem of its own, so
+/// a test can watch its free space.
+pub fn tmpfs(dir: &Path) -> Mount {
+    mkdirp(dir);
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "layerfs-test"])
+        .arg(dir));
+    Mount {
+        path: dir.to_path_buf(),
+        daemon: None,
+    }
+}
+
+/// Free bytes of the filesystem holding `p`.
+pub fn free_bytes(p: &Path) -> u64 {
+    let dir = fs::File::open(p).unwrap();
+    let st = sys::fstatvfs(dir.as_fd()).unwrap();
+    st.bfree * st.frsize as u64
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         self.unmount();

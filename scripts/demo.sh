@@ -62,7 +62,6 @@ chroot "$work/mnt" /bin/sh -c '
 
 step "5. Unmount and commit the container as image demo/app"
 "$lfs" umount "$work/mnt"
-while pgrep -f -- "--container $container $work/mnt" >/dev/null; do sleep 0.1; done
 "$lfs" commit --container "$container" --from demo/base --name demo/app \
   --message "demo: new motd, /app, /etc/issue removed, /root moved to /home"
 
@@ -78,6 +77,5 @@ ls "$work/mnt2" "$work/mnt2/etc"
 "$lfs" umount "$work/mnt2"
 
 step "8. Remove the demo container (images demo/base and demo/app stay)"
-while pgrep -f -- "--image demo/app $work/mnt2" >/dev/null; do sleep 0.1; done
 "$lfs" rm --container "$container"
 echo "done: try '$lfs history demo/app' or '$lfs mount --image demo/app DIR'"

@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +54,7 @@ pub struct Cli {
 pub enum Command {
     /// Mount a union of layers.
     Mount(MountArgs),
-    /// Unmount a layerfs mount (the daemon exits cleanly).
+    /// Unmount a layerfs mount; returns once its daemon has let go of the store (unless lazy).
     Umount {
         mountpoint: PathBuf,
         /// Detach now even if files are still open (MNT_DETACH).
@@ -741,6 +742,43 @@ fn fsck(root: &Option<PathBuf>, a: FsckArgs) -> Result<i32> {
     Ok(if report.clean() { 0 } else { 1 })
 }
 
+/// `layerfs umount`: returns once the mount is gone and, unless lazy, once its daemon has let
+/// go of the store, so that a `layerfs rm --container` or `gc` right after sees it gone.
+fn run_umount(root: &Option<PathBuf>, mountpoint: &Path, lazy: bool) -> Result<()> {
+    let mnt = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    let root = root.clone().unwrap_or_else(store::default_root);
+    // Only a store that exists: unmounting creates nothing. A mount made without the store
+    // (or with another one) holds no lease here, and there is nothing to wait for.
+    let leases = if lazy || !root.join("mounts").is_dir() {
+        Vec::new()
+    } else {
+        let want = mnt.display().to_string();
+        Store::open(&root)
+            .and_then(|store| images::live_leases(&store))
+            .map(|leases| {
+                leases
+                    .into_iter()
+                    .filter(|(_, rec)| rec.mountpoint == want)
+                    .collect()
+            })
+            .unwrap_or_else(|e| {
+                log::warn!("not waiting for the mount daemon: {e}");
+                Vec::new()
+            })
+    };
+    daemon::umount(&mnt, lazy)?;
+    for (fd, _) in leases {
+        if !images::wait_released(fd.as_fd(), Duration::from_secs(10))? {
+            log::warn!(
+                "{} is unmounted but its daemon still holds its store lease",
+                mnt.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn open_store(root: &Option<PathBuf>) -> Result<Store> {
     let root = root.clone().unwrap_or_else(store::default_root);
     Ok(Store::open(&root)?)
@@ -812,7 +850,7 @@ fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
     match cli.command {
         Command::Mount(m) => run_mount(&cli.root, m),
-        Command::Umount { mountpoint, lazy } => daemon::umount(&mountpoint, lazy),
+        Command::Umount { mountpoint, lazy } => run_umount(&cli.root, &mountpoint, lazy),
         Command::Import(a) => run_import(&cli.root, quiet, a),
         Command::Diff(a) => run_diff(quiet, a),
         Command::Commit(a) => run_commit(&cli.root, quiet, a),

@@ -7,8 +7,9 @@
 
 mod store_common;
 
+use std::ffi::OsStr;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use store_common::*;
 
@@ -427,7 +428,7 @@ fn containers_commit_rm_and_gc() {
     let clayer = env.store().join("layers").join(diff_id_hex(&cid));
     assert!(clayer.is_dir(), "gc removed a mounted layer");
     assert_eq!(fs::read(m.0.join("x")).unwrap(), b"x");
-    unmount_and_wait(m);
+    unmount_and_wait(&env, m);
     let gc = env.ok(&["gc"]);
     assert!(!clayer.exists(), "{gc}");
     assert!(gc.contains("1 stale mount leases"), "{gc}");
@@ -440,33 +441,23 @@ fn containers_commit_rm_and_gc() {
     let _ = id;
 }
 
-/// Unmount and wait for the mount daemon to exit: it releases its lease then, shortly after
-/// the unmount. The daemon is found by its `layerfs [--root STORE] mount ... MNT` command
-/// line (the pattern used to need `--image top`, so a wait for a `--container` mount returned
-/// at once and `rm` could still find the lease held).
-fn unmount_and_wait(m: LayerfsMount) {
+/// Unmount with `layerfs umount`, which returns only once the mount daemon has let go of its
+/// store lease, so the next command must find the mount gone. Retried while busy: another
+/// test thread's forked child may hold a copy of a descriptor into the mount until it execs.
+fn unmount_and_wait(env: &Env, m: LayerfsMount) {
     let mnt = m.0.clone();
-    assert!(
-        daemon_running(&mnt),
-        "no mount daemon of {} found (the pattern must match it)",
-        mnt.display()
-    );
-    drop(m);
-    for _ in 0..600 {
-        if !daemon_running(&mnt) {
+    // Unmounted here, not by the drop.
+    std::mem::forget(m);
+    for _ in 0..100 {
+        let out = env.layerfs(&[OsStr::new("umount"), mnt.as_os_str()], None);
+        if out.status.success() {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("busy"), "layerfs umount failed: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    panic!("the mount daemon of {} did not exit", mnt.display());
-}
-
-fn daemon_running(mnt: &Path) -> bool {
-    std::process::Command::new("pgrep")
-        .args(["-f", &format!(" mount .* {}$", mnt.display())])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    panic!("{} stayed busy", mnt.display());
 }
 
 #[test]
@@ -567,7 +558,7 @@ fn rm_container_refuses_while_mounted_then_frees_its_layers() {
     fs::write(m.0.join("made-in-c1"), b"x").unwrap();
     env.fails(&["rm", "--container", "c1"], "is mounted");
     assert!(env.store().join("containers/c1/upper/made-in-c1").exists());
-    unmount_and_wait(m);
+    unmount_and_wait(&env, m);
     env.fails(&["rm", "--container", "nope"], "no container");
     env.fails(&["rm", "--container", "../x"], "bad container name");
     let out = env.ok(&["rm", "--container", "c1"]);

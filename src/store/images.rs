@@ -401,18 +401,7 @@ pub fn remove_container(store: &Store, name: &str) -> Result<u64> {
     if container_record(store, name)?.is_none() {
         return Err(Error::invalid(format!("no container named {name}")));
     }
-    let mounts = store.dir(b"mounts")?;
-    for e in sys::read_dir_all(store.dir(b"mounts")?).map_err(|e| store.err("reading mounts", e))? {
-        let Ok(fd) = sys::open_at(mounts.as_fd(), &e.name, libc::O_RDONLY, 0) else {
-            continue;
-        };
-        // A lease we can lock is stale (its mount is gone).
-        if sys::flock(fd.as_fd(), LockKind::Shared, true).map_err(|e| store.err("lease", e))? {
-            continue;
-        }
-        let bytes = fsutil::read_small(mounts.as_fd(), &e.name, MAX_JSON)
-            .map_err(|e| store.err("reading a mount lease", e))?;
-        let rec: LeaseRecord = model::parse(&bytes, "mount lease")?;
+    for (_, rec) in live_leases(store)? {
         if rec.container.as_deref() == Some(name) {
             return Err(Error::invalid(format!(
                 "container {name} is mounted at {}; unmount it first",
@@ -441,6 +430,43 @@ pub fn remove_container(store: &Store, name: &str) -> Result<u64> {
 /// descriptor stays open (the mount daemon inherits it across its fork).
 pub struct Lease {
     _fd: OwnedFd,
+}
+
+/// The leases held right now, each with a descriptor of its file (to wait on with
+/// [`wait_released`]). A lease that can be locked is stale: its mount is gone.
+pub fn live_leases(store: &Store) -> Result<Vec<(OwnedFd, LeaseRecord)>> {
+    let mounts = store.dir(b"mounts")?;
+    let mut live = Vec::new();
+    for e in sys::read_dir_all(store.dir(b"mounts")?).map_err(|e| store.err("reading mounts", e))? {
+        let Ok(fd) = sys::open_at(mounts.as_fd(), &e.name, libc::O_RDONLY, 0) else {
+            continue;
+        };
+        if sys::flock(fd.as_fd(), LockKind::Shared, true).map_err(|e| store.err("lease", e))? {
+            continue;
+        }
+        let bytes = fsutil::read_small(mounts.as_fd(), &e.name, MAX_JSON)
+            .map_err(|e| store.err("reading a mount lease", e))?;
+        live.push((fd, model::parse(&bytes, "mount lease")?));
+    }
+    Ok(live)
+}
+
+/// Wait until nobody holds the lease open as `fd` (its daemon has exited), up to `timeout`.
+/// Returns whether it was released. A daemon goes on holding its lease for a moment after
+/// its filesystem is unmounted: until it has torn down and its last thread has exited.
+pub fn wait_released(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if sys::flock(fd, LockKind::Shared, true)
+            .map_err(|e| Error::io("waiting for a mount lease", e))?
+        {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::busypoll;
+use crate::fsutil;
 use crate::fuse::{FuseOptions, LayerFs};
 use crate::sys;
 use crate::union::{Union, UnionConfig};
@@ -102,7 +103,7 @@ pub fn mount(plan: MountPlan) -> Result<()> {
             let mut verdict = String::new();
             let _ = std::fs::File::from(rx).read_to_string(&mut verdict);
             if verdict.trim_end() == "ok" {
-                if !is_mounted(&plan.mountpoint) {
+                if !fsutil::is_mounted(&plan.mountpoint) {
                     bail!(
                         "the daemon reported success but {} is not mounted",
                         plan.mountpoint.display()
@@ -292,59 +293,8 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
 pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let mnt = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
-    if !is_mounted(&mnt) {
+    if !fsutil::is_mounted(&mnt) {
         bail!("{} is not mounted", mnt.display());
     }
     unmount(&mnt, lazy)
-}
-
-/// Undo the octal escapes of `/proc/self/mountinfo` (`\040` for a space, ...).
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\' && i + 3 < field.len() {
-            let oct = &field[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(field[i]);
-        i += 1;
-    }
-    out
-}
-
-/// Whether a mount at exactly `mountpoint` shows in `/proc/self/mountinfo`.
-pub fn is_mounted(mountpoint: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = mountpoint.as_os_str().as_bytes();
-    info.split(|&b| b == b'\n').any(|line| {
-        line.split(|&b| b == b' ')
-            .nth(4)
-            .is_some_and(|f| unescape_mountinfo(f) == want)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo(br"/a\040b"), b"/a b");
-        assert_eq!(unescape_mountinfo(br"/tab\011x\134"), b"/tab\tx\\");
-        assert_eq!(unescape_mountinfo(br"/end\04"), br"/end\04");
-    }
-
-    #[test]
-    fn root_is_mounted() {
-        assert!(is_mounted(Path::new("/proc")));
-        assert!(!is_mounted(Path::new("/definitely/not/mounted")));
-    }
 }

@@ -1,6 +1,7 @@
 //! Small filesystem helpers over [`crate::sys`] used by the store and the layer code: removing
 //! trees and writing files atomically, always through directory fds and never following a
-//! symlink (a symlink inside a tree is removed, not followed).
+//! symlink (a symlink inside a tree is removed, not followed); and whether a path is a mount
+//! point of this mount namespace.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -102,6 +103,39 @@ pub fn read_small(dir: BorrowedFd<'_>, name: &[u8], limit: u64) -> io::Result<Ve
     Ok(out)
 }
 
+/// Undo the octal escapes of `/proc/self/mountinfo` (`\040` for a space, ...).
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 3 < field.len() {
+            let oct = &field[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(field[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Whether a mount at exactly `mountpoint` shows in `/proc/self/mountinfo`.
+pub fn is_mounted(mountpoint: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mountpoint.as_os_str().as_bytes();
+    info.split(|&b| b == b'\n').any(|line| {
+        line.split(|&b| b == b' ')
+            .nth(4)
+            .is_some_and(|f| unescape_mountinfo(f) == want)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +169,18 @@ mod tests {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
         assert_eq!(read_small(root.as_fd(), b"f", 3).unwrap(), b"two");
         assert!(read_small(root.as_fd(), b"f", 2).is_err());
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(br"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(br"/tab\011x\134"), b"/tab\tx\\");
+        assert_eq!(unescape_mountinfo(br"/end\04"), br"/end\04");
+    }
+
+    #[test]
+    fn root_is_mounted() {
+        assert!(is_mounted(std::path::Path::new("/proc")));
+        assert!(!is_mounted(std::path::Path::new("/definitely/not/mounted")));
     }
 }

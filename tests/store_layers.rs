@@ -570,6 +570,36 @@ fn rm_container_refuses_while_mounted_then_frees_its_layers() {
     assert!(!env.store().join("layers").join(diff_id_hex(&bid)).exists());
 }
 
+#[test]
+fn rm_container_right_after_a_plain_umount() {
+    if !root() {
+        return;
+    }
+    let env = Env::new();
+    let base = env.path("base");
+    fs::create_dir_all(&base).unwrap();
+    fs::write(base.join("f"), b"base").unwrap();
+    let btar = env.path("base.tar");
+    env.ok(&["diff", base.to_str().unwrap(), "-o", btar.to_str().unwrap()]);
+    env.ok(&["import", btar.to_str().unwrap(), "--name", "base"]);
+    for round in 0..5 {
+        let container = format!("c{round}");
+        let m = LayerfsMount::mount(
+            &env,
+            &["--image", "base", "--container", &container],
+            &env.path("m"),
+        );
+        fs::write(m.0.join("f"), b"changed").unwrap();
+        let mnt = m.0.clone();
+        // Unmounted here with umount(2), as `umount` and podman do, not by the drop.
+        std::mem::forget(m);
+        unmount_retrying(&mnt);
+        // The daemon may still be exiting, its lease held: rm waits for it.
+        let out = env.ok(&["rm", "--container", &container]);
+        assert!(out.starts_with("removed container"), "{out}");
+    }
+}
+
 /// `layerfs fsck --store` with the exit code and stdout.
 fn fsck_store(env: &Env, repair: bool) -> (i32, String) {
     let mut args = vec![

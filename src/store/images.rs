@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -401,13 +402,20 @@ pub fn remove_container(store: &Store, name: &str) -> Result<u64> {
     if container_record(store, name)?.is_none() {
         return Err(Error::invalid(format!("no container named {name}")));
     }
-    for (_, rec) in live_leases(store)? {
-        if rec.container.as_deref() == Some(name) {
-            return Err(Error::invalid(format!(
-                "container {name} is mounted at {}; unmount it first",
-                rec.mountpoint
-            )));
+    for (fd, rec) in live_leases(store)? {
+        if rec.container.as_deref() != Some(name) {
+            continue;
         }
+        // A held lease whose mount is gone: its daemon is exiting (after a plain `umount`,
+        // say) and lets go of it in a moment.
+        let exiting = !fsutil::is_mounted(Path::new(&rec.mountpoint));
+        if exiting && wait_released(fd.as_fd(), EXITING_DAEMON_GRACE)? {
+            continue;
+        }
+        return Err(Error::invalid(format!(
+            "container {name} is mounted at {}; unmount it first",
+            rec.mountpoint
+        )));
     }
     // Out of sight in one rename, then deleted: a crash leaves it whole or gone (tmp/ is
     // cleaned by gc).
@@ -450,6 +458,11 @@ pub fn live_leases(store: &Store) -> Result<Vec<(OwnedFd, LeaseRecord)>> {
     }
     Ok(live)
 }
+
+/// How long a lease whose mount is gone may stay held before it counts as live: a daemon
+/// takes milliseconds to exit; a mount in another mount namespace never shows here, and
+/// costs this wait before it is reported.
+const EXITING_DAEMON_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Wait until nobody holds the lease open as `fd` (its daemon has exited), up to `timeout`.
 /// Returns whether it was released. A daemon goes on holding its lease for a moment after

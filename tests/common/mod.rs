@@ -221,17 +221,18 @@ pub fn daemon_pid(mnt: &Path) -> Option<u32> {
     None
 }
 
-/// Wait until a process is gone (or a zombie).
+/// Wait until a process is gone, or a zombie with no thread left: a leader thread that
+/// exited first shows as a zombie while the others still run and hold its files open.
 pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
         let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty()
-            || state
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        {
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        let threads = fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        if state.is_empty() || (zombie && threads <= 1) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));

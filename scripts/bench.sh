@@ -5,6 +5,7 @@
 #   sudo bash scripts/bench.sh [--quick] [--reps N] [--only W[,W..]] [--subjects S[,S..]]
 #                              [--dir DIR] [--seed N] [--out PREFIX] [--keep] [--no-build]
 #                              [--timeout SECONDS] [--io-uring on|off|keep]
+#                              [--layerfs-opts OPTS]
 #
 # Benchmarks are not tests: nothing here asserts a time. Run with --help for the workload list.
 
@@ -39,6 +40,7 @@ usage: sudo bash scripts/bench.sh [options]
   --io-uring M       the fuse module's enable_uring parameter for the run: on (default), off, or
                      keep it as it is; restored at the end. With it on, layerfs serves requests
                      over FUSE-over-io_uring on the calling CPU (fuse-overlayfs cannot use it)
+  --layerfs-opts O   mount options for layerfs (-o O), e.g. cache_small_files=128K (default none)
 
 workloads: ${ALL_WORKLOADS[*]}
   find, lsR, stat, readdir, grep, seqread, randread: cold (fresh mount, caches dropped) then warm
@@ -63,6 +65,7 @@ KEEP=0
 BUILD=1
 TIMEOUT=600
 IO_URING=on
+LAYERFS_OPTS=""
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
 URING_SAVED=""
 
@@ -79,6 +82,7 @@ while (($#)); do
 	--no-build) BUILD=0 ;;
 	--timeout) TIMEOUT=${2:?}; shift ;;
 	--io-uring) IO_URING=${2:?}; shift ;;
+	--layerfs-opts) LAYERFS_OPTS=${2:?}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "bench.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -296,6 +300,7 @@ mount_subject() {
 		fi
 		for l in "${lowers[@]}"; do args+=(--lower "$l"); done
 		[[ $upper != - ]] && args+=(--upper "$upper" --work "$work")
+		[[ -n $LAYERFS_OPTS ]] && args+=(-o "$LAYERFS_OPTS")
 		timeout 60 "$LAYERFS" mount "${args[@]}" "$mnt" 2>"$err" || rc=$?
 		;;
 	esac
@@ -438,7 +443,7 @@ HEADER=$(
 	echo "# layerfs benchmark, $(date '+%Y-%m-%d %H:%M %Z')"
 	echo
 	echo "- commit: $git_commit ($REPO)"
-	echo "- layerfs: $({ [[ -x $LAYERFS ]] && "$LAYERFS" --version 2>&1; } | head -1)${LAYERFS_NOTE:+ ($LAYERFS_NOTE)}"
+	echo "- layerfs: $({ [[ -x $LAYERFS ]] && "$LAYERFS" --version 2>&1; } | head -1)${LAYERFS_NOTE:+ ($LAYERFS_NOTE)}; mount options: ${LAYERFS_OPTS:-defaults}"
 	echo "- fuse-overlayfs: $(fuse-overlayfs --version 2>/dev/null | grep -m1 'fuse-overlayfs' || echo none)"
 	echo "- kernel: $(uname -r); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); memory: $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
 	echo "- fuse.enable_uring: $(cat "$URING_PARAM" 2>/dev/null || echo absent) (layerfs uses FUSE-over-io_uring when it is Y)"

@@ -47,10 +47,12 @@ cargo fmt -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
 
-# The FUSE behaviour tests again over /dev/fuse, when the first run went over io_uring.
+# The FUSE behaviour tests again over /dev/fuse, when the first run went over io_uring; this
+# run also reads small lower files through the page cache (cache_small_files), so both ways
+# of serving opens and their mixing on one inode are exercised.
 if [ -n "$uring_saved" ]; then
-  echo "== FUSE tests again with io_uring=off (requests over /dev/fuse)"
-  LAYERFS_TEST_MOUNT_OPTS=io_uring=off cargo test \
+  echo "== FUSE tests again with io_uring=off,cache_small_files=64K (requests over /dev/fuse)"
+  LAYERFS_TEST_MOUNT_OPTS=io_uring=off,cache_small_files=64K cargo test \
     --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring \
     -- --test-threads="${TEST_THREADS:-4}"
 fi

@@ -279,6 +279,7 @@ pub struct MountOptions {
     pub readdirplus: Option<crate::fuse::ReaddirPlus>,
     pub readdirplus_budget: Option<Duration>,
     pub prefetch: Option<bool>,
+    pub cache_small_files: Option<u64>,
     pub debug: bool,
     /// Where the daemon writes its log (stderr is closed once it is up).
     pub log_file: Option<PathBuf>,
@@ -442,6 +443,11 @@ impl MountOptions {
                     ("io_uring", Some(v)) => o.io_uring = Some(parse_switch(key, v)?),
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
+                    ("cache_small_files", Some(v)) => {
+                        o.cache_small_files = Some(parse_size(v).map_err(|_| {
+                            anyhow::anyhow!("bad value for mount option {key}: {v:?}")
+                        })?)
+                    }
                     ("readdirplus_budget_ms", Some(v)) => {
                         let ms = parse_u32(key, v)?;
                         if ms > 60_000 {
@@ -557,6 +563,7 @@ pub fn plan_mount(
             .readdirplus_budget
             .unwrap_or(FuseOptions::default().readdirplus_budget),
         prefetch: opts.prefetch.unwrap_or(true),
+        cache_small_files: opts.cache_small_files.unwrap_or(0),
     };
     // Without an upper nothing can change, and the kernel should know it (as with kernel
     // overlayfs, which makes such a mount read-only): on a writable FUSE mount every read marks
@@ -1342,6 +1349,13 @@ mod tests {
                 .unwrap()
                 .busy_poll_us,
             Some(0)
+        );
+        assert!(MountOptions::parse(&["cache_small_files=lots".into()]).is_err());
+        assert_eq!(
+            MountOptions::parse(&["cache_small_files=128K".into()])
+                .unwrap()
+                .cache_small_files,
+            Some(128 << 10)
         );
     }
 

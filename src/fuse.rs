@@ -33,7 +33,7 @@ use crate::error::Error;
 use crate::heap::Trimmer;
 use crate::prefetch::Prefetcher;
 use crate::sys::{self, Timespec};
-use crate::union::inode::PassthroughSlot;
+use crate::union::inode::{Node, PassthroughSlot};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
 use crate::workers::Workers;
 
@@ -127,6 +127,12 @@ pub struct FuseOptions {
     pub prefetch: bool,
     /// Ask for FUSE-over-io_uring when the kernel offers it (see `uring`).
     pub io_uring: bool,
+    /// Read-only opens of lower files up to this size go through the FUSE page cache instead
+    /// of passthrough (0: never). Cached pages make a warm re-open and read cost one request
+    /// fewer (a passthrough read invalidates the inode's atime, and the next `fstat` refetches
+    /// it), but each mount then keeps its own copy of those files' pages besides the lower
+    /// filesystem's, where passthrough shares one.
+    pub cache_small_files: u64,
 }
 
 /// `-o readdirplus=`: when directory listings carry attributes.
@@ -150,6 +156,7 @@ impl Default for FuseOptions {
             readdirplus: ReaddirPlus::Auto,
             readdirplus_budget: Duration::from_millis(1),
             prefetch: true,
+            cache_small_files: 0,
         }
     }
 }
@@ -159,6 +166,29 @@ struct Handle {
     file: OpenFile,
     /// Held while the kernel reads/writes this file directly.
     backing: Option<Arc<BackingId>>,
+    /// Held while the file is served through the page cache.
+    _cached: Option<CachedOpen>,
+}
+
+/// A page-cache open, counted on its node (`Node::cached_opens`) while it lives.
+struct CachedOpen(Arc<Node>);
+
+impl CachedOpen {
+    /// Count a new page-cache open of `node`; the caller holds the node's passthrough slot
+    /// lock, or passthrough is off.
+    fn new(node: Arc<Node>) -> CachedOpen {
+        node.cached_opens.fetch_add(1, Ordering::Relaxed);
+        CachedOpen(node)
+    }
+}
+
+impl Drop for CachedOpen {
+    fn drop(&mut self) {
+        // The kernel has left page-cache mode for this file before it sent the RELEASE that
+        // brought us here, so the count never falls below the kernel's.
+        let _slot = self.0.passthrough_slot();
+        self.0.cached_opens.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The filesystem the FUSE session runs: a cheap handle on the shared core, so slow requests
@@ -199,8 +229,9 @@ enum OpenMode {
         backing: Arc<BackingId>,
         direct: bool,
     },
-    /// Through the page cache.
-    Cached,
+    /// Through the page cache. `keep_cache`: pages the kernel holds for the inode are
+    /// current (else they are dropped at open).
+    Cached { open: CachedOpen, keep_cache: bool },
 }
 
 fn errno(e: &Error) -> Errno {
@@ -422,11 +453,36 @@ impl Core {
     ) -> Result<OpenMode, Error> {
         if !self.passthrough.load(Ordering::Relaxed) {
             self.union.file_fd(file)?;
-            return Ok(OpenMode::Cached);
+            return Ok(OpenMode::Cached {
+                open: CachedOpen::new(file.node()),
+                keep_cache: true,
+            });
         }
         // The kernel takes one backing file per inode at a time: every open of the node
         // shares the registration in its slot while it lives.
         let mut slot = file.passthrough_slot();
+        if self.opts.cache_small_files > 0 {
+            // Passthrough handles hold the registration besides the slot's own `kept`.
+            let passthrough_open = slot
+                .as_ref()
+                .is_some_and(|s| s.live.strong_count() > usize::from(s.kept.is_some()));
+            // While page-cache handles are open (say a small lower file being read), every
+            // open of the node must be one too, writers included: they write through the
+            // page cache to the upper copy, which keeps the cached pages current. Lower files
+            // never change, so their pages stay current between opens.
+            if !passthrough_open
+                && (file.node().cached_opens.load(Ordering::Relaxed) > 0
+                    || self
+                        .union
+                        .is_small_lower_read(file, self.opts.cache_small_files))
+            {
+                // The descriptor stays deferred: a warm re-open reads only cached pages.
+                return Ok(OpenMode::Cached {
+                    open: CachedOpen::new(file.node()),
+                    keep_cache: true,
+                });
+            }
+        }
         let generation = file.generation();
         if let Some(s) = slot.as_mut() {
             if s.generation != generation {
@@ -470,8 +526,12 @@ impl Core {
                     log::debug!("passthrough for inode {}: {e}", file.ino());
                 }
                 // No backing is attached to this inode (none was live above), so the page
-                // cache is free to use.
-                Ok(OpenMode::Cached)
+                // cache is free to use. Its pages may predate writes made through passthrough:
+                // the kernel drops them at this open.
+                Ok(OpenMode::Cached {
+                    open: CachedOpen::new(file.node()),
+                    keep_cache: false,
+                })
             }
         }
     }
@@ -497,18 +557,20 @@ impl Core {
             Err(e) => return reply.error(errno(&e)),
         };
         match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-            Ok(OpenMode::Cached) => {
+            Ok(OpenMode::Cached { open, keep_cache }) => {
                 let fh = self.add_handle(Handle {
                     file,
                     backing: None,
+                    _cached: Some(open),
                 });
-                reply.opened(FileHandle(fh), cached_flags())
+                reply.opened(FileHandle(fh), cached_flags(keep_cache))
             }
             Ok(OpenMode::Passthrough { backing: b, direct }) => {
                 let flags = passthrough_flags(direct);
                 let fh = self.add_handle(Handle {
                     file,
                     backing: Some(b.clone()),
+                    _cached: None,
                 });
                 reply.opened_passthrough(FileHandle(fh), flags, &b)
             }
@@ -1100,17 +1162,18 @@ impl Filesystem for LayerFs {
                 Ok((attr, file)) => {
                     let fa = self.file_attr(&attr);
                     match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-                        Ok(OpenMode::Cached) => {
+                        Ok(OpenMode::Cached { open, keep_cache }) => {
                             let fh = self.add_handle(Handle {
                                 file,
                                 backing: None,
+                                _cached: Some(open),
                             });
                             reply.created(
                                 &self.opts.ttl,
                                 &fa,
                                 Generation(0),
                                 FileHandle(fh),
-                                cached_flags(),
+                                cached_flags(keep_cache),
                             )
                         }
                         Ok(OpenMode::Passthrough { backing: b, direct }) => {
@@ -1118,6 +1181,7 @@ impl Filesystem for LayerFs {
                             let fh = self.add_handle(Handle {
                                 file,
                                 backing: Some(b.clone()),
+                                _cached: None,
                             });
                             reply.created_passthrough(
                                 &self.opts.ttl,
@@ -1282,10 +1346,15 @@ impl Filesystem for LayerFs {
     }
 }
 
-/// Open flags for a file served through the page cache. No FLUSH on close: writes reach the
-/// backing file synchronously, so there is nothing to report at close.
-fn cached_flags() -> FopenFlags {
-    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+/// Open flags for a file served through the page cache (`keep_cache`: its cached pages are
+/// current). No FLUSH on close: writes reach the backing file synchronously, so there is
+/// nothing to report at close.
+fn cached_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
+    }
 }
 
 /// Open flags of a passthrough open (`direct`: reads and writes still come to the daemon).

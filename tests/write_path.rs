@@ -380,8 +380,15 @@ fn open_files_keep_working_across_copy_up() {
     }
     // With passthrough the kernel reads an open lower file itself, so a descriptor opened
     // before the copy-up keeps its old data (kernel overlayfs 6.18 moves it to the copy);
-    // without passthrough, layerfs moves the descriptor to the upper copy too.
-    for (opts, old_fd_sees_new) in [(&[][..], false), (&["passthrough=off"][..], true)] {
+    // through the page cache (no passthrough, or a small file under `cache_small_files`,
+    // which scripts/test.sh sets for its second run), layerfs moves the descriptor to the
+    // upper copy too.
+    let small_files_cached =
+        std::env::var("LAYERFS_TEST_MOUNT_OPTS").is_ok_and(|o| o.contains("cache_small_files"));
+    for (opts, old_fd_sees_new) in [
+        (&[][..], small_files_cached),
+        (&["passthrough=off"][..], true),
+    ] {
         let d = tempfile::tempdir().unwrap();
         let (top, bot, u, w) = rw_stack(d.path());
         wfile(bot.join("f"), "0123456789");
@@ -909,6 +916,86 @@ fn capabilities_of_new_files_show_once_set_and_go_with_a_write() {
         assert_eq!(getxattr(u.join("tool"), "security.capability"), None);
         assert_eq!(fs::read_to_string(&f).unwrap(), "elf\nmore\n");
     }
+}
+
+/// Reads `f` from its start to the end.
+fn reread(f: &mut fs::File) -> String {
+    let mut s = String::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// With `cache_small_files`, read-only opens of small lower files go through the FUSE page
+/// cache. The kernel fails (EIO) an open that would mix page-cache and passthrough opens of one
+/// inode, so while a page-cache reader is open, every other open of the file (a writer, a
+/// reader after a copy-up) must be one too. Writes reach the upper copy, and open readers see
+/// them.
+#[test]
+fn small_lower_files_read_through_the_page_cache_take_writers() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let low = d.path().join("low");
+    for name in ["a", "b", "c"] {
+        wfile(low.join(name), format!("lower {name}\n"));
+    }
+    wfile(low.join("big"), vec![b'b'; 256 << 10]);
+    let (u, w) = (d.path().join("u"), d.path().join("w"));
+    let m = layerfs_stack(
+        &[&low],
+        Some((&u, &w)),
+        &d.path().join("m"),
+        &["cache_small_files=64k"],
+    );
+    // A writer while a page-cache reader is open.
+    let mut reader = fs::File::open(m.p("a")).unwrap();
+    assert_eq!(reread(&mut reader), "lower a\n");
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("a"))
+        .expect("a writer beside a page-cache reader");
+    writer.write_all(b"appended\n").unwrap();
+    assert_eq!(reread(&mut reader), "lower a\nappended\n");
+    drop(writer);
+    drop(reader);
+    assert_eq!(
+        fs::read_to_string(u.join("a")).unwrap(),
+        "lower a\nappended\n"
+    );
+    // Now an upper file: readers and writers together, through passthrough.
+    let mut reader = fs::File::open(m.p("a")).unwrap();
+    let mut writer = fs::OpenOptions::new().append(true).open(m.p("a")).unwrap();
+    writer.write_all(b"again\n").unwrap();
+    assert_eq!(reread(&mut reader), "lower a\nappended\nagain\n");
+    drop((reader, writer));
+    // A reader opened after a copy-up by path (chmod), while a page-cache reader is open.
+    let mut first = fs::File::open(m.p("b")).unwrap();
+    assert_eq!(reread(&mut first), "lower b\n");
+    fs::set_permissions(m.p("b"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(u.join("b").exists(), "chmod copied b up");
+    let mut second = fs::File::open(m.p("b")).expect("a reader of the copy beside the first");
+    assert_eq!(reread(&mut second), "lower b\n");
+    drop((first, second));
+    // A writer first (a copy-up, passthrough), then a reader.
+    let mut writer = fs::OpenOptions::new().append(true).open(m.p("c")).unwrap();
+    let mut reader = fs::File::open(m.p("c")).unwrap();
+    writer.write_all(b"more\n").unwrap();
+    assert_eq!(reread(&mut reader), "lower c\nmore\n");
+    drop((reader, writer));
+    // A file over the limit stays on passthrough, and a writer beside a reader works there
+    // (the reader goes on reading the lower file, as with kernel overlayfs).
+    let reader = fs::File::open(m.p("big")).unwrap();
+    let mut writer = fs::OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    writer.write_all(b"B").unwrap();
+    drop((reader, writer));
+    let mut head = [0u8; 2];
+    fs::File::open(m.p("big"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"Bb");
 }
 
 /// O_DIRECT opens served by the daemon (no passthrough): block-aligned reads and writes work

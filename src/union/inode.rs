@@ -15,7 +15,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::dirindex::DirIndex;
@@ -72,7 +72,21 @@ pub struct Node {
     pub generation: AtomicU64,
     /// The kernel's registration of the node's file for FUSE passthrough, once there is one.
     pub passthrough: Mutex<Option<Box<PassthroughSlot>>>,
+    /// Open handles served through the FUSE page cache. Changed only with `passthrough`
+    /// locked: the kernel fails (EIO) an open that would mix page-cache and passthrough opens
+    /// of one inode, so the open path chooses between them under that lock.
+    pub cached_opens: AtomicU32,
+    /// For a lower file: whether it is small enough to be read through the page cache
+    /// ([`SMALL_UNKNOWN`], [`SMALL_YES`], [`SMALL_NO`]). Lower files never change.
+    pub small_lower: AtomicU8,
 }
+
+/// [`Node::small_lower`] not asked yet.
+pub const SMALL_UNKNOWN: u8 = 0;
+/// [`Node::small_lower`]: at most the size limit.
+pub const SMALL_YES: u8 = 1;
+/// [`Node::small_lower`]: larger than the size limit.
+pub const SMALL_NO: u8 = 2;
 
 /// A node's backing-file registration with the kernel (FUSE passthrough). The FUSE layer
 /// owns what goes in; the union only ties its lifetime to the node's, so the registration
@@ -100,6 +114,8 @@ impl Node {
             copy_up: Mutex::new(()),
             generation: AtomicU64::new(0),
             passthrough: Mutex::new(None),
+            cached_opens: AtomicU32::new(0),
+            small_lower: AtomicU8::new(SMALL_UNKNOWN),
         })
     }
 

@@ -1373,6 +1373,30 @@ impl Union {
     /// Like [`Union::open`], but a read-only open gets no descriptor until
     /// [`Union::file_fd`] needs one: the caller may serve it through a file it registered
     /// with the kernel before. Opens that write go through [`Union::open`].
+    /// Whether `file` is a read-only open of a lower file of at most `limit` bytes. The size
+    /// is asked once per node (lower files never change).
+    pub fn is_small_lower_read(&self, file: &OpenFile, limit: u64) -> bool {
+        use super::inode::{SMALL_NO, SMALL_UNKNOWN, SMALL_YES};
+        if file.flags & libc::O_ACCMODE != libc::O_RDONLY || self.is_upper_node(&file.node) {
+            return false;
+        }
+        match file.node.small_lower.load(Ordering::Relaxed) {
+            SMALL_UNKNOWN => {}
+            known => return known == SMALL_YES,
+        }
+        let Some(st) = self
+            .file_fd(file)
+            .ok()
+            .and_then(|fd| sys::fstat(fd.as_fd()).ok())
+        else {
+            return false;
+        };
+        let small = st.size <= limit;
+        let known = if small { SMALL_YES } else { SMALL_NO };
+        file.node.small_lower.store(known, Ordering::Relaxed);
+        small
+    }
+
     pub fn open_deferred(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return self.open(ino, flags);

@@ -461,24 +461,26 @@ impl Core {
         // The kernel takes one backing file per inode at a time: every open of the node
         // shares the registration in its slot while it lives.
         let mut slot = file.passthrough_slot();
-        if self.opts.cache_small_files > 0 {
-            // Passthrough handles hold the registration besides the slot's own `kept`.
-            let passthrough_open = slot
-                .as_ref()
-                .is_some_and(|s| s.live.strong_count() > usize::from(s.kept.is_some()));
-            // While page-cache handles are open (say a small lower file being read), every
-            // open of the node must be one too, writers included: they write through the
-            // page cache to the upper copy, which keeps the cached pages current. Lower files
-            // never change, so their pages stay current between opens.
-            if !passthrough_open
-                && (file.node().cached_opens.load(Ordering::Relaxed) > 0
-                    || self
+        // Passthrough handles hold the registration besides the slot's own `kept`.
+        let passthrough_open = slot
+            .as_ref()
+            .is_some_and(|s| s.live.strong_count() > usize::from(s.kept.is_some()));
+        if !passthrough_open {
+            let node = file.node();
+            // The kernel fails (EIO) an open that would mix page-cache and passthrough opens
+            // of one inode: while page-cache handles are open (a small lower file being read,
+            // or a file whose registration failed), every open of the node is one too, writers
+            // included. They write through the page cache, which keeps its pages current;
+            // lower files never change, so their pages stay current between opens.
+            if node.cached_opens.load(Ordering::Relaxed) > 0
+                || (self.opts.cache_small_files > 0
+                    && self
                         .union
                         .is_small_lower_read(file, self.opts.cache_small_files))
             {
                 // The descriptor stays deferred: a warm re-open reads only cached pages.
                 return Ok(OpenMode::Cached {
-                    open: CachedOpen::new(file.node()),
+                    open: CachedOpen::new(node),
                     keep_cache: true,
                 });
             }
@@ -557,24 +559,38 @@ impl Core {
             Err(e) => return reply.error(errno(&e)),
         };
         match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-            Ok(OpenMode::Cached { open, keep_cache }) => {
+            Ok(mode) => match self.add_open(file, mode) {
+                (fh, flags, None) => reply.opened(fh, flags),
+                (fh, flags, Some(b)) => reply.opened_passthrough(fh, flags, &b),
+            },
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Keep an open file as a handle. Returns the handle, the open flags for the reply, and
+    /// the registration to name when the kernel does the file's I/O itself.
+    fn add_open(
+        &self,
+        file: OpenFile,
+        mode: OpenMode,
+    ) -> (FileHandle, FopenFlags, Option<Arc<BackingId>>) {
+        match mode {
+            OpenMode::Cached { open, keep_cache } => {
                 let fh = self.add_handle(Handle {
                     file,
                     backing: None,
                     _cached: Some(open),
                 });
-                reply.opened(FileHandle(fh), cached_flags(keep_cache))
+                (FileHandle(fh), cached_flags(keep_cache), None)
             }
-            Ok(OpenMode::Passthrough { backing: b, direct }) => {
-                let flags = passthrough_flags(direct);
+            OpenMode::Passthrough { backing, direct } => {
                 let fh = self.add_handle(Handle {
                     file,
-                    backing: Some(b.clone()),
+                    backing: Some(backing.clone()),
                     _cached: None,
                 });
-                reply.opened_passthrough(FileHandle(fh), flags, &b)
+                (FileHandle(fh), passthrough_flags(direct), Some(backing))
             }
-            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -1162,36 +1178,19 @@ impl Filesystem for LayerFs {
                 Ok((attr, file)) => {
                     let fa = self.file_attr(&attr);
                     match self.open_mode(&file, |fd| reply.open_backing(fd)) {
-                        Ok(OpenMode::Cached { open, keep_cache }) => {
-                            let fh = self.add_handle(Handle {
-                                file,
-                                backing: None,
-                                _cached: Some(open),
-                            });
-                            reply.created(
+                        Ok(mode) => match self.add_open(file, mode) {
+                            (fh, flags, None) => {
+                                reply.created(&self.opts.ttl, &fa, Generation(0), fh, flags)
+                            }
+                            (fh, flags, Some(b)) => reply.created_passthrough(
                                 &self.opts.ttl,
                                 &fa,
                                 Generation(0),
-                                FileHandle(fh),
-                                cached_flags(keep_cache),
-                            )
-                        }
-                        Ok(OpenMode::Passthrough { backing: b, direct }) => {
-                            let flags = passthrough_flags(direct);
-                            let fh = self.add_handle(Handle {
-                                file,
-                                backing: Some(b.clone()),
-                                _cached: None,
-                            });
-                            reply.created_passthrough(
-                                &self.opts.ttl,
-                                &fa,
-                                Generation(0),
-                                FileHandle(fh),
+                                fh,
                                 flags,
                                 &b,
-                            )
-                        }
+                            ),
+                        },
                         Err(e) => reply.error(errno(&e)),
                     }
                 }

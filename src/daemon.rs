@@ -177,6 +177,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     let config = plan.fuser_config();
     let fs = LayerFs::new(union.clone(), plan.fuse.clone());
     let io_uring_granted = fs.io_uring_granted();
+    let notifier_slot = fs.notifier_slot();
     let session = if sys::geteuid() == 0 {
         mount_dev_fuse(&union, plan).and_then(|fd| {
             let acl = config.acl;
@@ -202,6 +203,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
             bail!(msg);
         }
     };
+    let _ = notifier_slot.set(session.notifier());
     // With FUSE-over-io_uring granted, requests go to the rings once every queue is registered.
     // If that fails, they keep coming through /dev/fuse, served as before.
     let rings = if io_uring_granted.load(Ordering::Relaxed) {

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
@@ -24,9 +24,9 @@ use std::path::Path;
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
     FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -212,6 +212,8 @@ pub struct Core {
     passthrough: AtomicBool,
     /// The kernel granted FUSE_OVER_IO_URING at init.
     io_uring: Arc<AtomicBool>,
+    /// Sends the kernel notifications; set once the session exists.
+    notifier: Arc<OnceLock<Notifier>>,
     prefetch: Option<Prefetcher>,
     /// Gives freed heap memory back after the kernel forgets many inodes.
     trimmer: Option<Trimmer>,
@@ -327,7 +329,13 @@ impl LayerFs {
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
             io_uring: Arc::new(AtomicBool::new(false)),
+            notifier: Arc::new(OnceLock::new()),
         }))
+    }
+
+    /// Where the daemon puts the session's notifier once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Set once FUSE_INIT granted FUSE-over-io_uring: the daemon then starts the rings.
@@ -472,12 +480,16 @@ impl Core {
             // or a file whose registration failed), every open of the node is one too, writers
             // included. They write through the page cache, which keeps its pages current;
             // lower files never change, so their pages stay current between opens.
-            if node.cached_opens.load(Ordering::Relaxed) > 0
+            let others_cached = node.cached_opens.load(Ordering::Relaxed) > 0;
+            if others_cached
                 || (self.opts.cache_small_files > 0
                     && self
                         .union
                         .is_small_lower_read(file, self.opts.cache_small_files))
             {
+                if !others_cached {
+                    self.store_small_file(file);
+                }
                 // The descriptor stays deferred: a warm re-open reads only cached pages.
                 return Ok(OpenMode::Cached {
                     open: CachedOpen::new(node),
@@ -535,6 +547,30 @@ impl Core {
                     keep_cache: false,
                 })
             }
+        }
+    }
+
+    /// Hand a small lower file's content to the kernel's page cache (FUSE_NOTIFY_STORE) at
+    /// its first page-cache open, before the reply. A READ would do the same, but the kernel
+    /// invalidates the inode's atime after every READ, so the next `fstat` would ask us again;
+    /// stored pages cost no request. Called with the node's passthrough slot locked and no
+    /// handle open on it: no READ of the inode can be waiting on its pages (that would
+    /// deadlock the store). Failing is harmless: the pages are read on demand.
+    fn store_small_file(&self, file: &OpenFile) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        match self
+            .union
+            .small_lower_content(file, self.opts.cache_small_files)
+        {
+            Ok(Some(data)) => {
+                if let Err(e) = notifier.store(INodeNo(file.ino()), 0, &data) {
+                    log::debug!("storing inode {}: {e}", file.ino());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::debug!("reading inode {} to store it: {e}", file.ino()),
         }
     }
 

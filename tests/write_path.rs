@@ -998,6 +998,51 @@ fn small_lower_files_read_through_the_page_cache_take_writers() {
     assert_eq!(&head, b"Bb");
 }
 
+/// Under `cache_small_files`, a small lower file's content is handed to the kernel's page
+/// cache at its first open. Files at page boundaries and at the limit read back whole, an
+/// empty one reads empty, one just over the limit goes through passthrough; threads opening
+/// and reading the same files at once all see the content.
+#[test]
+fn small_lower_files_stored_in_the_page_cache_read_back_whole() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let low = d.path().join("low");
+    let sizes = [0usize, 1, 4095, 4096, 4097, 65535, 65536, 65537];
+    let content = |size: usize| -> Vec<u8> { (0..size).map(|i| (i % 251) as u8).collect() };
+    for size in sizes {
+        wfile(low.join(format!("f{size}")), content(size));
+    }
+    let (u, w) = (d.path().join("u"), d.path().join("w"));
+    let m = layerfs_stack(
+        &[&low],
+        Some((&u, &w)),
+        &d.path().join("m"),
+        &["cache_small_files=64K"],
+    );
+    let mnt = m.path.clone();
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    for size in sizes {
+                        let got = fs::read(mnt.join(format!("f{size}"))).unwrap();
+                        assert_eq!(got, content(size), "thread {t} round {round} size {size}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    for size in sizes {
+        assert_eq!(fs::read(m.p(&format!("f{size}"))).unwrap(), content(size));
+    }
+}
+
 /// O_DIRECT opens served by the daemon (no passthrough): block-aligned reads and writes work
 /// (`dd` aligns its buffers). Reads failed with EINVAL while the daemon opened its own
 /// descriptor with O_DIRECT and read into unaligned buffers.

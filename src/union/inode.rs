@@ -77,7 +77,8 @@ pub struct Node {
     /// of one inode, so the open path chooses between them under that lock.
     pub cached_opens: AtomicU32,
     /// For a lower file: whether it is small enough to be read through the page cache
-    /// ([`SMALL_UNKNOWN`], [`SMALL_YES`], [`SMALL_NO`]). Lower files never change.
+    /// ([`SMALL_UNKNOWN`], [`SMALL_YES`], [`SMALL_STORED`], [`SMALL_NO`]). Lower files never
+    /// change.
     pub small_lower: AtomicU8,
 }
 
@@ -87,6 +88,8 @@ pub const SMALL_UNKNOWN: u8 = 0;
 pub const SMALL_YES: u8 = 1;
 /// [`Node::small_lower`]: larger than the size limit.
 pub const SMALL_NO: u8 = 2;
+/// [`Node::small_lower`]: small, and its content was handed to the kernel's page cache.
+pub const SMALL_STORED: u8 = 3;
 
 /// A node's backing-file registration with the kernel (FUSE passthrough). The FUSE layer
 /// owns what goes in; the union only ties its lifetime to the node's, so the registration

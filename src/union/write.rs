@@ -1376,13 +1376,13 @@ impl Union {
     /// Whether `file` is a read-only open of a lower file of at most `limit` bytes. The size
     /// is asked once per node (lower files never change).
     pub fn is_small_lower_read(&self, file: &OpenFile, limit: u64) -> bool {
-        use super::inode::{SMALL_NO, SMALL_UNKNOWN, SMALL_YES};
+        use super::inode::{SMALL_NO, SMALL_STORED, SMALL_UNKNOWN, SMALL_YES};
         if file.flags & libc::O_ACCMODE != libc::O_RDONLY || self.is_upper_node(&file.node) {
             return false;
         }
         match file.node.small_lower.load(Ordering::Relaxed) {
             SMALL_UNKNOWN => {}
-            known => return known == SMALL_YES,
+            known => return known == SMALL_YES || known == SMALL_STORED,
         }
         let Some(st) = self
             .file_fd(file)
@@ -1395,6 +1395,32 @@ impl Union {
         let known = if small { SMALL_YES } else { SMALL_NO };
         file.node.small_lower.store(known, Ordering::Relaxed);
         small
+    }
+
+    /// The whole content of a small lower file open as `file`, once per node: `None` when it
+    /// was taken before (or the file is not known to be small). Reading past `limit` is an
+    /// error, so a file that grew behind our back is never taken whole.
+    pub fn small_lower_content(&self, file: &OpenFile, limit: u64) -> Result<Option<Vec<u8>>> {
+        use super::inode::{SMALL_STORED, SMALL_YES};
+        if file.node.small_lower.load(Ordering::Relaxed) != SMALL_YES {
+            return Ok(None);
+        }
+        let fd = self.file_fd(file)?;
+        let mut data = vec![0u8; limit as usize + 1];
+        let mut len = 0;
+        loop {
+            let n = sys::pread(fd.as_fd(), &mut data[len..], len as u64)?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if len == data.len() {
+                return Err(Error::os(libc::EFBIG));
+            }
+        }
+        data.truncate(len);
+        file.node.small_lower.store(SMALL_STORED, Ordering::Relaxed);
+        Ok(Some(data))
     }
 
     pub fn open_deferred(&self, ino: u64, flags: i32) -> Result<OpenFile> {

@@ -72,9 +72,10 @@ pub struct Node {
     pub generation: AtomicU64,
     /// The kernel's registration of the node's file for FUSE passthrough, once there is one.
     pub passthrough: Mutex<Option<Box<PassthroughSlot>>>,
-    /// Open handles served through the FUSE page cache. Changed only with `passthrough`
-    /// locked: the kernel fails (EIO) an open that would mix page-cache and passthrough opens
-    /// of one inode, so the open path chooses between them under that lock.
+    /// Open handles served through the FUSE page cache. While passthrough is on it changes
+    /// only with `passthrough` locked: the kernel fails (EIO) an open that would mix
+    /// page-cache and passthrough opens of one inode, so the open path chooses between them
+    /// under that lock.
     pub cached_opens: AtomicU32,
     /// For a lower file: whether it is small enough to be read through the page cache
     /// ([`SMALL_UNKNOWN`], [`SMALL_YES`], [`SMALL_STORED`], [`SMALL_NO`]). Lower files never

@@ -1370,9 +1370,6 @@ impl Union {
         self.open_current(ino, flags)
     }
 
-    /// Like [`Union::open`], but a read-only open gets no descriptor until
-    /// [`Union::file_fd`] needs one: the caller may serve it through a file it registered
-    /// with the kernel before. Opens that write go through [`Union::open`].
     /// Whether `file` is a read-only open of a lower file of at most `limit` bytes. The size
     /// is asked once per node (lower files never change).
     pub fn is_small_lower_read(&self, file: &OpenFile, limit: u64) -> bool {
@@ -1423,6 +1420,9 @@ impl Union {
         Ok(Some(data))
     }
 
+    /// Like [`Union::open`], but a read-only open gets no descriptor until
+    /// [`Union::file_fd`] needs one: the caller may serve it through a file it registered
+    /// with the kernel before. Opens that write go through [`Union::open`].
     pub fn open_deferred(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return self.open(ino, flags);

@@ -48,11 +48,12 @@ cargo clippy --all-targets -- -D warnings
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
 
 # The FUSE behaviour tests again over /dev/fuse, when the first run went over io_uring; this
-# run also reads small lower files through the page cache (cache_small_files), so both ways
-# of serving opens and their mixing on one inode are exercised.
+# run also serves every open of a regular file by passthrough (the first run reads small lower
+# files through the page cache, the default cache_small_files), so both ways of serving opens
+# are exercised on their own; tests that mix them on one inode set the option themselves.
 if [ -n "$uring_saved" ]; then
-  echo "== FUSE tests again with io_uring=off,cache_small_files=64K (requests over /dev/fuse)"
-  LAYERFS_TEST_MOUNT_OPTS=io_uring=off,cache_small_files=64K cargo test \
+  echo "== FUSE tests again with io_uring=off,cache_small_files=0 (requests over /dev/fuse)"
+  LAYERFS_TEST_MOUNT_OPTS=io_uring=off,cache_small_files=0 cargo test \
     --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring \
     -- --test-threads="${TEST_THREADS:-4}"
 fi

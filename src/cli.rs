@@ -563,7 +563,9 @@ pub fn plan_mount(
             .readdirplus_budget
             .unwrap_or(FuseOptions::default().readdirplus_budget),
         prefetch: opts.prefetch.unwrap_or(true),
-        cache_small_files: opts.cache_small_files.unwrap_or(0),
+        cache_small_files: opts
+            .cache_small_files
+            .unwrap_or(crate::fuse::DEFAULT_CACHE_SMALL_FILES),
     };
     // Without an upper nothing can change, and the kernel should know it (as with kernel
     // overlayfs, which makes such a mount read-only): on a writable FUSE mount every read marks

@@ -128,12 +128,18 @@ pub struct FuseOptions {
     /// Ask for FUSE-over-io_uring when the kernel offers it (see `uring`).
     pub io_uring: bool,
     /// Read-only opens of lower files up to this size go through the FUSE page cache instead
-    /// of passthrough (0: never). Cached pages make a warm re-open and read cost one request
+    /// of passthrough (0: never; default [`DEFAULT_CACHE_SMALL_FILES`]). Cached pages make a warm re-open and read cost one request
     /// fewer (a passthrough read invalidates the inode's atime, and the next `fstat` refetches
     /// it), but each mount then keeps its own copy of those files' pages besides the lower
     /// filesystem's, where passthrough shares one.
     pub cache_small_files: u64,
 }
+
+/// The default of `-o cache_small_files`. Most files of a tree are this small and hold little of
+/// its bytes (the bench tree: 89% of the files, 68 of 525 MiB), so the page-cache copies they
+/// cost a mount stay small, while warm re-reads of them save the most requests (grep -r warm,
+/// traced: 50,275 GETATTRs -> 6,646).
+pub const DEFAULT_CACHE_SMALL_FILES: u64 = 16 * 1024;
 
 /// `-o readdirplus=`: when directory listings carry attributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +162,7 @@ impl Default for FuseOptions {
             readdirplus: ReaddirPlus::Auto,
             readdirplus_budget: Duration::from_millis(1),
             prefetch: true,
-            cache_small_files: 0,
+            cache_small_files: DEFAULT_CACHE_SMALL_FILES,
         }
     }
 }

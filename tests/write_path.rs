@@ -380,13 +380,14 @@ fn open_files_keep_working_across_copy_up() {
     }
     // With passthrough the kernel reads an open lower file itself, so a descriptor opened
     // before the copy-up keeps its old data (kernel overlayfs 6.18 moves it to the copy);
-    // through the page cache (no passthrough, or a small file under `cache_small_files`,
-    // which scripts/test.sh sets for its second run), layerfs moves the descriptor to the
-    // upper copy too.
-    let small_files_cached =
-        std::env::var("LAYERFS_TEST_MOUNT_OPTS").is_ok_and(|o| o.contains("cache_small_files"));
+    // through the page cache (no passthrough, or a small file under `cache_small_files`, on by
+    // default; scripts/test.sh turns it off for its second run), layerfs moves the
+    // descriptor to the upper copy too.
+    let small_files_cached = !std::env::var("LAYERFS_TEST_MOUNT_OPTS")
+        .is_ok_and(|o| o.split(',').any(|opt| opt == "cache_small_files=0"));
     for (opts, old_fd_sees_new) in [
         (&[][..], small_files_cached),
+        (&["cache_small_files=0"][..], false),
         (&["passthrough=off"][..], true),
     ] {
         let d = tempfile::tempdir().unwrap();

@@ -242,7 +242,7 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 /// Mount layerfs with `args` (e.g. `--lower A --upper U ...`) at `mnt`; `mnt` is created.
 /// `LAYERFS_TEST_MOUNT_OPTS` adds mount options to every mount (scripts/test.sh runs the FUSE
-/// tests a second time with `io_uring=off,cache_small_files=64K`).
+/// tests a second time with `io_uring=off,cache_small_files=0`).
 pub fn layerfs(args: &[&OsStr], mnt: &Path) -> Mount {
     mkdirp(mnt);
     let mut cmd = Command::new(bin());

@@ -128,10 +128,10 @@ pub struct FuseOptions {
     /// Ask for FUSE-over-io_uring when the kernel offers it (see `uring`).
     pub io_uring: bool,
     /// Read-only opens of lower files up to this size go through the FUSE page cache instead
-    /// of passthrough (0: never; default [`DEFAULT_CACHE_SMALL_FILES`]). Cached pages make a warm re-open and read cost one request
-    /// fewer (a passthrough read invalidates the inode's atime, and the next `fstat` refetches
-    /// it), but each mount then keeps its own copy of those files' pages besides the lower
-    /// filesystem's, where passthrough shares one.
+    /// of passthrough (0: never; default [`DEFAULT_CACHE_SMALL_FILES`]). Cached pages make a
+    /// warm re-open and read cost one request fewer (a passthrough read invalidates the
+    /// inode's atime, and the next `fstat` refetches it), but each mount then keeps its own
+    /// copy of those files' pages besides the lower filesystem's, where passthrough shares one.
     pub cache_small_files: u64,
 }
 

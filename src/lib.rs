@@ -1,23 +1,26 @@
 //! layerfs: a FUSE union filesystem for container layers that can also turn a container's
 //! changes into an OCI layer and commit it.
 //!
-//! Dependencies flow one way: `cli` -> {`fuse` (-> `prefetch`, `workers`, `busypoll`,
-//! `heap`), `daemon`, `store`, `fsck`} -> `oci` -> `union` -> `sys` (`digest` and `fsutil` are
-//! leaf helpers over `sys`). Only `sys` contains `unsafe`.
+//! The map, one job per folder:
+//!
+//! - `cli/`: the command line, one file per family of commands;
+//! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);
+//! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
+//! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression);
+//! - `store/`: the OCI image layout store (blobs, index, layers, containers, leases, gc);
+//! - `fsck`: checks of uppers and of the store; `digest`, `fsutil`: leaf helpers;
+//! - `sys`: the only module with `unsafe` and raw system calls.
+//!
+//! Dependencies flow one way: `cli` -> {`mount`, `store`, `fsck`} -> `oci` -> `union` ->
+//! `sys`.
 
-pub mod busypoll;
 pub mod cli;
-pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod fsck;
 pub mod fsutil;
-pub mod fuse;
-pub mod heap;
+pub mod mount;
 pub mod oci;
-pub mod prefetch;
 pub mod store;
 pub mod sys;
 pub mod union;
-pub mod uring;
-pub mod workers;

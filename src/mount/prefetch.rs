@@ -95,7 +95,7 @@ fn run(shared: Arc<Shared>, union: Weak<Union>) {
             }
         };
         let Some(union) = union.upgrade() else { return };
-        let _running = crate::workers::HelperJob::start();
+        let _running = crate::mount::workers::HelperJob::start();
         // A panic here must not take the mount down: the work is only a cache fill.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             union.warm_dir(ino, MAX_WARM_ENTRIES)

@@ -30,12 +30,12 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::heap::Trimmer;
-use crate::prefetch::Prefetcher;
+use crate::mount::heap::Trimmer;
+use crate::mount::prefetch::Prefetcher;
+use crate::mount::workers::Workers;
 use crate::sys::{self, Timespec};
 use crate::union::inode::{Node, PassthroughSlot};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
-use crate::workers::Workers;
 
 /// How long a copy-up worker waits for the next job before it exits.
 const WORKER_LINGER: Duration = Duration::from_secs(2);
@@ -304,7 +304,7 @@ fn dtype_file_type(dtype: u8) -> FileType {
 /// Run a handler body on the session's thread; a panic inside drops the reply, which answers
 /// EIO.
 fn guarded(what: &str, f: impl FnOnce()) {
-    crate::busypoll::note_request();
+    crate::mount::busypoll::note_request();
     unwind_to_eio(what, f);
 }
 
@@ -363,7 +363,7 @@ impl LayerFs {
     /// Run `f` on a worker that has no other job.
     fn offload(&self, what: &'static str, f: impl FnOnce(&Core) + Send + 'static) {
         let core = self.0.clone();
-        crate::busypoll::pause();
+        crate::mount::busypoll::pause();
         let submitted = self
             .0
             .workers
@@ -779,7 +779,7 @@ impl Filesystem for LayerFs {
                 .capabilities()
                 .contains(InitFlags::FUSE_OVER_IO_URING)
         {
-            match crate::uring::usable() {
+            match crate::mount::uring::usable() {
                 Ok(()) => {
                     if config
                         .add_capabilities(InitFlags::FUSE_OVER_IO_URING)

@@ -18,12 +18,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::busypoll;
 use crate::fsutil;
-use crate::fuse::{FuseOptions, LayerFs};
+use crate::mount::busypoll;
+use crate::mount::fuse::{FuseOptions, LayerFs};
+use crate::mount::uring;
 use crate::sys;
 use crate::union::{Union, UnionConfig};
-use crate::uring;
 
 /// Everything needed to mount, validated.
 #[derive(Debug, Clone)]
@@ -173,7 +173,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     // Objects are created with exactly the mode the kernel asked for (it applied the caller's
     // umask already).
     sys::umask(0);
-    crate::heap::fix_large_blocks();
+    crate::mount::heap::fix_large_blocks();
     let config = plan.fuser_config();
     let fs = LayerFs::new(union.clone(), plan.fuse.clone());
     let io_uring_granted = fs.io_uring_granted();

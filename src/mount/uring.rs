@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{JoinHandle, ThreadId};
 
+use crate::mount::workers;
 use crate::sys::{self, FuseRing};
-use crate::workers;
 
 /// Entries per queue: requests one CPU can have in flight at once. Requests beyond that wait
 /// in the kernel.

@@ -134,7 +134,7 @@ fn run(shared: &Shared, trim: impl Fn() -> bool) {
         }
         shared.freed.store(0, Ordering::Relaxed);
         // Ring threads serve requests in the normal class while this holds heap locks.
-        let _running = crate::workers::HelperJob::start();
+        let _running = crate::mount::workers::HelperJob::start();
         let released = trim();
         log::debug!("heap trimmed after forgets (memory released: {released})");
     }

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v setfattr >/dev/null 2>&1 || need+=(attr)
+# tests/idmap.rs makes kernel idmapped mounts (its oracle) through a small python3 helper.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v fuse-overlayfs >/dev/null 2>&1 || need+=(fuse-overlayfs)
 # Store interop tests read and write OCI layouts with the reference tools.
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
@@ -54,6 +56,6 @@ cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
 if [ -n "$uring_saved" ]; then
   echo "== FUSE tests again with io_uring=off,cache_small_files=0 (requests over /dev/fuse)"
   LAYERFS_TEST_MOUNT_OPTS=io_uring=off,cache_small_files=0 cargo test \
-    --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring \
+    --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring --test idmap \
     -- --test-threads="${TEST_THREADS:-4}"
 fi

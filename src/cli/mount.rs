@@ -12,11 +12,12 @@ use anyhow::{Context, Result, bail};
 
 use super::{open_store, parse_size};
 use crate::mount::daemon::{self, MountPlan};
-use crate::mount::fuse::{FuseOptions, IdMap};
+use crate::mount::fuse::FuseOptions;
 use crate::store::images::{self, LeaseRecord};
 use crate::store::{self, Store, layers};
 use crate::sys::{self, LockKind};
 use crate::union::UnionConfig;
+use crate::union::idmap::{IdMap, IdView};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct MountArgs {
@@ -342,7 +343,7 @@ pub fn plan_mount(
     let default_permissions = opts.default_permissions.unwrap_or(true);
     let fuse = FuseOptions {
         ttl: opts.timeout.unwrap_or(FuseOptions::default().ttl),
-        ids: crate::mount::fuse::IdView {
+        ids: IdView {
             squash_uid: opts.squash_uid,
             squash_gid: opts.squash_gid,
             uid_map: opts.uid_map.clone(),
@@ -603,7 +604,8 @@ mod tests {
         assert_eq!(o.upperdir.as_deref(), Some(Path::new("/u/diff")));
         assert_eq!(o.fsync, Some(false));
         assert_eq!(o.squash_uid, Some(5));
-        assert_eq!(o.uid_map, IdMap(vec![(0, 1000, 1)]));
+        assert_eq!(o.uid_map.to_shown(0), 1000);
+        assert_eq!(o.uid_map.to_disk(1000), Some(0));
         Ok(())
     }
     #[test]

@@ -34,71 +34,12 @@ use crate::mount::heap::Trimmer;
 use crate::mount::prefetch::Prefetcher;
 use crate::mount::workers::Workers;
 use crate::sys::{self, Timespec};
+use crate::union::idmap::{IdMap, IdView, MappedXattr};
 use crate::union::inode::{Node, PassthroughSlot};
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
 
 /// How long a copy-up worker waits for the next job before it exits.
 const WORKER_LINGER: Duration = Duration::from_secs(2);
-
-/// How ids on disk are shown through the mount.
-#[derive(Clone, Debug, Default)]
-pub struct IdView {
-    /// Report every file as owned by this uid (`squash_to_uid`, `squash_to_root`).
-    pub squash_uid: Option<u32>,
-    pub squash_gid: Option<u32>,
-    /// `uidmapping=`/`gidmapping=`: container id ranges mapped onto host ids.
-    pub uid_map: IdMap,
-    pub gid_map: IdMap,
-}
-
-/// A list of `(container, host, length)` ranges, as fuse-overlayfs' `uidmapping=` takes them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IdMap(pub Vec<(u32, u32, u32)>);
-
-/// The id shown for an id that no range maps (the kernel's overflow id).
-pub const OVERFLOW_ID: u32 = 65534;
-
-impl IdMap {
-    /// Parse `C:H:L[:C:H:L...]` (fuse-overlayfs also accepts `,` between triples).
-    pub fn parse(spec: &str) -> Result<IdMap, String> {
-        let nums: Result<Vec<u32>, _> = spec
-            .split([':', ','])
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect();
-        let nums = nums.map_err(|_| format!("bad id mapping {spec:?}"))?;
-        if nums.is_empty() || nums.len() % 3 != 0 {
-            return Err(format!(
-                "bad id mapping {spec:?}: want container:host:length triples"
-            ));
-        }
-        Ok(IdMap(nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect()))
-    }
-
-    /// Host id -> id shown in the mount.
-    pub fn to_container(&self, host: u32) -> u32 {
-        if self.0.is_empty() {
-            return host;
-        }
-        for &(c, h, l) in &self.0 {
-            if host >= h && host - h < l {
-                return c + (host - h);
-            }
-        }
-        OVERFLOW_ID
-    }
-
-    /// Id given by a user of the mount -> host id stored on disk.
-    pub fn to_host(&self, container: u32) -> Option<u32> {
-        if self.0.is_empty() {
-            return Some(container);
-        }
-        self.0
-            .iter()
-            .find(|&&(c, _, l)| container >= c && container - c < l)
-            .map(|&(c, h, _)| h + (container - c))
-    }
-}
 
 /// Knobs of the adapter.
 #[derive(Clone, Debug)]
@@ -226,6 +167,8 @@ pub struct Core {
     trimmer: Option<Trimmer>,
     /// Threads for requests that may copy data up.
     workers: Workers,
+    /// `opts.ids.gid_map` for callers' group checks (`None` when it is the identity).
+    group_map: Option<Arc<IdMap>>,
 }
 
 /// How an open file is served.
@@ -326,7 +269,10 @@ impl LayerFs {
         let trimmer = Trimmer::start()
             .map_err(|e| log::warn!("no heap trimming: cannot start its thread: {e}"))
             .ok();
+        let group_map =
+            (!opts.ids.gid_map.is_identity()).then(|| Arc::new(opts.ids.gid_map.clone()));
         LayerFs(Arc::new(Core {
+            group_map,
             prefetch,
             trimmer,
             workers: Workers::new("layerfs-slow", WORKER_LINGER),
@@ -395,13 +341,8 @@ impl Core {
 
     fn file_attr(&self, a: &Attr) -> FileAttr {
         let st = &a.st;
-        let ids = &self.opts.ids;
-        let uid = ids
-            .squash_uid
-            .unwrap_or_else(|| ids.uid_map.to_container(st.uid));
-        let gid = ids
-            .squash_gid
-            .unwrap_or_else(|| ids.gid_map.to_container(st.gid));
+        let uid = self.opts.ids.shown_uid(st.uid);
+        let gid = self.opts.ids.shown_gid(st.gid);
         FileAttr {
             ino: INodeNo(a.ino),
             size: st.size,
@@ -451,12 +392,19 @@ impl Core {
         }
     }
 
-    fn caller(req: &Request) -> Caller {
-        Caller {
-            uid: req.uid(),
-            gid: req.gid(),
+    /// The caller in ids on disk. A caller whose ids the mapping does not cover cannot own
+    /// anything here: EOVERFLOW, as an idmapped mount answers.
+    fn caller(&self, req: &Request) -> Result<Caller, Error> {
+        let ids = &self.opts.ids;
+        let (Some(uid), Some(gid)) = (ids.disk_uid(req.uid()), ids.disk_gid(req.gid())) else {
+            return Err(Error::os(libc::EOVERFLOW));
+        };
+        Ok(Caller {
+            uid,
+            gid,
             pid: req.pid(),
-        }
+            group_map: self.group_map.clone(),
+        })
     }
 
     /// Decide how to serve a new open of `file`; `register` turns a descriptor into a
@@ -643,24 +591,24 @@ impl Core {
         self.union.file_fd(&h.file)
     }
 
-    fn host_uid(&self, uid: Option<u32>) -> Result<Option<u32>, Error> {
+    /// The uid a chown stores; an id the mapping does not cover is refused with EOVERFLOW, as
+    /// an idmapped mount refuses it (the id is valid, it just has no place on this disk).
+    fn disk_uid(&self, uid: Option<u32>) -> Result<Option<u32>, Error> {
         uid.map(|u| {
             self.opts
                 .ids
-                .uid_map
-                .to_host(u)
-                .ok_or_else(|| Error::os(libc::EINVAL))
+                .disk_uid(u)
+                .ok_or_else(|| Error::os(libc::EOVERFLOW))
         })
         .transpose()
     }
 
-    fn host_gid(&self, gid: Option<u32>) -> Result<Option<u32>, Error> {
+    fn disk_gid(&self, gid: Option<u32>) -> Result<Option<u32>, Error> {
         gid.map(|g| {
             self.opts
                 .ids
-                .gid_map
-                .to_host(g)
-                .ok_or_else(|| Error::os(libc::EINVAL))
+                .disk_gid(g)
+                .ok_or_else(|| Error::os(libc::EOVERFLOW))
         })
         .transpose()
     }
@@ -1025,7 +973,13 @@ impl Filesystem for LayerFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         guarded("getxattr", || {
             match self.union.getxattr(ino.0, name.as_bytes()) {
-                Ok(v) => reply_xattr(reply, size, &v),
+                Ok(v) => match self.opts.ids.xattr_to_shown(name.as_bytes(), &v) {
+                    MappedXattr::Unchanged => reply_xattr(reply, size, &v),
+                    MappedXattr::Value(shown) => reply_xattr(reply, size, &shown),
+                    // A capability for a namespace root this mount does not show grants
+                    // nothing here: as if it were not there.
+                    MappedXattr::Unmapped => reply.error(Errno::from_i32(libc::ENODATA)),
+                },
                 Err(e) => reply.error(errno(&e)),
             }
         })
@@ -1067,8 +1021,8 @@ impl Filesystem for LayerFs {
             let res = (|| {
                 let changes = SetAttr {
                     mode,
-                    uid: core.host_uid(uid)?,
-                    gid: core.host_gid(gid)?,
+                    uid: core.disk_uid(uid)?,
+                    gid: core.disk_gid(gid)?,
                     size,
                     atime: set_time(atime),
                     mtime: set_time(mtime),
@@ -1094,13 +1048,10 @@ impl Filesystem for LayerFs {
         reply: ReplyEntry,
     ) {
         guarded("mknod", || {
-            let res = self.union.mknod(
-                parent.0,
-                name.as_bytes(),
-                mode,
-                rdev as u64,
-                &Core::caller(req),
-            );
+            let res = self.caller(req).and_then(|caller| {
+                self.union
+                    .mknod(parent.0, name.as_bytes(), mode, rdev as u64, &caller)
+            });
             self.reply_entry(reply, res)
         })
     }
@@ -1116,8 +1067,8 @@ impl Filesystem for LayerFs {
     ) {
         guarded("mkdir", || {
             let res = self
-                .union
-                .mkdir(parent.0, name.as_bytes(), mode, &Core::caller(req));
+                .caller(req)
+                .and_then(|caller| self.union.mkdir(parent.0, name.as_bytes(), mode, &caller));
             self.reply_entry(reply, res)
         })
     }
@@ -1149,12 +1100,14 @@ impl Filesystem for LayerFs {
         reply: ReplyEntry,
     ) {
         guarded("symlink", || {
-            let res = self.union.symlink(
-                parent.0,
-                link_name.as_bytes(),
-                target.as_os_str().as_bytes(),
-                &Core::caller(req),
-            );
+            let res = self.caller(req).and_then(|caller| {
+                self.union.symlink(
+                    parent.0,
+                    link_name.as_bytes(),
+                    target.as_os_str().as_bytes(),
+                    &caller,
+                )
+            });
             self.reply_entry(reply, res)
         })
     }
@@ -1214,10 +1167,11 @@ impl Filesystem for LayerFs {
         reply: ReplyCreate,
     ) {
         guarded("create", || {
-            match self
-                .union
-                .create(parent.0, name.as_bytes(), mode, flags, &Core::caller(req))
-            {
+            let res = self.caller(req).and_then(|caller| {
+                self.union
+                    .create(parent.0, name.as_bytes(), mode, flags, &caller)
+            });
+            match res {
                 Ok((attr, file)) => {
                     let fa = self.file_attr(&attr);
                     match self.open_mode(&file, |fd| reply.open_backing(fd)) {
@@ -1300,7 +1254,12 @@ impl Filesystem for LayerFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let (name, value) = (name.to_owned(), value.to_vec());
+        let value = match self.opts.ids.xattr_to_disk(name.as_bytes(), value) {
+            MappedXattr::Unchanged => value.to_vec(),
+            MappedXattr::Value(v) => v,
+            MappedXattr::Unmapped => return reply.error(Errno::from_i32(libc::EINVAL)),
+        };
+        let name = name.to_owned();
         let run =
             move |core: &Core| match core.union.setxattr(ino.0, name.as_bytes(), &value, flags) {
                 Ok(()) => reply.ok(),
@@ -1421,21 +1380,6 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn id_map_parse_and_translate() {
-        let m = IdMap::parse("0:1000:1:1:100000:65536").unwrap_or_default();
-        assert_eq!(m.to_container(1000), 0);
-        assert_eq!(m.to_container(100000), 1);
-        assert_eq!(m.to_container(100005), 6);
-        assert_eq!(m.to_container(5), OVERFLOW_ID);
-        assert_eq!(m.to_host(0), Some(1000));
-        assert_eq!(m.to_host(6), Some(100005));
-        assert_eq!(m.to_host(70000), None);
-        assert!(IdMap::parse("0:1").is_err());
-        assert!(IdMap::parse("a:b:c").is_err());
-        assert_eq!(IdMap::default().to_container(42), 42);
-    }
 
     #[test]
     fn negative_times_convert() {

@@ -15,6 +15,7 @@
 #![warn(clippy::significant_drop_in_scrutinee)]
 
 pub mod dirindex;
+pub mod idmap;
 pub mod inode;
 pub mod whiteout;
 mod write;

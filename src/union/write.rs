@@ -19,18 +19,23 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use super::dirindex::Top;
+use super::idmap::IdMap;
 use super::inode::{Node, PassthroughSlot, ROOT_INO};
 use super::whiteout::{self, WhiteoutFormat};
 use super::{Attr, Union, dtype_of, join_path, split_path};
 use crate::error::{Error, Result};
 use crate::sys::{self, FileStat, SetTime, XTarget};
 
-/// Who asks for a change (ids as the kernel gives them: host ids).
-#[derive(Clone, Copy, Debug)]
+/// Who asks for a change, in ids as stored on disk (the mount maps the ids the kernel gives
+/// through its [`IdMap`]s first).
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// How the caller's supplementary groups, which `/proc` lists in the ids the mount shows,
+    /// become ids on disk (`None`: the identity).
+    pub group_map: Option<Arc<IdMap>>,
 }
 
 impl Caller {
@@ -39,6 +44,19 @@ impl Caller {
             uid: 0,
             gid: 0,
             pid: 0,
+            group_map: None,
+        }
+    }
+
+    /// Whether the caller is a member of group `gid` (an id on disk).
+    pub fn in_group(&self, gid: u32) -> bool {
+        if gid == self.gid {
+            return true;
+        }
+        let groups = sys::process_groups(self.pid);
+        match &self.group_map {
+            None => groups.contains(&gid),
+            Some(map) => groups.iter().any(|&g| map.to_disk(g) == Some(gid)),
         }
     }
 }
@@ -834,8 +852,7 @@ impl Union {
         if kind_bits != sys::S_IFDIR
             && perm & libc::S_ISGID != 0
             && caller.uid != 0
-            && gid != caller.gid
-            && !sys::process_groups(caller.pid).contains(&gid)
+            && !caller.in_group(gid)
         {
             perm &= !libc::S_ISGID;
         }

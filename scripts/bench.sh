@@ -5,7 +5,7 @@
 #   sudo bash scripts/bench.sh [--quick] [--reps N] [--only W[,W..]] [--subjects S[,S..]]
 #                              [--dir DIR] [--seed N] [--out PREFIX] [--keep] [--no-build]
 #                              [--timeout SECONDS] [--io-uring on|off|keep]
-#                              [--layerfs-opts OPTS]
+#                              [--layerfs-opts OPTS] [--rootless]
 #
 # Benchmarks are not tests: nothing here asserts a time. Run with --help for the workload list.
 
@@ -22,6 +22,7 @@ HELPER=$SCRIPT_DIR/bench_helper.py
 
 ALL_WORKLOADS=(find lsR stat readdir grep seqread randread create copyup-big copyup-small rename unlink untar build depth rsswalk)
 ALL_SUBJECTS=(native kernel fuse-overlayfs layerfs)
+[[ " $* " == *" --rootless "* ]] && ALL_SUBJECTS=(native fuse-overlayfs layerfs)
 
 usage() {
 	cat <<EOF
@@ -41,6 +42,11 @@ usage: sudo bash scripts/bench.sh [options]
                      keep it as it is; restored at the end. With it on, layerfs serves requests
                      over FUSE-over-io_uring on the calling CPU (fuse-overlayfs cannot use it)
   --layerfs-opts O   mount options for layerfs (-o O), e.g. cache_small_files=128K (default none)
+  --rootless         mount the FUSE subjects as rootless podman does: the whole run happens in a
+                     user namespace (ids mapped one to one, no capability in the host's
+                     namespace), so the kernel refuses FUSE passthrough and FUSE-over-io_uring
+                     set-up stays as the host has it. Subjects: fuse-overlayfs, layerfs and
+                     native (kernel overlayfs needs the host's trusted.* xattrs)
 
 workloads: ${ALL_WORKLOADS[*]}
   find, lsR, stat, readdir, grep, seqread, randread: cold (fresh mount, caches dropped) then warm
@@ -66,6 +72,8 @@ BUILD=1
 TIMEOUT=600
 IO_URING=on
 LAYERFS_OPTS=""
+ROOTLESS=0
+ORIG_ARGS=("$@")
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
 URING_SAVED=""
 
@@ -83,6 +91,7 @@ while (($#)); do
 	--timeout) TIMEOUT=${2:?}; shift ;;
 	--io-uring) IO_URING=${2:?}; shift ;;
 	--layerfs-opts) LAYERFS_OPTS=${2:?}; shift ;;
+	--rootless) ROOTLESS=1 ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "bench.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
 	esac
@@ -99,6 +108,59 @@ fi
 ((REPS >= 1)) || die "--reps must be at least 1"
 [[ $IO_URING == on || $IO_URING == off || $IO_URING == keep ]] || die "--io-uring takes on, off or keep"
 ((EUID == 0)) || die "needs root (kernel overlay mounts, drop_caches, whiteout devices)"
+
+# --rootless: the host side sets enable_uring, builds layerfs and drops caches on request (a
+# user namespace may not); everything else runs again in a new user namespace whose root is
+# the host's root without its capabilities, with a mount namespace of its own (slave, so the
+# host's mounts still show).
+if ((ROOTLESS)) && [[ -z ${LFB_IN_USERNS:-} ]]; then
+	command -v unshare >/dev/null || die "--rootless needs unshare (util-linux)"
+	mkdir -p "$DIR" || die "cannot create $DIR"
+	if [[ $IO_URING != keep && -w $URING_PARAM ]]; then
+		URING_SAVED=$(cat "$URING_PARAM")
+		if [[ $IO_URING == on ]]; then echo Y >"$URING_PARAM"; else echo N >"$URING_PARAM"; fi
+	fi
+	if ((BUILD)) && [[ " ${SUBJECTS_ARG:-layerfs} " == *layerfs* ]]; then
+		log "building layerfs (cargo build --release in $REPO)"
+		(cd "$REPO" && "$(command -v cargo || echo "$HOME/.cargo/bin/cargo")" build --release) >/dev/null 2>&1 ||
+			log "warning: the layerfs build failed"
+	fi
+	# The stack (trusted.* xattrs, the native copy through a kernel overlay mount) is made on
+	# the host side: a run of one cheap cell does it, or finds it made.
+	prime=()
+	skip=0
+	for a in "${ORIG_ARGS[@]}"; do
+		if ((skip)); then skip=0; continue; fi
+		case $a in
+		--rootless) ;;
+		--only | --subjects | --reps | --out | --io-uring) skip=1 ;;
+		*) prime+=("$a") ;;
+		esac
+	done
+	log "rootless: making (or checking) the stack on the host side"
+	bash "$0" "${prime[@]}" --only find --subjects native --reps 1 --no-build --io-uring keep >/dev/null ||
+		die "preparing the stack failed"
+	CHAN=$(mktemp -d "$DIR/.rootless.XXXXXX")
+	mkfifo "$CHAN/go" "$CHAN/drop" "$CHAN/dropped"
+	unshare --user --mount --propagation slave -- bash -c 'read -r _ <"$0/go" && exec "$@"' \
+		"$CHAN" env LFB_IN_USERNS="$CHAN" bash "$0" "${ORIG_ARGS[@]}" --no-build --io-uring keep &
+	child=$!
+	for _ in $(seq 100); do
+		[[ $(readlink "/proc/$child/ns/user") != "$(readlink /proc/self/ns/user)" ]] && break
+		sleep 0.05
+	done
+	echo "0 0 4294967295" >"/proc/$child/uid_map" && echo "0 0 4294967295" >"/proc/$child/gid_map" ||
+		{ kill "$child"; die "cannot map ids into the user namespace"; }
+	(while read -r _ <"$CHAN/drop"; do sync; echo 3 >/proc/sys/vm/drop_caches; echo >"$CHAN/dropped"; done) &
+	dropper=$!
+	echo go >"$CHAN/go"
+	wait "$child"
+	rc=$?
+	kill "$dropper" 2>/dev/null
+	rm -rf "$CHAN"
+	[[ -n $URING_SAVED ]] && echo "$URING_SAVED" >"$URING_PARAM"
+	exit $rc
+fi
 [[ $DIR == /* ]] || DIR=$PWD/$DIR
 [[ $DIR =~ ^[A-Za-z0-9/._+-]+$ ]] || die "--dir must be a plain path (letters, digits, / . _ + -)"
 
@@ -258,7 +320,14 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+drop_caches() {
+	if [[ -n ${LFB_IN_USERNS:-} ]]; then
+		echo >"$LFB_IN_USERNS/drop" && read -r _ <"$LFB_IN_USERNS/dropped"
+	else
+		sync
+		echo 3 >/proc/sys/vm/drop_caches
+	fi
+}
 
 if [[ $IO_URING != keep && -w $URING_PARAM ]]; then
 	URING_SAVED=$(cat "$URING_PARAM")
@@ -447,6 +516,7 @@ HEADER=$(
 	echo "- fuse-overlayfs: $(fuse-overlayfs --version 2>/dev/null | grep -m1 'fuse-overlayfs' || echo none)"
 	echo "- kernel: $(uname -r); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); memory: $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
 	echo "- fuse.enable_uring: $(cat "$URING_PARAM" 2>/dev/null || echo absent) (layerfs uses FUSE-over-io_uring when it is Y)"
+	((ROOTLESS)) && echo "- rootless: every mount made in a user namespace (no host capabilities): no FUSE passthrough"
 	echo "- work dir: $DIR on $(findmnt -no FSTYPE,SOURCE,OPTIONS -T "$DIR" | tr -s ' ' ' ')"
 	echo "- stack: $PARAMS; $(tr -d '\n ' <"$STACK/info.json" 2>/dev/null)"
 	echo "- runs: $REPS repetition(s), subjects interleaved in the order ${SUBJECTS[*]}; every cell is a fresh mount with a fresh upper/work; caches dropped before every cold run and every write workload"

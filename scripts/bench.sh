@@ -38,9 +38,12 @@ usage: sudo bash scripts/bench.sh [options]
   --keep             keep this run's upper dirs (default: deleted at the end)
   --no-build         do not run cargo build (use target/release/layerfs as it is, or \$LAYERFS)
   --timeout S        limit for one timed command (default 600)
-  --io-uring M       the fuse module's enable_uring parameter for the run: on (default), off, or
-                     keep it as it is; restored at the end. With it on, layerfs serves requests
-                     over FUSE-over-io_uring on the calling CPU (fuse-overlayfs cannot use it)
+  --io-uring M       the fuse module's enable_uring parameter for the run: keep (default: as
+                     found, which a root layerfs mount turns on itself, as users get it), on,
+                     or off (and layerfs mounts with -o io_uring=off, so it stays off); always
+                     restored at the end. With it on, layerfs serves requests over
+                     FUSE-over-io_uring on the calling CPU (fuse-overlayfs cannot use it). The
+                     report says which transport each subject used
   --layerfs-opts O   mount options for layerfs (-o O), e.g. cache_small_files=128K (default none)
   --rootless         mount the FUSE subjects as rootless podman does: the whole run happens in a
                      user namespace (ids mapped one to one, no capability in the host's
@@ -70,7 +73,7 @@ OUT=""
 KEEP=0
 BUILD=1
 TIMEOUT=600
-IO_URING=on
+IO_URING=keep
 LAYERFS_OPTS=""
 ROOTLESS=0
 ORIG_ARGS=("$@")
@@ -116,9 +119,12 @@ fi
 if ((ROOTLESS)) && [[ -z ${LFB_IN_USERNS:-} ]]; then
 	command -v unshare >/dev/null || die "--rootless needs unshare (util-linux)"
 	mkdir -p "$DIR" || die "cannot create $DIR"
-	if [[ $IO_URING != keep && -w $URING_PARAM ]]; then
+	if [[ -w $URING_PARAM ]]; then
 		URING_SAVED=$(cat "$URING_PARAM")
-		if [[ $IO_URING == on ]]; then echo Y >"$URING_PARAM"; else echo N >"$URING_PARAM"; fi
+		case $IO_URING in
+		on) echo Y >"$URING_PARAM" ;;
+		off) echo N >"$URING_PARAM" ;;
+		esac
 	fi
 	if ((BUILD)) && [[ " ${SUBJECTS_ARG:-layerfs} " == *layerfs* ]]; then
 		log "building layerfs (cargo build --release in $REPO)"
@@ -143,7 +149,7 @@ if ((ROOTLESS)) && [[ -z ${LFB_IN_USERNS:-} ]]; then
 	CHAN=$(mktemp -d "$DIR/.rootless.XXXXXX")
 	mkfifo "$CHAN/go" "$CHAN/drop" "$CHAN/dropped"
 	unshare --user --mount --propagation slave -- bash -c 'read -r _ <"$0/go" && exec "$@"' \
-		"$CHAN" env LFB_IN_USERNS="$CHAN" bash "$0" "${ORIG_ARGS[@]}" --no-build --io-uring keep &
+		"$CHAN" env LFB_IN_USERNS="$CHAN" bash "$0" "${ORIG_ARGS[@]}" --no-build &
 	child=$!
 	for _ in $(seq 100); do
 		[[ $(readlink "/proc/$child/ns/user") != "$(readlink /proc/self/ns/user)" ]] && break
@@ -236,6 +242,7 @@ if has_subject layerfs && [[ -z $LAYERFS_NOTE && ! -x $LAYERFS ]]; then LAYERFS_
 
 # ------------------------------------------------------------------------------ mounts and cleanup
 
+LAYERFS_TRANSPORT="" # what layerfs's daemons were seen serving on
 declare -A MOUNTED=() # mountpoint -> daemon pid (or -) for every mount made by this script
 RUN=""
 TMPO=""
@@ -329,12 +336,18 @@ drop_caches() {
 	fi
 }
 
-if [[ $IO_URING != keep && -w $URING_PARAM ]]; then
+if [[ -w $URING_PARAM && -z ${LFB_IN_USERNS:-} ]]; then
+	# layerfs's own mounts may turn it on: whatever happens, the host gets its setting back.
 	URING_SAVED=$(cat "$URING_PARAM")
-	if [[ $IO_URING == on ]]; then echo Y >"$URING_PARAM"; else echo N >"$URING_PARAM"; fi
-elif [[ $IO_URING == on ]]; then
+	case $IO_URING in
+	on) echo Y >"$URING_PARAM" ;;
+	off) echo N >"$URING_PARAM" ;;
+	esac
+elif [[ $IO_URING == on && ! -e $URING_PARAM ]]; then
 	log "this kernel has no $URING_PARAM: layerfs runs over /dev/fuse"
 fi
+# With io_uring off for the run, layerfs must not turn it back on.
+if [[ $IO_URING == off ]]; then LAYERFS_OPTS=${LAYERFS_OPTS:+$LAYERFS_OPTS,}io_uring=off; fi
 
 # mount_subject SUBJECT MNT UPPER|- WORK|- LOWER... (top first; native: LOWER is the tree to bind)
 # Sets MPID (daemon pid or -). Returns 1 (with a reason in MFAIL) if the mount is not live.
@@ -379,6 +392,12 @@ mount_subject() {
 		layerfs) MPID=$(daemon_pid "$mnt" "${LAYERFS##*/}") || MPID=- ;;
 		esac
 		MOUNTED[$mnt]=$MPID
+	fi
+	if [[ $subj == layerfs && $MPID != - ]] && is_mounted "$mnt"; then
+		local t="/dev/fuse"
+		compgen -G "/proc/$MPID/task/*" >/dev/null && grep -qs '^layerfs-ring-' /proc/"$MPID"/task/*/comm && t="FUSE-over-io_uring"
+		if [[ -z $LAYERFS_TRANSPORT ]]; then LAYERFS_TRANSPORT=$t
+		elif [[ $LAYERFS_TRANSPORT != "$t" ]]; then LAYERFS_TRANSPORT="mixed (/dev/fuse and FUSE-over-io_uring)"; fi
 	fi
 	if ((rc)) || ! is_mounted "$mnt"; then
 		MFAIL="mount failed (exit $rc): $(grep -v 'unknown argument ignored' "$err" | tail -1 | cut -c1-120)"
@@ -515,7 +534,7 @@ HEADER=$(
 	echo "- layerfs: $({ [[ -x $LAYERFS ]] && "$LAYERFS" --version 2>&1; } | head -1)${LAYERFS_NOTE:+ ($LAYERFS_NOTE)}; mount options: ${LAYERFS_OPTS:-defaults}"
 	echo "- fuse-overlayfs: $(fuse-overlayfs --version 2>/dev/null | grep -m1 'fuse-overlayfs' || echo none)"
 	echo "- kernel: $(uname -r); CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); memory: $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
-	echo "- fuse.enable_uring: $(cat "$URING_PARAM" 2>/dev/null || echo absent) (layerfs uses FUSE-over-io_uring when it is Y)"
+	echo "- fuse.enable_uring at the start: $(cat "$URING_PARAM" 2>/dev/null || echo absent) (--io-uring $IO_URING; a root layerfs mount turns it on unless mounted with io_uring=off)"
 	((ROOTLESS)) && echo "- rootless: every mount made in a user namespace (no host capabilities): no FUSE passthrough"
 	echo "- work dir: $DIR on $(findmnt -no FSTYPE,SOURCE,OPTIONS -T "$DIR" | tr -s ' ' ' ')"
 	echo "- stack: $PARAMS; $(tr -d '\n ' <"$STACK/info.json" 2>/dev/null)"
@@ -778,6 +797,7 @@ for w in "${EXPANDED[@]}"; do
 done
 T_END=$(date +%s)
 
+HEADER+=$'\n'"- transports: layerfs ${LAYERFS_TRANSPORT:-not run} (its daemons' threads, every cell); fuse-overlayfs /dev/fuse; kernel and native in the kernel"
 HEADER+=$'\n'"- measured in $(((T_END - T_START) / 60)) min $(((T_END - T_START) % 60)) s"
 "$PY" "$HELPER" report "$RAW" --subjects "$(IFS=,; echo "${SUBJECTS[*]}")" --md "$OUT.md" --tsv "$OUT.tsv" \
 	--header "$HEADER" --extra "$EXTRA"

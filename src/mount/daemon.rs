@@ -21,7 +21,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::fsutil;
 use crate::mount::busypoll;
 use crate::mount::fuse::{FuseOptions, LayerFs};
-use crate::mount::uring;
+use crate::mount::{uring, uring_param};
 use crate::sys;
 use crate::union::{Union, UnionConfig};
 
@@ -90,6 +90,8 @@ impl MountPlan {
 /// Mount according to `plan`; returns when the mount is live (daemon mode) or unmounted
 /// (foreground).
 pub fn mount(plan: MountPlan) -> Result<()> {
+    // Before the fork, so that what it says reaches the caller's stderr.
+    uring_param::prepare(plan.fuse.io_uring);
     // Opening the layers first means a bad stack fails here, before any fork.
     let union = Arc::new(Union::new(&plan.union)?);
     sys::raise_nofile_limit();

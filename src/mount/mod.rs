@@ -3,7 +3,8 @@
 //! - `daemon`: fork, mount, serve, signals, unmount;
 //! - `fuse`: `impl fuser::Filesystem` over a [`crate::union::Union`], one union call per
 //!   request, handles and passthrough;
-//! - `uring`: the FUSE-over-io_uring transport; `busypoll`: polling `/dev/fuse` during bursts;
+//! - `uring`: the FUSE-over-io_uring transport, `uring_param`: the fuse module parameter that
+//!   lets the kernel offer it; `busypoll`: polling `/dev/fuse` during bursts;
 //! - `workers`: threads for requests that may copy data up; `prefetch`: reading
 //!   subdirectories ahead of a tree walk; `heap`: giving freed memory back.
 //!
@@ -15,4 +16,5 @@ pub mod fuse;
 pub mod heap;
 pub mod prefetch;
 pub mod uring;
+pub mod uring_param;
 pub mod workers;

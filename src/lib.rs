@@ -4,6 +4,7 @@
 //! The map, one job per folder:
 //!
 //! - `cli/`: the command line, one file per family of commands;
+//! - `build/`: `layerfs build` (Containerfile parsing, the build context and its ignore rules);
 //! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);
 //! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
 //! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression);
@@ -14,6 +15,7 @@
 //! Dependencies flow one way: `cli` -> {`mount`, `store`, `fsck`} -> `oci` -> `union` ->
 //! `sys`.
 
+pub mod build;
 pub mod cli;
 pub mod digest;
 pub mod error;

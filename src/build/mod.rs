@@ -4,4 +4,5 @@
 //! - `context`: the build context read through directory fds (COPY/ADD source selection,
 //!   walks, content digests for the build cache, and why a cache key changed).
 
+pub mod context;
 pub mod ignore;

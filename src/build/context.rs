@@ -49,7 +49,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::build::ignore::{self, Glob, IgnoreFileLocation, IgnoreRules};
+use crate::build::ignore::{self, Glob, IgnoreFileLocation, IgnoreRules, Matched};
 use crate::digest::{Digest, HashReader, Hasher};
 use crate::error::{Error, Result, ShowPath};
 use crate::fsutil;
@@ -416,11 +416,13 @@ impl Context {
 
     /// The walk behind [`Context::walk`]; with `first_only`, stops at the first entry found.
     fn walk_into(&self, selected: &Selected, out: &mut Vec<Entry>, first_only: bool) -> Result<()> {
-        /// A directory being walked; `pending` holds its own entry while it is excluded and
-        /// nothing below it has been listed yet.
+        /// A directory being walked: `matched` is which ignore rules match it or its parents;
+        /// `pending` holds its own entry while it is excluded and nothing below it has been
+        /// listed yet.
         struct Frame {
             path: Vec<u8>,
             rel: Vec<u8>,
+            matched: Matched,
             children: std::vec::IntoIter<Child>,
             pending: Option<Entry>,
         }
@@ -439,14 +441,19 @@ impl Context {
             stat: selected.stat,
             link_target,
         };
-        let excluded = self.rules.matches(&selected.path);
+        let matched = self.rules.matched(&selected.path);
+        let excluded = self.rules.excluded(&matched);
         if selected.kind != EntryKind::Dir {
             if !excluded {
                 out.push(top);
             }
             return Ok(());
         }
-        if excluded && !self.rules.may_include_below(&selected.path) {
+        if excluded
+            && !self
+                .rules
+                .may_include_below_matched(&matched, &selected.path)
+        {
             return Ok(());
         }
         let children = self.read_dir(&selected.path, &selected.stat)?;
@@ -462,6 +469,7 @@ impl Context {
         let mut stack = vec![Frame {
             path: selected.path.clone(),
             rel: Vec::new(),
+            matched,
             children: children.into_iter(),
             pending,
         }];
@@ -480,9 +488,10 @@ impl Context {
                 stat: child.stat,
                 link_target: child.link_target,
             };
-            let excluded = self.rules.matches(&entry.path);
+            let matched = self.rules.matched_child(&frame.matched, &entry.path);
+            let excluded = self.rules.excluded(&matched);
             if kind == EntryKind::Dir {
-                if excluded && !self.rules.may_include_below(&entry.path) {
+                if excluded && !self.rules.may_include_below_matched(&matched, &entry.path) {
                     continue;
                 }
                 let children = match self.read_dir(&entry.path, &entry.stat) {
@@ -502,6 +511,7 @@ impl Context {
                 stack.push(Frame {
                     path,
                     rel,
+                    matched,
                     children: children.into_iter(),
                     pending,
                 });

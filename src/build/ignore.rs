@@ -221,17 +221,49 @@ impl IgnoreRules {
     /// no exception after the line that excludes it could match anything below it. Never
     /// false when something below `dir` is included (it may be true when nothing is).
     pub fn may_include_below(&self, dir: &[u8]) -> bool {
-        if is_root(dir) {
-            return true;
-        }
-        let Some(last) = self
-            .rules
-            .iter()
-            .rposition(|r| r.matcher.matches_or_parent(dir))
-        else {
+        self.may_include_below_matched(&self.matched(dir), dir)
+    }
+
+    /// Which rules match `path` or one of its parent directories, from scratch.
+    pub fn matched(&self, path: &[u8]) -> Matched {
+        let root = is_root(path);
+        Matched(
+            self.rules
+                .iter()
+                .map(|r| !root && r.matcher.matches_or_parent(path))
+                .collect(),
+        )
+    }
+
+    /// Which rules match `path`, an entry of the directory `parent` was computed for: a rule
+    /// matches when it matched the directory (or its parents) or matches `path` itself. A walk
+    /// carries this down instead of matching every entry's parents again.
+    pub fn matched_child(&self, parent: &Matched, path: &[u8]) -> Matched {
+        Matched(
+            self.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| parent.0.get(i).copied().unwrap_or(false) || r.matcher.matches(path))
+                .collect(),
+        )
+    }
+
+    /// Whether a path with these matches is excluded: the last matching rule decides.
+    pub fn excluded(&self, matched: &Matched) -> bool {
+        self.last_matching(matched)
+            .is_some_and(|i| !self.rules[i].exception)
+    }
+
+    fn last_matching(&self, matched: &Matched) -> Option<usize> {
+        matched.0.iter().rposition(|&m| m)
+    }
+
+    /// [`IgnoreRules::may_include_below`] for a directory whose matches are known.
+    pub fn may_include_below_matched(&self, matched: &Matched, dir: &[u8]) -> bool {
+        let Some(last) = self.last_matching(matched) else {
             return true;
         };
-        if self.rules[last].exception {
+        if self.rules[last].exception || is_root(dir) {
             return true;
         }
         // Any path below `dir` matches every rule that matches `dir`, so only an exception
@@ -244,6 +276,11 @@ impl IgnoreRules {
             .any(|r| r.exception && r.matcher.may_match_with_prefix(&prefix))
     }
 }
+
+/// The rules (by index) that match a path or one of its parent directories; see
+/// [`IgnoreRules::matched_child`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matched(Vec<bool>);
 
 fn is_root(path: &[u8]) -> bool {
     path.is_empty() || path == b"."
@@ -857,6 +894,63 @@ mod tests {
                 want,
                 "patterns {patterns:?} path {path:?}"
             );
+        }
+    }
+
+    /// What a walk computes directory by directory agrees with matching each path whole.
+    #[test]
+    fn matches_carried_down_a_walk_agree() {
+        let rule_sets: &[&[&str]] = &[
+            &["a", "!a/c", "a"],
+            &["**", "!util/docker/web", "util/docker/web/foo"],
+            &["*", "!src", "src/**/*.tmp", "!src/keep.tmp"],
+            &[
+                "**/node_modules",
+                "!**/node_modules/keep",
+                "docs/",
+                "!docs/*.md",
+            ],
+            &["**.go", "!cmd/*/main.go", "[a-c]*/x?"],
+        ];
+        let paths = [
+            "a/c/d",
+            "a/b",
+            "util/docker/web/foo/bar",
+            "util/x",
+            "src/a/b.tmp",
+            "src/keep.tmp",
+            "src/x/y",
+            "web/node_modules/keep/z",
+            "web/node_modules/q",
+            "docs/a.md",
+            "docs/img/b.png",
+            "cmd/tool/main.go",
+            "cmd/tool/util.go",
+            "b/x1/y",
+        ];
+        for rules_text in rule_sets {
+            let r = rules(rules_text);
+            for path in paths {
+                let mut matched = r.matched(b"");
+                let mut at = Vec::new();
+                for comp in path.split('/') {
+                    if !at.is_empty() {
+                        at.push(b'/');
+                    }
+                    at.extend_from_slice(comp.as_bytes());
+                    matched = r.matched_child(&matched, &at);
+                    assert_eq!(
+                        r.excluded(&matched),
+                        r.matches(&at),
+                        "{rules_text:?} {path}"
+                    );
+                    assert_eq!(matched, r.matched(&at));
+                    assert_eq!(
+                        r.may_include_below_matched(&matched, &at),
+                        r.may_include_below(&at)
+                    );
+                }
+            }
         }
     }
 

@@ -12,8 +12,8 @@
 //! - `fsck`: checks of uppers and of the store; `digest`, `fsutil`: leaf helpers;
 //! - `sys`: the only module with `unsafe` and raw system calls.
 //!
-//! Dependencies flow one way: `cli` -> {`mount`, `store`, `fsck`} -> `oci` -> `union` ->
-//! `sys`.
+//! Dependencies flow one way: `cli` -> `build` -> {`mount`, `store`, `fsck`} -> `oci` ->
+//! `union` -> `sys`.
 
 pub mod build;
 pub mod cli;

@@ -42,17 +42,15 @@
 //! `COPY ../x` to `x`; layerfs refuses it, like Docker's older builder. BuildKit resolves an
 //! absolute symlink target against the context root; layerfs refuses it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::build::ignore::{self, Glob, IgnoreFileLocation, IgnoreRules, Matched};
-use crate::digest::{Digest, HashReader, Hasher};
+use crate::digest::{Digest, HashReader};
 use crate::error::{Error, Result, ShowPath};
-use crate::fsutil;
 use crate::oci::path::components;
 use crate::sys::{self, FileStat};
 
@@ -62,6 +60,13 @@ const MAX_SYMLINK_HOPS: usize = 40;
 const MAX_IGNORE_FILE: u64 = 16 << 20;
 /// Read size while hashing file content.
 const HASH_BUFFER: usize = 256 << 10;
+
+mod manifest;
+mod stat_cache;
+
+pub use manifest::{EntryDigest, Manifest, digest_manifest, explain_changes};
+use stat_cache::StatKey;
+pub use stat_cache::{RACY_WINDOW_NS, StatCache};
 
 /// The build context, opened.
 pub struct Context {
@@ -674,11 +679,7 @@ impl Context {
             .map_err(|e| Error::io(format!("read {}", shown(&entry.path)), e))?;
         let after = stat_key(reader.inner.get_ref())?;
         let digest = reader.hasher.finish();
-        cache.files_hashed += 1;
-        // A file written while it was read has no single content to remember.
-        if before == after {
-            cache.insert(after, digest);
-        }
+        cache.record(before, after, digest);
         Ok(digest)
     }
 }
@@ -770,423 +771,6 @@ fn read_ignore_file(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>>
         )));
     }
     Ok(Some(text))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Manifests and digests
-
-/// What the build cache knows of one entry of a selection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EntryDigest {
-    pub kind: EntryKind,
-    /// Permission bits (after `--chmod`).
-    pub mode: u32,
-    /// Owner in the image (after `--chown`, else 0:0).
-    pub uid: u32,
-    pub gid: u32,
-    /// Device number of a device node, else 0.
-    pub rdev: u64,
-    pub link_target: Option<Vec<u8>>,
-    /// sha256 of a regular file's content.
-    pub content: Option<Digest>,
-}
-
-/// Per-path digests of a selection, in walk order; paths are relative to the context root.
-pub type Manifest = Vec<(Vec<u8>, EntryDigest)>;
-
-/// One digest for a whole manifest: every field of every entry, length-prefixed, in order.
-pub fn digest_manifest(manifest: &[(Vec<u8>, EntryDigest)]) -> Digest {
-    fn bytes(h: &mut Hasher, b: &[u8]) {
-        h.update(&(b.len() as u64).to_be_bytes());
-        h.update(b);
-    }
-    let mut h = Hasher::default();
-    h.update(b"layerfs build context v1\0");
-    for (path, e) in manifest {
-        bytes(&mut h, path);
-        h.update(&[e.kind.tag()]);
-        h.update(&e.mode.to_be_bytes());
-        h.update(&e.uid.to_be_bytes());
-        h.update(&e.gid.to_be_bytes());
-        h.update(&e.rdev.to_be_bytes());
-        match &e.link_target {
-            Some(target) => {
-                h.update(&[1]);
-                bytes(&mut h, target);
-            }
-            None => h.update(&[0]),
-        }
-        match &e.content {
-            Some(d) => {
-                h.update(&[1]);
-                h.update(&d.0);
-            }
-            None => h.update(&[0]),
-        }
-    }
-    h.finish()
-}
-
-/// How one path differs between two manifests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Change {
-    Added,
-    Removed,
-    /// Content, type, symlink target or device number.
-    Modified,
-    ModeChanged,
-    OwnerChanged,
-}
-
-impl Change {
-    fn verb(self) -> &'static str {
-        match self {
-            Change::Added => "added",
-            Change::Removed => "removed",
-            Change::Modified => "modified",
-            Change::ModeChanged => "mode changed",
-            Change::OwnerChanged => "owner changed",
-        }
-    }
-
-    fn between(old: &EntryDigest, new: &EntryDigest) -> Option<Change> {
-        if (old.kind, &old.content, &old.link_target, old.rdev)
-            != (new.kind, &new.content, &new.link_target, new.rdev)
-        {
-            Some(Change::Modified)
-        } else if old.mode != new.mode {
-            Some(Change::ModeChanged)
-        } else if (old.uid, old.gid) != (new.uid, new.gid) {
-            Some(Change::OwnerChanged)
-        } else {
-            None
-        }
-    }
-}
-
-/// A short reason why two manifests differ, for "step N ran because ...": `src/server.js
-/// modified`, `3 files added under src/`, `2 files changed under app/`, `lib/a.js removed`.
-/// Files are counted rather than the directories that change with them; when only
-/// directories changed, they are. `None` when the manifests hold the same entries.
-pub fn explain_changes(
-    old: &[(Vec<u8>, EntryDigest)],
-    new: &[(Vec<u8>, EntryDigest)],
-) -> Option<String> {
-    let old_map: BTreeMap<&[u8], &EntryDigest> =
-        old.iter().map(|(p, e)| (p.as_slice(), e)).collect();
-    let new_map: BTreeMap<&[u8], &EntryDigest> =
-        new.iter().map(|(p, e)| (p.as_slice(), e)).collect();
-    // (path, change, is a directory)
-    let mut changes: Vec<(&[u8], Change, bool)> = Vec::new();
-    for (&path, &entry) in &new_map {
-        let change = match old_map.get(path) {
-            None => Some(Change::Added),
-            Some(before) => Change::between(before, entry),
-        };
-        if let Some(change) = change {
-            changes.push((path, change, entry.kind == EntryKind::Dir));
-        }
-    }
-    for (&path, &entry) in &old_map {
-        if !new_map.contains_key(path) {
-            changes.push((path, Change::Removed, entry.kind == EntryKind::Dir));
-        }
-    }
-    let files: Vec<_> = changes.iter().filter(|c| !c.2).collect();
-    let (counted, noun) = if files.is_empty() {
-        (changes.iter().collect::<Vec<_>>(), "directories")
-    } else {
-        (files, "files")
-    };
-    let (first, rest) = counted.split_first()?;
-    let (first_path, first_change) = (first.0, first.1);
-    if rest.is_empty() {
-        return Some(format!("{} {}", shown(first_path), first_change.verb()));
-    }
-    let verb = if rest.iter().all(|c| c.1 == first_change) {
-        first_change.verb()
-    } else {
-        "changed"
-    };
-    let mut common = split_parent(first_path).0;
-    for &&(path, _, _) in rest {
-        common = common_dir(common, split_parent(path).0);
-    }
-    let count = counted.len();
-    Some(if common.is_empty() {
-        format!("{count} {noun} {verb}")
-    } else {
-        format!("{count} {noun} {verb} under {}/", ShowPath(common))
-    })
-}
-
-/// The longest leading run of whole components two directory paths share.
-fn common_dir<'a>(a: &'a [u8], b: &[u8]) -> &'a [u8] {
-    let mut end = 0;
-    let mut i = 0;
-    while i < a.len() && i < b.len() && a[i] == b[i] {
-        i += 1;
-        if a[i - 1] == b'/' {
-            end = i - 1;
-        }
-    }
-    let a_done = i == a.len() && (i == b.len() || b[i] == b'/');
-    let b_done = i == b.len() && (i == a.len() || a[i] == b'/');
-    if a_done || b_done { &a[..i] } else { &a[..end] }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Stat cache
-
-/// Files whose timestamps are this close to the time they were hashed are not remembered: a
-/// filesystem's clock may not tick between two writes, so the next change could leave the
-/// stat as it was.
-pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
-/// Entries not used for this long are dropped when the cache is saved.
-const MAX_IDLE_SECS: u64 = 30 * 86_400;
-/// At most this many entries are saved (the most recently used).
-const MAX_ENTRIES: usize = 1 << 20;
-const CACHE_HEADER: &[u8] = b"layerfs stat cache v1\n";
-const MAX_CACHE_FILE: u64 = 256 << 20;
-
-/// What identifies a regular file's content without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct StatKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    mode: u32,
-}
-
-impl StatKey {
-    fn of(st: &FileStat) -> StatKey {
-        StatKey {
-            dev: st.dev,
-            ino: st.ino,
-            size: st.size,
-            mtime: (st.mtime.sec, st.mtime.nsec),
-            ctime: (st.ctime.sec, st.ctime.nsec),
-            mode: st.mode,
-        }
-    }
-
-    /// The later of mtime and ctime, in nanoseconds.
-    fn changed_ns(&self) -> i128 {
-        let ns = |(sec, nsec): (i64, i64)| i128::from(sec) * 1_000_000_000 + i128::from(nsec);
-        ns(self.mtime).max(ns(self.ctime))
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Cached {
-    digest: Digest,
-    /// Seconds since the epoch of the last lookup or insert.
-    last_used: u64,
-}
-
-/// Content digests of regular files keyed by their stat (see the module doc).
-#[derive(Debug)]
-pub struct StatCache {
-    entries: HashMap<StatKey, Cached>,
-    racy_window_ns: i128,
-    hits: u64,
-    files_hashed: u64,
-}
-
-impl Default for StatCache {
-    fn default() -> Self {
-        StatCache {
-            entries: HashMap::new(),
-            racy_window_ns: RACY_WINDOW_NS,
-            hits: 0,
-            files_hashed: 0,
-        }
-    }
-}
-
-fn now_ns() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0)
-}
-
-fn now_secs() -> u64 {
-    (now_ns() / 1_000_000_000) as u64
-}
-
-impl StatCache {
-    pub fn new() -> StatCache {
-        StatCache::default()
-    }
-
-    /// Load `dir/name`. A missing, unreadable or corrupt file gives an empty cache: the cache
-    /// only saves work, it never decides anything.
-    pub fn load(dir: BorrowedFd<'_>, name: &[u8]) -> StatCache {
-        match fsutil::read_small(dir, name, MAX_CACHE_FILE) {
-            Ok(bytes) => StatCache::from_bytes(&bytes).unwrap_or_else(|| {
-                log::warn!("stat cache {} is corrupt; starting empty", ShowPath(name));
-                StatCache::default()
-            }),
-            Err(e) if is_errno(&e, libc::ENOENT) => StatCache::default(),
-            Err(e) => {
-                log::warn!("stat cache {}: {e}; starting empty", ShowPath(name));
-                StatCache::default()
-            }
-        }
-    }
-
-    /// [`StatCache::load`] by path.
-    pub fn load_file(path: &Path) -> StatCache {
-        match open_parent(path) {
-            Ok((dir, name)) => StatCache::load(dir.as_fd(), name),
-            Err(_) => StatCache::default(),
-        }
-    }
-
-    /// Write the cache to `dir/name` atomically (temporary file, fsync, rename, fsync of the
-    /// directory), dropping entries unused for 30 days.
-    pub fn save(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
-        fsutil::write_atomic(dir, name, &self.to_bytes(), 0o600)
-            .map_err(|e| Error::io(format!("write stat cache {}", ShowPath(name)), e))
-    }
-
-    /// [`StatCache::save`] by path.
-    pub fn save_file(&self, path: &Path) -> Result<()> {
-        let (dir, name) = open_parent(path)?;
-        self.save(dir.as_fd(), name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Files whose digest came from the cache since it was loaded.
-    pub fn hits(&self) -> u64 {
-        self.hits
-    }
-
-    /// Files read and hashed since the cache was loaded.
-    pub fn files_hashed(&self) -> u64 {
-        self.files_hashed
-    }
-
-    fn lookup(&mut self, key: &StatKey) -> Option<Digest> {
-        let entry = self.entries.get_mut(key)?;
-        entry.last_used = now_secs();
-        self.hits += 1;
-        Some(entry.digest)
-    }
-
-    fn insert(&mut self, key: StatKey, digest: Digest) {
-        let now = now_ns();
-        if key.changed_ns() > now - self.racy_window_ns {
-            return;
-        }
-        let last_used = (now / 1_000_000_000) as u64;
-        self.entries.insert(key, Cached { digest, last_used });
-    }
-
-    /// The file format, one entry a line, then a checksum line over everything before it:
-    ///
-    /// ```text
-    /// layerfs stat cache v1
-    /// <dev> <ino> <size> <mtime s> <mtime ns> <ctime s> <ctime ns> <mode> <last used> <sha256 hex>
-    /// end <sha256 hex of the lines above>
-    /// ```
-    fn to_bytes(&self) -> Vec<u8> {
-        let oldest = now_secs().saturating_sub(MAX_IDLE_SECS);
-        let mut keep: Vec<(&StatKey, &Cached)> = self
-            .entries
-            .iter()
-            .filter(|(_, c)| c.last_used >= oldest)
-            .collect();
-        if keep.len() > MAX_ENTRIES {
-            keep.sort_by_key(|(_, cached)| std::cmp::Reverse(cached.last_used));
-            keep.truncate(MAX_ENTRIES);
-        }
-        keep.sort_by(|a, b| a.0.cmp(b.0));
-        let mut out = CACHE_HEADER.to_vec();
-        for (k, c) in keep {
-            out.extend_from_slice(
-                format!(
-                    "{} {} {} {} {} {} {} {} {} {}\n",
-                    k.dev,
-                    k.ino,
-                    k.size,
-                    k.mtime.0,
-                    k.mtime.1,
-                    k.ctime.0,
-                    k.ctime.1,
-                    k.mode,
-                    c.last_used,
-                    c.digest.hex()
-                )
-                .as_bytes(),
-            );
-        }
-        let sum = Digest::of(&out);
-        out.extend_from_slice(format!("end {}\n", sum.hex()).as_bytes());
-        out
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Option<StatCache> {
-        let body_len = bytes
-            .strip_suffix(b"\n")?
-            .iter()
-            .rposition(|&b| b == b'\n')?
-            + 1;
-        let (body, trailer) = bytes.split_at(body_len);
-        let sum = std::str::from_utf8(trailer)
-            .ok()?
-            .strip_prefix("end ")?
-            .trim_end();
-        if Digest::from_hex(sum)? != Digest::of(body) {
-            return None;
-        }
-        let text = std::str::from_utf8(body.strip_prefix(CACHE_HEADER)?).ok()?;
-        let mut cache = StatCache::default();
-        for line in text.lines() {
-            let f: Vec<&str> = line.split(' ').collect();
-            let [dev, ino, size, ms, mns, cs, cns, mode, used, hex] = f[..] else {
-                return None;
-            };
-            let key = StatKey {
-                dev: dev.parse().ok()?,
-                ino: ino.parse().ok()?,
-                size: size.parse().ok()?,
-                mtime: (ms.parse().ok()?, mns.parse().ok()?),
-                ctime: (cs.parse().ok()?, cns.parse().ok()?),
-                mode: mode.parse().ok()?,
-            };
-            let cached = Cached {
-                digest: Digest::from_hex(hex)?,
-                last_used: used.parse().ok()?,
-            };
-            cache.entries.insert(key, cached);
-        }
-        Some(cache)
-    }
-}
-
-/// The parent directory of `path`, opened, and the file name in it.
-fn open_parent(path: &Path) -> Result<(OwnedFd, &[u8])> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{}: not a file path", crate::error::show(path))))?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let dir = sys::open_dir_path(parent)
-        .map_err(|e| Error::io(format!("open {}", crate::error::show(parent)), e))?;
-    Ok((dir, name.as_bytes()))
 }
 
 #[cfg(test)]
@@ -1447,7 +1031,7 @@ mod tests {
     fn sockets_are_skipped_and_names_are_bytes() {
         let t = sample();
         let _listener = std::os::unix::net::UnixListener::bind(t.path("sock")).unwrap();
-        let odd = std::ffi::OsStr::from_bytes(b"odd\xff");
+        let odd = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"odd\xff");
         std::fs::write(t.dir.path().join(odd), "o").unwrap();
         let ctx = t.context("");
         let paths: Vec<Vec<u8>> = ctx
@@ -1462,10 +1046,7 @@ mod tests {
     }
 
     fn cache() -> StatCache {
-        StatCache {
-            racy_window_ns: 0,
-            ..StatCache::default()
-        }
+        StatCache::new().trusting_fresh_files()
     }
 
     fn digest(ctx: &Context, src: &str) -> Digest {
@@ -1570,8 +1151,7 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let path = store.path().join("stat-cache");
         c.save_file(&path).unwrap();
-        let mut loaded = StatCache::load_file(&path);
-        loaded.racy_window_ns = 0;
+        let mut loaded = StatCache::load_file(&path).trusting_fresh_files();
         assert_eq!(loaded.len(), 5);
         t.file("sub/d.txt", "changed");
         let third = ctx.manifest(&sel, None, None, &mut loaded).unwrap();
@@ -1591,40 +1171,6 @@ mod tests {
         ctx.manifest(&sel, None, None, &mut c).unwrap();
         ctx.manifest(&sel, None, None, &mut c).unwrap();
         assert_eq!((c.files_hashed(), c.hits(), c.len()), (10, 0, 0));
-    }
-
-    #[test]
-    fn corrupt_stat_cache_files_load_empty() {
-        let t = sample();
-        let ctx = t.context("");
-        let sel = ctx.select(b".").unwrap();
-        let mut c = cache();
-        ctx.manifest(&sel, None, None, &mut c).unwrap();
-        let good = c.to_bytes();
-        assert_eq!(StatCache::from_bytes(&good).map(|c| c.len()), Some(5));
-        let mut flipped = good.clone();
-        flipped[CACHE_HEADER.len() + 2] ^= 1;
-        let mut bad_header = good.clone();
-        bad_header[0] = b'X';
-        for bytes in [
-            &b""[..],
-            b"garbage",
-            b"\n\n\n",
-            &good[..good.len() - 10],
-            &good[..good.len() / 2],
-            &flipped,
-            &bad_header,
-        ] {
-            assert!(StatCache::from_bytes(bytes).is_none(), "{}", text(bytes));
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cache");
-        std::fs::write(&path, &flipped).unwrap();
-        assert!(StatCache::load_file(&path).is_empty());
-        assert!(StatCache::load_file(&dir.path().join("missing")).is_empty());
-        // Saving replaces the corrupt file with a good one.
-        c.save_file(&path).unwrap();
-        assert_eq!(StatCache::load_file(&path).len(), 5);
     }
 
     #[test]
@@ -1685,130 +1231,5 @@ mod tests {
         // The rules may hide the Containerfile from COPY; the builder still reads it.
         let ctx = t.context("build\n");
         assert!(ctx.select(b"build/app.Containerfile").is_err());
-    }
-
-    #[test]
-    fn explain_changes_table() {
-        fn file(content: &str) -> EntryDigest {
-            EntryDigest {
-                kind: EntryKind::File,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                link_target: None,
-                content: Some(Digest::of(content.as_bytes())),
-            }
-        }
-        fn dir() -> EntryDigest {
-            EntryDigest {
-                kind: EntryKind::Dir,
-                mode: 0o755,
-                content: None,
-                ..file("")
-            }
-        }
-        fn m(entries: &[(&str, EntryDigest)]) -> Manifest {
-            entries
-                .iter()
-                .map(|(p, e)| (p.as_bytes().to_vec(), e.clone()))
-                .collect()
-        }
-        let base = m(&[
-            ("", dir()),
-            ("app", dir()),
-            ("app/main.js", file("1")),
-            ("app/util.js", file("2")),
-            ("lib", dir()),
-            ("lib/a.js", file("3")),
-            ("src", dir()),
-            ("src/server.js", file("4")),
-        ]);
-        let with = |changes: &[(&str, Option<EntryDigest>)]| {
-            let mut out = base.clone();
-            for (path, entry) in changes {
-                out.retain(|(p, _)| p != path.as_bytes());
-                if let Some(e) = entry {
-                    out.push((path.as_bytes().to_vec(), e.clone()));
-                }
-            }
-            out
-        };
-        let executable = EntryDigest {
-            mode: 0o755,
-            ..file("4")
-        };
-        let link = EntryDigest {
-            kind: EntryKind::Symlink,
-            link_target: Some(b"x".to_vec()),
-            content: None,
-            ..file("")
-        };
-        let cases: Vec<(Manifest, Option<&str>)> = vec![
-            (base.clone(), None),
-            (
-                with(&[("src/server.js", Some(file("5")))]),
-                Some("src/server.js modified"),
-            ),
-            (with(&[("lib/a.js", None)]), Some("lib/a.js removed")),
-            (
-                with(&[
-                    ("src/a.js", Some(file("a"))),
-                    ("src/b/c.js", Some(file("b"))),
-                    ("src/b", Some(dir())),
-                    ("src/d.js", Some(file("d"))),
-                ]),
-                Some("3 files added under src/"),
-            ),
-            (
-                with(&[
-                    ("app/main.js", Some(file("9"))),
-                    ("app/new.js", Some(file("n"))),
-                ]),
-                Some("2 files changed under app/"),
-            ),
-            (
-                with(&[
-                    ("app/main.js", Some(file("9"))),
-                    ("lib/a.js", Some(file("9"))),
-                ]),
-                Some("2 files modified"),
-            ),
-            (
-                with(&[("src/server.js", Some(executable))]),
-                Some("src/server.js mode changed"),
-            ),
-            (with(&[("lib/a.js", Some(link))]), Some("lib/a.js modified")),
-            (
-                with(&[("src/new", Some(dir())), ("src/new/a.js", Some(file("a")))]),
-                Some("src/new/a.js added"),
-            ),
-            (with(&[("cache", Some(dir()))]), Some("cache added")),
-            (
-                with(&[("lib/x", Some(dir())), ("lib/y", Some(dir()))]),
-                Some("2 directories added under lib/"),
-            ),
-            (
-                with(&[(
-                    "",
-                    Some(EntryDigest {
-                        mode: 0o700,
-                        ..dir()
-                    }),
-                )]),
-                Some(". mode changed"),
-            ),
-            (
-                with(&[("app", None), ("app/main.js", None), ("app/util.js", None)]),
-                Some("2 files removed under app/"),
-            ),
-        ];
-        for (new, want) in cases {
-            assert_eq!(explain_changes(&base, &new).as_deref(), want, "{new:?}");
-        }
-        assert_eq!(
-            explain_changes(&[], &base).as_deref(),
-            Some("4 files added")
-        );
     }
 }

@@ -4,6 +4,7 @@
 //! The map, one job per folder:
 //!
 //! - `cli/`: the command line, one file per family of commands;
+//! - `build/`: `layerfs build` (Containerfile parsing, the build context and its ignore rules);
 //! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);
 //! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
 //! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression);
@@ -11,9 +12,10 @@
 //! - `fsck`: checks of uppers and of the store; `digest`, `fsutil`: leaf helpers;
 //! - `sys`: the only module with `unsafe` and raw system calls.
 //!
-//! Dependencies flow one way: `cli` -> {`mount`, `store`, `fsck`} -> `oci` -> `union` ->
-//! `sys`.
+//! Dependencies flow one way: `cli` -> `build` -> {`mount`, `store`, `fsck`} -> `oci` ->
+//! `union` -> `sys`.
 
+pub mod build;
 pub mod cli;
 pub mod digest;
 pub mod error;

@@ -1462,6 +1462,28 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// Resource limits the run module passes on to containers (`RLIMIT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rlimit {
+    Nofile,
+    Nproc,
+}
+
+/// `getrlimit`: the (soft, hard) limits of this process; `u64::MAX` stands for unlimited.
+pub fn getrlimit(which: Rlimit) -> io::Result<(u64, u64)> {
+    let resource = match which {
+        Rlimit::Nofile => libc::RLIMIT_NOFILE,
+        Rlimit::Nproc => libc::RLIMIT_NPROC,
+    };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer to an rlimit.
+    cvt(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
 /// Supplementary groups of another process, read from `/proc/PID/status`.
 pub fn process_groups(pid: u32) -> Vec<u32> {
     let Ok(status) = std::fs::read(format!("/proc/{pid}/status")) else {

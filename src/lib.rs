@@ -5,6 +5,8 @@
 //!
 //! - `cli/`: the command line, one file per family of commands;
 //! - `build/`: `layerfs build` (Containerfile parsing, the build context and its ignore rules);
+//! - `run/`: running a command in a rootfs through an OCI runtime (runc/crun), for build and
+//!   run;
 //! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);
 //! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
 //! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression);
@@ -12,7 +14,7 @@
 //! - `fsck`: checks of uppers and of the store; `digest`, `fsutil`: leaf helpers;
 //! - `sys`: the only module with `unsafe` and raw system calls.
 //!
-//! Dependencies flow one way: `cli` -> `build` -> {`mount`, `store`, `fsck`} -> `oci` ->
+//! Dependencies flow one way: `cli` -> `build` -> {`mount`, `run`, `store`, `fsck`} -> `oci` ->
 //! `union` -> `sys`.
 
 pub mod build;
@@ -23,6 +25,7 @@ pub mod fsck;
 pub mod fsutil;
 pub mod mount;
 pub mod oci;
+pub mod run;
 pub mod store;
 pub mod sys;
 pub mod union;

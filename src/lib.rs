@@ -14,6 +14,7 @@
 //! Dependencies flow one way: `cli` -> {`mount`, `store`, `fsck`} -> `oci` -> `union` ->
 //! `sys`.
 
+pub mod build;
 pub mod cli;
 pub mod digest;
 pub mod error;

@@ -1062,6 +1062,21 @@ mod tests {
         }
     }
 
+    fn run(command: CommandLine) -> Instruction {
+        Instruction::Run(Run {
+            command,
+            ..Default::default()
+        })
+    }
+
+    fn copy(sources: Vec<String>, dest: String) -> Instruction {
+        Instruction::Copy(Copy {
+            sources,
+            dest,
+            ..Default::default()
+        })
+    }
+
     fn instr(text: &str) -> Result<Instruction, String> {
         match parse_instruction(text, '\\')? {
             Parsed::Instruction(i) => Ok(i),
@@ -1085,41 +1100,11 @@ mod tests {
     #[test]
     fn instruction_table() {
         let cases: Vec<(&str, Instruction)> = vec![
-            (
-                "RUN echo hi",
-                Instruction::Run(Run {
-                    command: sh("echo hi"),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "run  echo   hi ",
-                Instruction::Run(Run {
-                    command: sh("echo   hi"),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "RUN [\"ls\", \"-la\"]",
-                Instruction::Run(Run {
-                    command: exec(&["ls", "-la"]),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "RUN [\"echo\", \"'1234'\"]",
-                Instruction::Run(Run {
-                    command: exec(&["echo", "'1234'"]),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "RUN ['a', 'b']",
-                Instruction::Run(Run {
-                    command: sh("['a', 'b']"),
-                    ..Default::default()
-                }),
-            ),
+            ("RUN echo hi", run(sh("echo hi"))),
+            ("run  echo   hi ", run(sh("echo   hi"))),
+            ("RUN [\"ls\", \"-la\"]", run(exec(&["ls", "-la"]))),
+            ("RUN [\"echo\", \"'1234'\"]", run(exec(&["echo", "'1234'"]))),
+            ("RUN ['a', 'b']", run(sh("['a', 'b']"))),
             (
                 "RUN --network=none --security=insecure --mount=type=cache,target=/root/.cache,ro --mount=type=secret,id=x \"--device=a b\" make",
                 Instruction::Run(Run {
@@ -1174,30 +1159,9 @@ mod tests {
                 "SHELL [\"powershell\", \"-command\"]",
                 Instruction::Shell(v(&["powershell", "-command"])),
             ),
-            (
-                "COPY . /app",
-                Instruction::Copy(Copy {
-                    sources: v(&["."]),
-                    dest: s("/app"),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "COPY\t.\t/go/src",
-                Instruction::Copy(Copy {
-                    sources: v(&["."]),
-                    dest: s("/go/src"),
-                    ..Default::default()
-                }),
-            ),
-            (
-                "COPY a b c /dst/",
-                Instruction::Copy(Copy {
-                    sources: v(&["a", "b", "c"]),
-                    dest: s("/dst/"),
-                    ..Default::default()
-                }),
-            ),
+            ("COPY . /app", copy(v(&["."]), s("/app"))),
+            ("COPY\t.\t/go/src", copy(v(&["."]), s("/go/src"))),
+            ("COPY a b c /dst/", copy(v(&["a", "b", "c"]), s("/dst/"))),
             (
                 "COPY [\"test file\", \"/tmp/a b\"]",
                 Instruction::Copy(Copy {
@@ -1207,14 +1171,7 @@ mod tests {
                     ..Default::default()
                 }),
             ),
-            (
-                "COPY \"a b\" /c",
-                Instruction::Copy(Copy {
-                    sources: v(&["\"a", "b\""]),
-                    dest: s("/c"),
-                    ..Default::default()
-                }),
-            ),
+            ("COPY \"a b\" /c", copy(v(&["\"a", "b\""]), s("/c"))),
             (
                 "COPY --from=build --chown=app:app --chmod=0755 --link --parents --exclude=*.md --exclude=x /out/bin /usr/bin/",
                 Instruction::Copy(Copy {
@@ -1229,14 +1186,7 @@ mod tests {
                     json: false,
                 }),
             ),
-            (
-                "COPY --link=false a b",
-                Instruction::Copy(Copy {
-                    sources: v(&["a"]),
-                    dest: s("b"),
-                    ..Default::default()
-                }),
-            ),
+            ("COPY --link=false a b", copy(v(&["a"]), s("b"))),
             (
                 "COPY --link=TRUE a b",
                 Instruction::Copy(Copy {
@@ -1424,10 +1374,7 @@ mod tests {
                 "ONBUILD RUN [\"echo\", \"test\"]",
                 Instruction::Onbuild(Onbuild {
                     expression: s("RUN [\"echo\", \"test\"]"),
-                    instruction: Box::new(Instruction::Run(Run {
-                        command: exec(&["echo", "test"]),
-                        ..Default::default()
-                    })),
+                    instruction: Box::new(run(exec(&["echo", "test"]))),
                 }),
             ),
             (

@@ -337,6 +337,23 @@ mod tests {
         );
     }
 
+    /// The layout of BuildKit's `testfile-line` case: blank lines, comments and blank lines
+    /// inside a continuation do not shift the line numbers.
+    #[test]
+    fn line_numbers_survive_blank_lines() {
+        let mut text = String::from("# ESCAPE=\\\n\n\n\nFROM ubuntu\n\n\n# a comment\n\n\n");
+        text.push_str("ENV GOPATH \\\n/go\n\n\n\n# comment\n");
+        text.push_str("RUN apt-get update \\\n\t&& a \\\n\n\n    && b \\\n");
+        for _ in 0..4 {
+            text.push_str("\t&& c \\\n\n");
+        }
+        text.push_str("\t&& d \\\n\t&& e \\\n\t&& f \\\n\t&& g\n\n\n");
+        let df = parse(text.as_bytes()).unwrap();
+        let lines: Vec<usize> = lines_of(&df).iter().map(|(n, _)| *n).collect();
+        assert_eq!(lines, vec![5, 11, 17]);
+        assert_eq!(df.stages[0].instructions[0].text, "ENV GOPATH /go");
+    }
+
     #[test]
     fn windows_style_backtick_file() {
         let text = "# escape=`\r\n\r\nFROM mcr.microsoft.com/windows/servercore\r\n\

@@ -161,7 +161,7 @@ declare -A SHORT=([fuse-overlayfs]=fo [layerfs]=lf)
 
 # every podman/buildah call gets a time limit, so that a hung mount cannot hang the test
 TMO=${PODMAN_TEST_TIMEOUT:-240}
-D="" DRV="" UENV=() CUR_CHECK=""
+D="" DRV="" UENV=() ASU=() CUR_CHECK=""
 use_driver() { # use_driver NAME: the storage, configs and environment of that driver's runs
   DRV=$1; D="$T/${SHORT[$1]}"
   UENV=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME="$D/home"
@@ -169,12 +169,11 @@ use_driver() { # use_driver NAME: the storage, configs and environment of that d
     XDG_CONFIG_HOME="$D/home/.config" XDG_DATA_HOME="$D/home/.local/share" TMPDIR="$D/tmp"
     CONTAINERS_STORAGE_CONF="$D/home/.config/containers/storage.conf" CONTAINERS_CONF="$D/etc/containers.conf"
     CONTAINERS_REGISTRIES_CONF="$D/etc/registries.conf" REGISTRY_AUTH_FILE="$D/etc/auth.json")
+  # as the user, in that environment only (the mount-program shim logs LFPT_CHECK)
+  ASU=(setpriv --reuid="$U" --regid="$G" --init-groups -- env -i "${UENV[@]}")
 }
-asu() { # asu CMD...: CMD as the user, in the current driver's environment
-  setpriv --reuid="$U" --regid="$G" --init-groups -- env -i "${UENV[@]}" LFPT_CHECK="$CUR_CHECK" "$@"
-}
-pm() { timeout -k 10 "$TMO" setpriv --reuid="$U" --regid="$G" --init-groups -- env -i "${UENV[@]}" LFPT_CHECK="$CUR_CHECK" podman "$@"; }
-bh() { timeout -k 10 "$((TMO * 3))" setpriv --reuid="$U" --regid="$G" --init-groups -- env -i "${UENV[@]}" LFPT_CHECK="$CUR_CHECK" buildah "$@"; }
+pm() { timeout -k 10 "$TMO" "${ASU[@]}" LFPT_CHECK="$CUR_CHECK" podman "$@"; }
+bh() { timeout -k 10 "$((TMO * 3))" "${ASU[@]}" LFPT_CHECK="$CUR_CHECK" buildah "$@"; }
 RUN=(run --pull=never --network=none)
 
 setup_driver() { # the user's directories and configs for one mount program
@@ -243,15 +242,15 @@ cleanup() {
   local rc=$? m p left="" drv
   trap - EXIT INT TERM
   set +e
-  CUR_CHECK=cleanup
+  CUR_CHECK=cleanup TMO=60
   for drv in "${DONE_DRIVERS[@]}"; do
     use_driver "$drv"
     if [ "$KEEP" != 1 ]; then
-      timeout 60 pm rm -a -f -t 0 >/dev/null 2>&1
-      timeout 60 pm unshare podman image umount -a -f >/dev/null 2>&1
-      timeout 120 pm system reset -f >/dev/null 2>&1
+      pm rm -a -f -t 0 >/dev/null 2>&1
+      pm unshare podman image umount -a -f >/dev/null 2>&1
+      pm system reset -f >/dev/null 2>&1
     else
-      timeout 60 pm stop -a -t 0 >/dev/null 2>&1
+      pm stop -a -t 0 >/dev/null 2>&1
     fi
   done
   # wait for what podman left running (the rootless pause process, conmon's "container cleanup",
@@ -623,7 +622,11 @@ echo "podman-test --rootless: drivers: ${DRIVERS[*]}; user $USER_NAME ($U:$G, su
 echo "podman $(podman --version | awk '{print $3}'), buildah $(buildah --version | awk '{print $3}'), $(runc --version | head -1), fuse-overlayfs $(/usr/bin/fuse-overlayfs --version 2>/dev/null | sed -n 's/^fuse-overlayfs: version //p')${LAYERFS:+, layerfs $LAYERFS}"
 echo "/dev/fuse: mode $FUSE_MODE on the host, 0666 in the test's namespace"
 START=$(date +%s)
-make_base
+if ! (set -e; make_base) >"$LOG/base.log" 2>&1; then
+  echo "FAIL base-image (making the busybox image)"; tail -n 15 "$LOG/base.log" | sed 's/^/    | /'
+  echo "0 passed, 1 failed"
+  exit 1
+fi
 CHECKS=(run:c_run keep-id:c_keep_id uidmap:c_uidmap commit-diff:c_commit_diff image-mount:c_image_mount
   build-cache:c_build no-mounts-left:c_no_mounts_left)
 for drv in "${DRIVERS[@]}"; do

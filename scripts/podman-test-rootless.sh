@@ -112,6 +112,7 @@ fi
 # ---------------------------------------------------------------- isolated set-up
 T=$(mktemp -d /tmp/lfpr.XXXX)
 chmod 755 "$T"
+trap 'rm -rf --one-file-system "$T"' EXIT # until the full clean-up below is armed
 for d in etc var run; do
   mkdir -p "$T/ns/$d/u" "$T/ns/$d/w"
   mount -t overlay overlay -o "lowerdir=/$d,upperdir=$T/ns/$d/u,workdir=$T/ns/$d/w" "/$d" ||

@@ -3,12 +3,18 @@
 # real tools (podman, buildah, runc), on an isolated storage root and config, offline.
 #
 #   scripts/podman-test.sh [--driver layerfs|kernel|fuse-overlayfs] [--layerfs PATH] [--keep]
+#   scripts/podman-test.sh --rootless [--driver layerfs|fuse-overlayfs] [--layerfs PATH] [--keep]
 #
 #   --driver layerfs         mount_program = layerfs (default: `cargo build --release` of this
 #                            repo, unless --layerfs PATH names a binary)
 #   --driver fuse-overlayfs  mount_program = /usr/bin/fuse-overlayfs (a second reference)
 #   --driver kernel          the kernel overlay driver, no mount program (the oracle)
 #   --keep                   keep the temp dir (logs, configs, unmounted storage) for a post-mortem
+#   --mountopt OPTS          more mount options for every mount (storage.conf mountopt), e.g.
+#                            io_uring=off to serve layerfs over /dev/fuse
+#   --rootless               podman and buildah run by an unprivileged user it creates, with
+#                            fuse-overlayfs and then layerfs as mount program, results compared
+#                            (scripts/podman-test-rootless.sh: see there)
 #
 # Needs root. Installs podman, buildah, runc, skopeo, busybox-static (and fuse3/fuse-overlayfs)
 # with apt-get when missing. Never touches /etc, /var/lib/containers or the host's default storage:
@@ -23,8 +29,12 @@ set -uo pipefail
 DRIVER=layerfs
 LAYERFS=""
 KEEP=0
+MOUNTOPT_EXTRA=""
 ORIG_ARGS=("$@")
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+for a in "$@"; do
+  [ "$a" = --rootless ] && exec bash "$(dirname "$0")/podman-test-rootless.sh" "$@"
+done
 while [ $# -gt 0 ]; do
   case "$1" in
     --driver) DRIVER="${2:-}"; shift 2 ;;
@@ -32,6 +42,8 @@ while [ $# -gt 0 ]; do
     --layerfs) LAYERFS="${2:-}"; shift 2 ;;
     --layerfs=*) LAYERFS="${1#*=}"; shift ;;
     --keep) KEEP=1; shift ;;
+    --mountopt) MOUNTOPT_EXTRA="${2:-}"; shift 2 ;;
+    --mountopt=*) MOUNTOPT_EXTRA="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "podman-test: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -127,7 +139,7 @@ fi
   echo '[storage.options]'
   echo 'additionalimagestores = []'
   echo '[storage.options.overlay]'
-  echo 'mountopt = "nodev"'
+  echo "mountopt = \"nodev${MOUNTOPT_EXTRA:+,$MOUNTOPT_EXTRA}\""
   [ -n "$MP_REAL" ] && echo "mount_program = \"$T/mp\""
 } >"$CONTAINERS_STORAGE_CONF"
 

@@ -216,12 +216,22 @@ pub fn add_layer(
         Some(h) => h.push(entry),
         None => return Err(Error::invalid("parent image config has a bad history")),
     }
-    let config_bytes = model::to_bytes(&config);
-    let config_digest = put_blob(store, staging, &config_bytes)?;
     let mut layers = parent
         .map(|p| p.manifest.layers.clone())
         .unwrap_or_default();
     layers.push(layer.blob.clone());
+    write_image(store, staging, &model::to_bytes(&config), layers)
+}
+
+/// Store an image config and a manifest listing `layers` (bottom first); returns the
+/// manifest's descriptor (not yet named).
+pub fn write_image(
+    store: &Store,
+    staging: &Staging<'_>,
+    config_bytes: &[u8],
+    layers: Vec<Descriptor>,
+) -> Result<Descriptor> {
+    let config_digest = put_blob(store, staging, config_bytes)?;
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(model::MT_MANIFEST.to_string()),

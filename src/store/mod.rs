@@ -10,6 +10,10 @@
 //! $ROOT/containers/<name>/       upper/, work/ and `image` (what the container was made from)
 //! $ROOT/mounts/<id>.json         leases of live mounts (layers in use), flock-held by the daemon
 //! $ROOT/tmp/<id>/                staging of one running command, flock-held while it runs
+//! $ROOT/cache/entries/<key>.json build cache entries: step key -> layer, config, history
+//! $ROOT/cache/builds/<id>.json   the last build of each Containerfile and target (explains misses)
+//! $ROOT/cache/manifests/<hex>    COPY source listings those records name
+//! $ROOT/cache/stat/<hex>         stat caches of build contexts (stat -> content digest)
 //! $ROOT/lock                     the store lock
 //! ```
 //!
@@ -22,7 +26,8 @@
 //!   step of writers (renames, index update) and by `gc`. Slow work (extraction, compression)
 //!   runs under the staging directory's own lock only, which `gc` respects.
 //! * `gc` keeps every blob and layer an image references, every layer a container dir was
-//!   created from, and every layer of a live mount lease.
+//!   created from, every layer of a live mount lease, and every layer a build cache entry
+//!   refers to (`layerfs cache prune` drops entries).
 //! * All access below `$ROOT` goes through directory fds with `openat2`/`*_at` calls that never
 //!   follow symlinks; blob and layer names come from parsed sha256 digests only.
 
@@ -34,6 +39,7 @@ pub mod ops;
 pub mod time;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -51,6 +57,11 @@ const DIRS: &[(&[u8], u32)] = &[
     (b"containers", 0o700),
     (b"mounts", 0o700),
     (b"tmp", 0o700),
+    (b"cache", 0o700),
+    (b"cache/entries", 0o700),
+    (b"cache/builds", 0o700),
+    (b"cache/manifests", 0o700),
+    (b"cache/stat", 0o700),
 ];
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -240,6 +251,14 @@ pub struct Staging<'s> {
 impl Staging<'_> {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The staging directory's path, for what takes paths (a mount's upper and work).
+    pub fn path(&self) -> PathBuf {
+        self.store
+            .root
+            .join("tmp")
+            .join(std::ffi::OsStr::from_bytes(&self.name))
     }
 
     /// Flush everything staged so far to disk (before publishing).

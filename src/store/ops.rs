@@ -517,29 +517,16 @@ pub struct Committed {
     pub new_layer: bool,
 }
 
-/// `layerfs commit`: diff `upper`, store the blob, extract the same tar as the layer directory
-/// (in parallel, through a pipe: extraction from the produced tar guarantees the layer
-/// directory is exactly what the blob says), write config and manifest, and tag `name`.
-#[allow(clippy::too_many_arguments)]
-pub fn commit(
-    store: &Store,
+/// Diff `upper` into `staging`: the blob (compressed with `codec`) as `STAGED_BLOB` and the
+/// same tar extracted as `STAGED_LAYER` (in parallel, through a pipe: extraction from the
+/// produced tar guarantees the layer directory is exactly what the blob says), synced.
+fn stage_upper(
+    staging: &Staging<'_>,
     upper: &Path,
-    from: Option<&str>,
-    name: &str,
-    message: Option<&str>,
-    compression: Codec,
+    codec: Codec,
     opts: export::Options,
     progress: &dyn Fn(u64),
-) -> Result<Committed> {
-    super::validate_name(name)?;
-    let parent_digest = match from {
-        Some(f) => {
-            let _lock = store.lock(LockKind::Shared)?;
-            Some(images::resolve(store, f)?.manifest_digest)
-        }
-        None => None,
-    };
-    let staging = store.staging()?;
+) -> Result<(Diffed, import::Stats)> {
     sys::mkdir_at(staging.fd(), layers::STAGED_LAYER, 0o755)
         .map_err(|e| Error::io("staging the layer", e))?;
     let layer_fd = sys::open_at(
@@ -562,12 +549,103 @@ pub fn commit(
         dir: layer_fd,
         formats,
     };
-    let (diffed, blob, stats) = pipeline(upper, compression, blob, Some(to), opts, progress)?;
+    let (diffed, blob, stats) = pipeline(upper, codec, blob, Some(to), opts, progress)?;
     blob.into_inner()
         .map_err(|e| Error::io("writing the blob", e.into_error()))?;
     let stats = stats.unwrap_or_default();
-    log::debug!("commit extracted {} entries", stats.entries);
+    log::debug!("extracted {} entries", stats.entries);
     staging.sync()?;
+    Ok((diffed, stats))
+}
+
+/// Publish what [`stage_upper`] staged: the blob and the layer directory. Under the exclusive
+/// lock. Returns the layer and whether it was new to the store.
+fn publish_staged_upper(
+    store: &Store,
+    staging: &Staging<'_>,
+    diffed: &Diffed,
+    stats: import::Stats,
+    codec: Codec,
+) -> Result<(StagedLayer, bool)> {
+    store.publish(
+        staging,
+        layers::STAGED_BLOB,
+        b"blobs/sha256",
+        diffed.blob.hex().as_bytes(),
+    )?;
+    let new_layer = layers::publish_tree(
+        store,
+        staging,
+        layers::STAGED_LAYER,
+        &diffed.diff_id,
+        diffed.stats.tar_bytes,
+    )?;
+    let staged = StagedLayer {
+        diff_id: diffed.diff_id,
+        tar_size: diffed.stats.tar_bytes,
+        blob: Descriptor::new(codec.kind.media_type(), diffed.blob, diffed.blob_size),
+        stats,
+    };
+    Ok((staged, new_layer))
+}
+
+/// A layer made from an upper directory and published in the store; no image names it yet
+/// (`gc` removes it unless an image, a container or a build cache entry refers to it).
+#[derive(Clone, Debug)]
+pub struct PublishedLayer {
+    pub diff_id: Digest,
+    /// The blob as the manifest lists it.
+    pub blob: Descriptor,
+    /// Uncompressed tar size.
+    pub tar_size: u64,
+    /// Not stored before.
+    pub new: bool,
+}
+
+/// Diff `upper` into a layer and publish its blob and directory (what `build` does with the
+/// upper of each step).
+pub fn layer_from_upper(
+    store: &Store,
+    upper: &Path,
+    codec: Codec,
+    opts: export::Options,
+    progress: &dyn Fn(u64),
+) -> Result<PublishedLayer> {
+    let staging = store.staging()?;
+    let (diffed, stats) = stage_upper(&staging, upper, codec, opts, progress)?;
+    let _lock = store.lock(LockKind::Exclusive)?;
+    let (staged, new) = publish_staged_upper(store, &staging, &diffed, stats, codec)?;
+    Ok(PublishedLayer {
+        diff_id: staged.diff_id,
+        blob: staged.blob,
+        tar_size: staged.tar_size,
+        new,
+    })
+}
+
+/// `layerfs commit`: diff `upper` into a layer ([`stage_upper`]), write config and manifest,
+/// and tag `name`.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    store: &Store,
+    upper: &Path,
+    from: Option<&str>,
+    name: &str,
+    message: Option<&str>,
+    compression: Codec,
+    opts: export::Options,
+    progress: &dyn Fn(u64),
+) -> Result<Committed> {
+    super::validate_name(name)?;
+    let parent_digest = match from {
+        Some(f) => {
+            let _lock = store.lock(LockKind::Shared)?;
+            Some(images::resolve(store, f)?.manifest_digest)
+        }
+        None => None,
+    };
+    let staging = store.staging()?;
+    let (diffed, stats) = stage_upper(&staging, upper, compression, opts, progress)?;
     let _lock = store.lock(LockKind::Exclusive)?;
     let parent = match (from, parent_digest) {
         (Some(f), Some(d)) => {
@@ -581,25 +659,7 @@ pub fn commit(
         }
         _ => None,
     };
-    store.publish(
-        &staging,
-        layers::STAGED_BLOB,
-        b"blobs/sha256",
-        diffed.blob.hex().as_bytes(),
-    )?;
-    let new_layer = layers::publish_tree(
-        store,
-        &staging,
-        layers::STAGED_LAYER,
-        &diffed.diff_id,
-        diffed.stats.tar_bytes,
-    )?;
-    let staged = StagedLayer {
-        diff_id: diffed.diff_id,
-        tar_size: diffed.stats.tar_bytes,
-        blob: Descriptor::new(compression.kind.media_type(), diffed.blob, diffed.blob_size),
-        stats,
-    };
+    let (staged, new_layer) = publish_staged_upper(store, &staging, &diffed, stats, compression)?;
     let created = opts.source_date_epoch.unwrap_or_else(time_now);
     let manifest = name_layer(
         store,

@@ -15,6 +15,12 @@ command -v fuse-overlayfs >/dev/null 2>&1 || need+=(fuse-overlayfs)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
 command -v podman >/dev/null 2>&1 || need+=(podman)
+# Build and run tests run steps through runc in containers made from busybox-static.
+command -v runc >/dev/null 2>&1 || need+=(runc)
+case "$(ldd "$(command -v busybox 2>/dev/null || echo /nonexistent)" 2>&1)" in
+  *"not a dynamic"*) ;;
+  *) need+=(busybox-static) ;;
+esac
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need[*]}"

@@ -6,6 +6,16 @@
 //! - `context`: the build context read through directory fds (COPY/ADD source selection,
 //!   walks, content digests for the build cache, and why a cache key changed).
 
+pub mod builder;
+pub mod cache;
 pub mod context;
+pub mod copy;
 pub mod dockerfile;
 pub mod ignore;
+pub mod image;
+pub mod key;
+pub mod progress;
+pub mod rootfs;
+
+/// PATH of a container whose image sets none (Docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -2,7 +2,8 @@
 //!
 //! - `mount.rs`: `mount`, `umount`, the fuse-overlayfs compatible form, `-o` options;
 //! - `store.rs`: `import`, `diff`, `commit`, `images`, `layers`, `history`, `rm`, `gc`;
-//! - `fsck.rs`: `fsck` of an upper or of the store.
+//! - `fsck.rs`: `fsck` of an upper or of the store;
+//! - `build.rs`: `build`, `run` and `cache`.
 //!
 //! Errors here are `anyhow` with a one-line message; exit codes: 0 success, 1 failure,
 //! 2 bad usage.
@@ -20,6 +21,7 @@ use crate::mount::daemon;
 use crate::oci::compress::Compression;
 use crate::store::{self, Store};
 
+mod build;
 mod fsck;
 mod mount;
 mod store_cmds;
@@ -108,6 +110,16 @@ pub enum Command {
     /// Check an upper directory (and its work directory) against the on-disk format; exit 0
     /// when clean, 1 when problems are left.
     Fsck(FsckArgs),
+    /// Build an image from a Containerfile, reusing every cached step; prints the manifest
+    /// digest. Exit 1: a step failed; 2: bad usage or a Containerfile error.
+    Build(build::BuildArgs),
+    /// Run a command in a new container of an image (stdio attached, exit status passed on).
+    Run(build::RunArgs),
+    /// The build cache.
+    Cache {
+        #[command(subcommand)]
+        command: build::CacheCommand,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -181,6 +193,20 @@ pub fn main() -> i32 {
         }
     };
     init_logging(cli.verbose, false);
+    let cli = match cli.command {
+        Command::Build(a) => return build::run_build(&cli.root, cli.quiet, a),
+        Command::Run(a) => {
+            return match build::run_run(&cli.root, a) {
+                Ok(code) => code,
+                Err(e) => {
+                    fail(&e);
+                    // As podman: the container never ran.
+                    125
+                }
+            };
+        }
+        command => Cli { command, ..cli },
+    };
     if let Command::Fsck(a) = cli.command {
         return match fsck::fsck(&cli.root, a) {
             Ok(code) => code,
@@ -279,6 +305,9 @@ fn run(cli: Cli) -> Result<()> {
         // Answered in `main`, where its exit code (1: problems left) is chosen.
         Command::Fsck(a) => fsck::fsck(root, a).map(drop),
         Command::Gc => store_cmds::run_gc(root),
+        Command::Cache { command } => build::run_cache(root, command),
+        // Answered in `main`, where their exit codes are chosen.
+        Command::Build(_) | Command::Run(_) => Ok(()),
     }
 }
 

@@ -6,7 +6,9 @@
 //!   every layer in those configs' `rootfs.diff_ids`;
 //! * every layer listed in `containers/*/image` (a container's upper only makes sense over the
 //!   layers it was created on, mounted or not);
-//! * every layer listed in a mount lease whose lock is still held (a live `layerfs mount`).
+//! * every layer listed in a mount lease whose lock is still held (a live `layerfs mount`);
+//! * every layer (and its blob) a build cache entry names (`cache/entries/*.json`, written by
+//!   `build::cache`; `layerfs cache prune` drops entries).
 //!
 //! If anything `index.json` names cannot be read, gc stops without removing anything.
 
@@ -66,6 +68,43 @@ fn mark_manifest(
     Ok(())
 }
 
+/// The part of a build cache entry gc reads (see `build::cache::Entry`).
+#[derive(serde::Deserialize)]
+struct CacheEntryRefs {
+    layer: Option<CacheLayerRefs>,
+}
+
+#[derive(serde::Deserialize)]
+struct CacheLayerRefs {
+    diff_id: String,
+    blob: model::Descriptor,
+}
+
+/// Layers and blobs the build cache keeps. An unreadable entry keeps nothing (it is a miss
+/// for `build` too).
+fn mark_cache(
+    store: &Store,
+    blobs: &mut HashSet<Digest>,
+    layers: &mut HashSet<Digest>,
+) -> Result<()> {
+    let dir = store.dir(b"cache/entries")?;
+    for e in sys::read_dir_all(store.dir(b"cache/entries")?)
+        .map_err(|e| store.err("reading the build cache", e))?
+    {
+        let Ok(bytes) = fsutil::read_small(dir.as_fd(), &e.name, images::MAX_JSON) else {
+            continue;
+        };
+        let Ok(entry) = serde_json::from_slice::<CacheEntryRefs>(&bytes) else {
+            continue;
+        };
+        if let Some(l) = entry.layer {
+            layers.insert(Digest::parse(&l.diff_id)?);
+            blobs.insert(l.blob.digest()?);
+        }
+    }
+    Ok(())
+}
+
 /// Collect garbage.
 pub fn gc(store: &Store) -> Result<Report> {
     let _lock = store.lock(LockKind::Exclusive)?;
@@ -75,6 +114,7 @@ pub fn gc(store: &Store) -> Result<Report> {
     for d in &images::read_index(store)?.manifests {
         mark_manifest(store, d.digest()?, &mut blobs, &mut layers, 0)?;
     }
+    mark_cache(store, &mut blobs, &mut layers)?;
     let containers = store.dir(b"containers")?;
     for e in sys::read_dir_all(store.dir(b"containers")?)
         .map_err(|e| store.err("reading containers", e))?

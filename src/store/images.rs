@@ -364,7 +364,7 @@ pub fn ensure_container(store: &Store, name: &str, image: Option<&Image>) -> Res
 /// Give a new container's upper root the attributes of the image's top layer root (mode,
 /// owner, times, carried xattrs): the mount shows the upper root as `/`, so the container
 /// starts out looking exactly like its image (containers-storage does the same).
-fn copy_root_attrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> std::io::Result<()> {
+pub fn copy_root_attrs(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> std::io::Result<()> {
     let st = sys::fstat(from)?;
     for name in sys::xattr_list(XTarget::Fd(from))? {
         if crate::oci::keep_xattr(&name) {
@@ -448,6 +448,7 @@ pub fn remove_container(store: &Store, name: &str) -> Result<u64> {
 /// descriptor stays open (the mount daemon inherits it across its fork).
 pub struct Lease {
     _fd: OwnedFd,
+    name: Vec<u8>,
 }
 
 /// The leases held right now, each with a descriptor of its file (to wait on with
@@ -504,8 +505,10 @@ pub struct LeaseRecord {
 pub fn take_lease(store: &Store, record: &LeaseRecord) -> Result<Lease> {
     let _lock = store.lock(LockKind::Exclusive)?;
     let dir = store.dir(b"mounts")?;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = super::time::now();
-    let name = format!("{}-{now}.json", sys::getpid());
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{}-{now}-{seq}.json", sys::getpid());
     let fd = sys::open_at(
         dir.as_fd(),
         name.as_bytes(),
@@ -519,5 +522,18 @@ pub fn take_lease(store: &Store, record: &LeaseRecord) -> Result<Lease> {
     f.write_all(&model::to_bytes(record))
         .and_then(|()| sys::fsync(f.as_fd(), false))
         .map_err(|e| store.err("writing a mount lease", e))?;
-    Ok(Lease { _fd: f.into() })
+    Ok(Lease {
+        _fd: f.into(),
+        name: name.into_bytes(),
+    })
+}
+
+impl Lease {
+    /// End the lease now and remove its file (a lease only dropped stays as a stale file
+    /// until `gc`, since a forked mount daemon may still hold it).
+    pub fn release(self, store: &Store) {
+        if let Ok(dir) = store.dir(b"mounts") {
+            let _ = sys::unlink_at(dir.as_fd(), &self.name, false);
+        }
+    }
 }

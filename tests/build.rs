@@ -1,0 +1,595 @@
+//! `layerfs build` and `layerfs run` end to end: real builds of real Containerfiles from a
+//! busybox base made here (no network), RUN steps through runc in layerfs mounts, the cache
+//! and what it says about each step, multi-stage builds, failures that leave nothing behind,
+//! hostile inputs.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{can_mount, mkdirp, wfile};
+
+/// A store with a busybox base image, and a build context.
+struct Bench {
+    dir: tempfile::TempDir,
+}
+
+fn ready() -> bool {
+    if !can_mount() {
+        return false;
+    }
+    for tool in ["runc", "busybox"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{tool} is missing and CI=true (scripts/test.sh installs it)");
+            }
+            eprintln!("skipping: {tool} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
+fn busybox() -> PathBuf {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("command -v busybox")
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let b = Bench {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let base = b.p("base");
+        for d in ["bin", "etc", "tmp", "root", "home/app"] {
+            mkdirp(base.join(d));
+        }
+        fs::copy(busybox(), base.join("bin/busybox")).unwrap();
+        for tool in [
+            "sh", "ls", "cat", "echo", "mkdir", "touch", "id", "sleep", "wc", "sed", "ip", "stat",
+            "true", "false", "test", "hostname", "head", "sort",
+        ] {
+            symlink("busybox", base.join("bin").join(tool)).unwrap();
+        }
+        wfile(
+            base.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        );
+        wfile(base.join("etc/group"), "root:x:0:\napp:x:1000:\n");
+        common::chmod(base.join("tmp"), 0o1777);
+        let tar = b.p("base.tar");
+        let st = Command::new("tar")
+            .args(["--numeric-owner", "--mtime=@1700000000", "-C"])
+            .arg(&base)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = b.layerfs(&["import", tar.to_str().unwrap(), "--name", "base"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mkdirp(b.ctx());
+        b
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn ctx(&self) -> PathBuf {
+        self.p("ctx")
+    }
+
+    fn store(&self) -> PathBuf {
+        self.p("store")
+    }
+
+    fn layerfs(&self, args: &[&str]) -> Output {
+        Command::new(common::bin())
+            .arg("--root")
+            .arg(self.store())
+            .args(args)
+            .output()
+            .expect("run layerfs")
+    }
+
+    fn containerfile(&self, text: &str) {
+        wfile(self.ctx().join("Containerfile"), text);
+    }
+
+    /// Build the context with extra arguments; returns (exit code, stdout, stderr).
+    fn build(&self, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["build", "-t", "app"];
+        args.extend_from_slice(extra);
+        let ctx = self.ctx();
+        args.push(ctx.to_str().unwrap());
+        let out = self.layerfs(&args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn build_ok(&self, extra: &[&str]) -> String {
+        let (code, _, err) = self.build(extra);
+        assert_eq!(code, 0, "build failed:\n{err}");
+        err
+    }
+
+    fn run(&self, args: &[&str]) -> (i32, String) {
+        let mut a = vec!["run", "--rm"];
+        a.extend_from_slice(args);
+        let out = self.layerfs(&a);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// Nothing of a build is left: no mounts under the store, no staging, fsck clean.
+    fn assert_clean(&self) {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let store = fs::canonicalize(self.store()).unwrap();
+        assert!(
+            !mounts.contains(store.to_str().unwrap()),
+            "mounts left under the store:\n{mounts}"
+        );
+        let tmp: Vec<_> = fs::read_dir(store.join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "staging left: {tmp:?}");
+        let out = self.layerfs(&["fsck", "--store"]);
+        assert!(
+            out.status.success(),
+            "fsck --store: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Lines of `err` that report a step's outcome, as `(step number, outcome)`.
+fn outcomes(err: &str) -> Vec<(usize, String)> {
+    err.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix('[')?;
+            let (head, tail) = rest.split_once("] ")?;
+            if head.contains('/') {
+                return None;
+            }
+            let n: usize = head.rsplit(' ').next()?.parse().ok()?;
+            let tail = tail.to_string();
+            (tail == "CACHED" || tail.starts_with("running: ")).then_some((n, tail))
+        })
+        .collect()
+}
+
+fn app_project(b: &Bench) {
+    wfile(b.ctx().join("package.json"), "{\"deps\": 1}\n");
+    wfile(b.ctx().join("src/server.js"), "console.log('v1')\n");
+    wfile(b.ctx().join("src/lib/util.js"), "module.exports = 1\n");
+    wfile(b.ctx().join("node_modules/big.bin"), "ignored\n");
+    wfile(b.ctx().join(".dockerignore"), "node_modules\n*.log\n");
+    wfile(b.ctx().join("debug.log"), "ignored too\n");
+    b.containerfile(
+        "FROM base\n\
+         ARG VERSION=1\n\
+         ENV APP_HOME=/app\n\
+         WORKDIR $APP_HOME\n\
+         COPY package.json ./\n\
+         RUN echo \"installed deps of $(cat package.json)\" > deps.txt\n\
+         COPY src/ ./src/\n\
+         RUN ls -R src > manifest.txt && echo built-$VERSION > version.txt\n\
+         USER app\n\
+         CMD [\"sh\", \"-c\", \"cat /app/version.txt /app/deps.txt; id -u; ls /app/src\"]\n",
+    );
+}
+
+#[test]
+fn cold_build_cached_rebuild_and_an_edit_that_reruns_only_what_follows() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    app_project(&b);
+    let err = b.build_ok(&[]);
+    let first = outcomes(&err);
+    // FROM and ARG have nothing to run; every other step runs on a cold cache.
+    assert!(
+        first
+            .iter()
+            .filter(|(n, _)| *n > 2)
+            .all(|(_, o)| o.starts_with("running: not in the cache")),
+        "{err}"
+    );
+    let (code, out) = b.run(&["app"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        "built-1\ninstalled deps of {\"deps\": 1}\n1000\nlib\nserver.js\n"
+    );
+
+    // Nothing changed: every step is cached, and nothing is mounted to know it.
+    let t = Instant::now();
+    let err = b.build_ok(&[]);
+    let took = t.elapsed();
+    let again = outcomes(&err);
+    assert!(again.iter().all(|(_, o)| o == "CACHED"), "{err}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+
+    // An ignored file changes nothing.
+    wfile(b.ctx().join("node_modules/big.bin"), "changed\n");
+    wfile(b.ctx().join("debug.log"), "changed\n");
+    let err = b.build_ok(&[]);
+    assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");
+
+    // Only a touch: the content is the same, so is the key.
+    let now = std::time::SystemTime::now();
+    fs::File::options()
+        .write(true)
+        .open(b.ctx().join("src/server.js"))
+        .unwrap()
+        .set_modified(now)
+        .unwrap();
+    let err = b.build_ok(&[]);
+    assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");
+
+    // One source line: the COPY of src/ says why, the RUN after it says after which step,
+    // and what came before stays cached.
+    wfile(b.ctx().join("src/server.js"), "console.log('v2')\n");
+    let err = b.build_ok(&[]);
+    let o = outcomes(&err);
+    let by_step = |n: usize| {
+        o.iter()
+            .find(|(s, _)| *s == n)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default()
+    };
+    for n in 1..=6 {
+        assert_eq!(by_step(n), "CACHED", "step {n}:\n{err}");
+    }
+    assert_eq!(by_step(7), "running: src/server.js modified", "{err}");
+    assert!(by_step(8).starts_with("running: after step 7"), "{err}");
+
+    // A new file under src/ is counted.
+    wfile(b.ctx().join("src/a.js"), "a\n");
+    wfile(b.ctx().join("src/b.js"), "b\n");
+    let err = b.build_ok(&[]);
+    assert!(err.contains("running: 2 files added under src/"), "{err}");
+
+    // A build arg: the RUN that sees it runs, the reason names it.
+    let err = b.build_ok(&["--build-arg", "VERSION=2"]);
+    assert!(err.contains("running: build arg VERSION changed"), "{err}");
+    let (_, out) = b.run(&["app"]);
+    assert!(out.starts_with("built-2\n"), "{out}");
+
+    // --no-cache runs everything and says so.
+    let err = b.build_ok(&["--no-cache", "--build-arg", "VERSION=2"]);
+    let o = outcomes(&err);
+    assert!(
+        o.iter()
+            .filter(|(n, _)| *n > 2)
+            .all(|(_, t)| t == "running: --no-cache"),
+        "{err}"
+    );
+
+    let hist = b.layerfs(&["history", "app"]);
+    let hist = String::from_utf8_lossy(&hist.stdout);
+    assert!(
+        hist.contains("RUN |1 VERSION=2 /bin/sh -c ls -R src"),
+        "{hist}"
+    );
+    assert!(hist.contains("COPY src/ ./src/"), "{hist}");
+    b.assert_clean();
+}
+
+#[test]
+fn a_rebuilt_step_with_the_same_result_keeps_later_steps_cached() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    wfile(b.ctx().join("f"), "f\n");
+    let cf = |run: &str| format!("FROM base\n{run}\nCOPY f /f\nRUN cat /same.txt /f > /both\n");
+    b.containerfile(&cf("RUN echo same > /same.txt"));
+    b.build_ok(&["--source-date-epoch", "1700000000"]);
+    // The same command written differently: the step runs again, makes the same layer, and
+    // the steps after it stay cached (early cut-off).
+    b.containerfile(&cf("RUN echo  same  >  /same.txt"));
+    let err = b.build_ok(&["--source-date-epoch", "1700000000"]);
+    let o = outcomes(&err);
+    assert_eq!(
+        o.iter().find(|(n, _)| *n == 2).map(|(_, t)| t.as_str()),
+        Some("running: instruction changed"),
+        "{err}"
+    );
+    assert!(
+        o.iter().filter(|(n, _)| *n > 2).all(|(_, t)| t == "CACHED"),
+        "the RUN made the same layer, so what follows stays cached:\n{err}"
+    );
+}
+
+#[test]
+fn multi_stage_with_target_and_copy_from() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    wfile(b.ctx().join("main.c"), "int main(){}\n");
+    b.containerfile(
+        "FROM base AS builder\n\
+         COPY main.c /src/\n\
+         RUN mkdir -p /out && sed 's/main/built/' /src/main.c > /out/app.bin\n\
+         FROM base AS unused\n\
+         RUN false\n\
+         FROM base\n\
+         COPY --from=builder /out/app.bin /usr/local/bin/app.bin\n\
+         CMD [\"cat\", \"/usr/local/bin/app.bin\"]\n",
+    );
+    let err = b.build_ok(&[]);
+    assert!(
+        !err.contains("[unused"),
+        "a stage the target does not need was built:\n{err}"
+    );
+    let (code, out) = b.run(&["app"]);
+    assert_eq!((code, out.as_str()), (0, "int built(){}\n"));
+    // --target builds only the stage asked for (and what it needs).
+    let err = b.build_ok(&["--target", "builder"]);
+    assert!(!err.contains("[stage-2"), "{err}");
+    let (_, out) = b.run(&["app", "ls", "/out"]);
+    assert_eq!(out, "app.bin\n");
+    // Changing the source reruns the builder and then the COPY --from.
+    wfile(b.ctx().join("main.c"), "int main(){return 1;}\n");
+    let err = b.build_ok(&[]);
+    assert!(err.contains("running: main.c modified"), "{err}");
+    assert!(
+        err.contains("running: the stage or image it copies from changed"),
+        "{err}"
+    );
+    b.assert_clean();
+}
+
+#[test]
+fn a_failing_step_says_what_failed_and_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    b.containerfile("FROM base\nRUN echo one && echo two >&2 && exit 7\nRUN echo never\n");
+    let entries_before = fs::read_dir(b.store().join("cache/entries"))
+        .unwrap()
+        .count();
+    let (code, _, err) = b.build(&[]);
+    assert_eq!(code, 1, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("Containerfile:2"), "{last}");
+    assert!(last.contains("exit code 7"), "{last}");
+    assert!(last.contains("two"), "the last output lines: {last}");
+    assert_eq!(
+        fs::read_dir(b.store().join("cache/entries"))
+            .unwrap()
+            .count(),
+        entries_before,
+        "a failed step left a cache entry"
+    );
+    b.assert_clean();
+}
+
+#[test]
+fn a_run_step_sees_its_image_and_nothing_of_the_host() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    b.containerfile(
+        "FROM base\n\
+         RUN test ! -e /work && test ! -e /var/lib/layerfs && ls /sys/class/net > /net.txt && \
+         (echo x > /etc/hosts 2>/dev/null && echo hosts-writable || echo hosts-read-only) > /hosts.txt\n",
+    );
+    b.build_ok(&[]);
+    let (_, out) = b.run(&["app", "cat", "/net.txt", "/hosts.txt"]);
+    assert_eq!(out, "lo\nhosts-read-only\n");
+    // /etc/hosts and the runtime's mount points never reach the layer: the image, mounted.
+    let mnt = b.p("mnt");
+    mkdirp(&mnt);
+    let out = b.layerfs(&["mount", "--image", "app", mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut etc: Vec<String> = fs::read_dir(mnt.join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    etc.sort();
+    let top: Vec<String> = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    common::unmount_retrying(&mnt);
+    assert_eq!(etc, ["group", "passwd"]);
+    for stub in ["proc", "dev", "sys"] {
+        assert!(
+            !top.contains(&stub.to_string()),
+            "{stub} in the image: {top:?}"
+        );
+    }
+}
+
+#[test]
+fn copy_never_reads_outside_the_context() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    wfile(b.p("secret"), "secret\n");
+    symlink("../secret", b.ctx().join("escape")).unwrap();
+    symlink("/etc", b.ctx().join("etc-link")).unwrap();
+    for (cf, needle) in [
+        (
+            "FROM base\nCOPY ../secret /s\n",
+            "outside the build context",
+        ),
+        (
+            "FROM base\nCOPY etc-link/passwd /s\n",
+            "outside the build context",
+        ),
+        ("FROM base\nCOPY missing /s\n", "not found"),
+    ] {
+        b.containerfile(cf);
+        let (code, _, err) = b.build(&[]);
+        assert_ne!(code, 0, "{cf}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.contains(needle), "{cf}: {last}");
+    }
+    // A source that is a symlink out of the context is copied as the symlink: nothing outside
+    // is read.
+    b.containerfile("FROM base\nCOPY escape /s\n");
+    b.build_ok(&[]);
+    let (_, out) = b.run(&[
+        "app",
+        "sh",
+        "-c",
+        "ls -l /s | sed 's/.* -> //'; cat /s 2>/dev/null || echo unreadable",
+    ]);
+    assert_eq!(out, "../secret\nunreadable\n");
+    // A symlink inside the context is copied as a symlink.
+    wfile(b.ctx().join("dir/real"), "r\n");
+    symlink("real", b.ctx().join("dir/link")).unwrap();
+    b.containerfile("FROM base\nCOPY dir /d/\n");
+    b.build_ok(&[]);
+    let (_, out) = b.run(&[
+        "app",
+        "sh",
+        "-c",
+        "ls -l /d/link | sed 's/.* -> //'; cat /d/link",
+    ]);
+    assert_eq!(out, "real\nr\n");
+    b.assert_clean();
+}
+
+#[test]
+fn source_date_epoch_gives_the_same_digest_in_two_fresh_stores() {
+    if !ready() {
+        return;
+    }
+    let digest = |b: &Bench| {
+        wfile(b.ctx().join("f"), "content\n");
+        b.containerfile(
+            "FROM base\nCOPY f /f\nRUN mkdir /made && echo x > /made/x\nENV A=1\nCMD [\"cat\",\"/f\"]\n",
+        );
+        let (code, out, err) = b.build(&["--source-date-epoch", "1700000000"]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().to_string()
+    };
+    let one = digest(&Bench::new());
+    let two = digest(&Bench::new());
+    assert!(one.starts_with("sha256:"), "{one}");
+    assert_eq!(one, two);
+}
+
+#[test]
+fn containerfile_errors_name_the_line_and_exit_2() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    let huge = format!("FROM base\nRUN echo {}\n", "x".repeat(2 << 20));
+    let stages: String = (0..20_000)
+        .map(|i| format!("FROM base AS s{i}\n"))
+        .collect();
+    for (cf, needle) in [
+        ("FROM base\nCOPY onlyone\n", "Containerfile: line 2"),
+        ("FROM base\nBOGUS x\n", "line 2"),
+        ("RUN echo before from\n", "line 1"),
+        ("FROM base\nENV A=\"unterminated\n", "line 2"),
+        (huge.as_str(), "Containerfile"),
+        (stages.as_str(), "Containerfile"),
+    ] {
+        b.containerfile(cf);
+        let t = Instant::now();
+        let (code, _, err) = b.build(&[]);
+        assert_eq!(code, 2, "{}: {err}", &cf[..cf.len().min(40)]);
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("layerfs: ") && last.contains(needle),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
+}
+
+#[test]
+fn layerfs_run_passes_the_exit_status_and_keeps_a_named_container() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    b.containerfile("FROM base\nENV GREETING=hi\nWORKDIR /w\nCMD [\"sh\",\"-c\",\"echo $GREETING from $(pwd)\"]\n");
+    b.build_ok(&[]);
+    let (code, out) = b.run(&["app"]);
+    assert_eq!((code, out.as_str()), (0, "hi from /w\n"));
+    let (code, out) = b.run(&[
+        "-e",
+        "GREETING=yo",
+        "-w",
+        "/tmp",
+        "-u",
+        "app",
+        "app",
+        "sh",
+        "-c",
+        "echo $GREETING $(pwd) $(id -u); exit 4",
+    ]);
+    assert_eq!((code, out.as_str()), (4, "yo /tmp 1000\n"));
+    // --name keeps the upper as a store container, which commit turns into an image.
+    let out = b.layerfs(&[
+        "run",
+        "--name",
+        "c1",
+        "app",
+        "sh",
+        "-c",
+        "echo kept > /kept",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = b.layerfs(&[
+        "commit",
+        "--container",
+        "c1",
+        "--from",
+        "app",
+        "--name",
+        "app2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, out) = b.run(&["app2", "cat", "/kept"]);
+    assert_eq!(out, "kept\n");
+    b.assert_clean();
+}

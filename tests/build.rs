@@ -593,3 +593,120 @@ fn layerfs_run_passes_the_exit_status_and_keeps_a_named_container() {
     assert_eq!(out, "kept\n");
     b.assert_clean();
 }
+
+#[test]
+fn add_extracts_local_archives_and_workdir_is_created() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    let tree = b.p("tree");
+    wfile(tree.join("pkg/a.txt"), "from the archive\n");
+    symlink("a.txt", tree.join("pkg/link")).unwrap();
+    let st = Command::new("tar")
+        .args(["--owner=1234", "--group=2345", "-C"])
+        .arg(&tree)
+        .arg("-czf")
+        .arg(b.ctx().join("pkg.tar.gz"))
+        .arg("pkg")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wfile(b.ctx().join("plain.txt"), "plain\n");
+    b.containerfile(
+        "FROM base\n\
+         USER app\n\
+         WORKDIR /srv/data\n\
+         USER root\n\
+         ADD pkg.tar.gz /opt/\n\
+         ADD --chown=app:app plain.txt ./\n",
+    );
+    b.build_ok(&[]);
+    let (_, out) = b.run(&[
+        "app",
+        "sh",
+        "-c",
+        "cat /opt/pkg/a.txt; ls -l /opt/pkg/link | sed 's/.* -> //'; stat -c '%u:%g' /opt/pkg/a.txt /srv/data /srv/data/plain.txt; pwd",
+    ]);
+    assert_eq!(
+        out,
+        "from the archive\na.txt\n1234:2345\n1000:1000\n1000:1000\n/srv/data\n"
+    );
+    // An archive with a path out of it is refused, and the build leaves nothing.
+    let evil = b.ctx().join("evil.tar");
+    {
+        let mut t = tar::Builder::new(fs::File::create(&evil).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        let name = b"../escape";
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        t.append(&h, &b"x"[..]).unwrap();
+        t.finish().unwrap();
+    }
+    b.containerfile("FROM base\nADD evil.tar /\n");
+    let (code, _, err) = b.build(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ADD evil.tar"), "{err}");
+    b.assert_clean();
+}
+
+#[test]
+fn json_progress_cache_ls_prune_and_gc() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    b.containerfile("FROM base\nRUN echo hello > /h\nENV A=1\n");
+    let (code, out, _) = b.build(&["--progress", "json"]);
+    assert_eq!(code, 0);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let ends: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "end").collect();
+    let run_end = ends
+        .iter()
+        .find(|e| e["step"] == 2)
+        .expect("an end event for the RUN");
+    assert_eq!(run_end["cached"], false);
+    assert!(run_end["key"].as_str().unwrap().starts_with("sha256:"));
+    assert!(run_end["layer_size"].as_u64().unwrap() > 0);
+    assert!(
+        run_end["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not in the cache")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "output" && e["line"] == "hello" || e["event"] == "done")
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+
+    let ls = b.layerfs(&["cache", "ls"]);
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.contains("RUN /bin/sh -c echo hello > /h"), "{ls}");
+    // The image goes, the cache keeps its layer through gc; prune --all lets gc free it.
+    let layer_of_run = run_end["key"].as_str().unwrap().to_string();
+    assert!(b.layerfs(&["rm", "app"]).status.success());
+    assert!(b.layerfs(&["gc"]).status.success());
+    let layers = |b: &Bench| fs::read_dir(b.store().join("layers")).unwrap().count();
+    let kept = layers(&b);
+    let err = b.build_ok(&[]);
+    assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");
+    assert!(b.layerfs(&["rm", "app"]).status.success());
+    let out = b.layerfs(&["cache", "prune", "--all"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 2 cache entries"));
+    assert!(b.layerfs(&["gc"]).status.success());
+    assert_eq!(
+        layers(&b),
+        kept - 1,
+        "the RUN's layer ({layer_of_run}) was freed"
+    );
+    b.assert_clean();
+}

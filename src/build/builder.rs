@@ -882,6 +882,20 @@ impl Builder<'_> {
             Instruction::Workdir(w) => {
                 let path = copy::container_path(&config.working_dir, w);
                 config.working_dir = format!("/{}", String::from_utf8_lossy(&path));
+                // Created when missing (as the USER, as BuildKit does), in a layer of its own.
+                if dir_in_image(self.store, state, &path)? != Some(true) {
+                    let user = state.config.user.clone();
+                    let layer = self.layer_step(state, |_, root| {
+                        let rootfd = root.open()?;
+                        let u = run::resolve_user_at(rootfd.as_fd(), &user)?;
+                        copy::make_dir(rootfd.as_fd(), &path, (u.uid, u.gid))?;
+                        Ok(())
+                    })?;
+                    return Ok(Produced {
+                        layer: Some(layer),
+                        config,
+                    });
+                }
             }
             Instruction::User(u) => config.user = u.clone(),
             Instruction::Expose(ports) => {
@@ -1132,16 +1146,133 @@ impl Builder<'_> {
                 ),
             ));
         }
-        copy::copy_into(
-            src_ctx,
-            &selected,
-            rootfd.as_fd(),
-            &dest,
-            dest_is_dir,
-            CopyOptions { chown, chmod },
-        )?;
+        let opts = CopyOptions {
+            chown,
+            chmod,
+            keep_owner: false,
+        };
+        if let Instruction::Add(_) = &ins.value {
+            // ADD extracts local tar archives (plain, gzip, zstd) into the destination and
+            // copies everything else as COPY does.
+            let staging = root
+                .path()
+                .parent()
+                .map(Path::to_path_buf)
+                .ok_or_else(|| Error::invalid("no staging dir"))?;
+            let mut plain = Vec::new();
+            for (n, sel) in selected.into_iter().enumerate() {
+                match archive_reader(src_ctx, &sel)? {
+                    None => plain.push(sel),
+                    Some(reader) => {
+                        let dir = staging.join(format!("add-{n}"));
+                        let tree = extract_archive(reader, &dir).map_err(|e| {
+                            Error::invalid(format!(
+                                "{}:{}: ADD {}: {e}",
+                                self.containerfile,
+                                ins.line,
+                                crate::error::ShowPath(&sel.path)
+                            ))
+                        })?;
+                        let all = tree.select(b".")?;
+                        copy::copy_into(
+                            &tree,
+                            &all,
+                            rootfd.as_fd(),
+                            &dest,
+                            true,
+                            CopyOptions {
+                                keep_owner: true,
+                                ..opts
+                            },
+                        )?;
+                    }
+                }
+            }
+            copy::copy_into(src_ctx, &plain, rootfd.as_fd(), &dest, dest_is_dir, opts)?;
+            return Ok(());
+        }
+        copy::copy_into(src_ctx, &selected, rootfd.as_fd(), &dest, dest_is_dir, opts)?;
         Ok(())
     }
+}
+
+/// A reader of the tar inside a selected file, when it is a tar archive (plain, gzip or
+/// zstd; the ustar magic at offset 257 once decompressed).
+fn archive_reader(
+    ctx: &Context,
+    sel: &context::Selected,
+) -> Result<Option<Box<dyn std::io::Read>>> {
+    use std::io::Read;
+    if sel.kind != context::EntryKind::File {
+        return Ok(None);
+    }
+    let entries = ctx.walk(sel)?;
+    let Some(entry) = entries.first() else {
+        return Ok(None);
+    };
+    let probe = |f: std::fs::File| -> Result<Option<Box<dyn Read>>> {
+        let Ok((_, mut r)) =
+            crate::oci::compress::decoder(f, crate::oci::compress::Limits::default())
+        else {
+            return Ok(None);
+        };
+        let mut head = vec![0u8; 512];
+        let mut got = 0;
+        while got < head.len() {
+            match r.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(_) => return Ok(None),
+            }
+        }
+        if got == 512 && &head[257..262] == b"ustar" {
+            Ok(Some(Box::new(std::io::Cursor::new(head).chain(r))))
+        } else {
+            Ok(None)
+        }
+    };
+    probe(ctx.open_entry(entry)?)
+}
+
+/// Extract an archive ADD names into `dir` through the hardened layer import (no path
+/// leaves `dir`, links stay inside, nothing is followed), as a source to copy from.
+fn extract_archive(reader: Box<dyn std::io::Read>, dir: &Path) -> Result<Context> {
+    std::fs::create_dir(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let fd = sys::open_dir_path(dir).map_err(|e| Error::io("opening the archive's tree", e))?;
+    let formats = crate::oci::import::probe_formats(fd.as_fd());
+    let mut tar = crate::oci::tarfmt::TarReader::new(reader);
+    crate::oci::import::extract(&mut tar, fd.as_fd(), formats, &|_| {})?;
+    Ok(Context::from_fd(fd, IgnoreRules::default()))
+}
+
+/// Whether `path` (relative to the image's root) is a directory in the image: `Some(false)`
+/// when it is missing, `None` when a symlink is on the way (then only a mount can tell).
+/// Looked up in the layer directories through the union, without mounting.
+fn dir_in_image(store: &Store, state: &ImageState, path: &[u8]) -> Result<Option<bool>> {
+    let ids = state.diff_ids()?;
+    if ids.is_empty() {
+        return Ok(Some(path.is_empty()));
+    }
+    let union = crate::union::Union::new(&crate::union::UnionConfig {
+        lowers: ids
+            .iter()
+            .rev()
+            .map(|id| crate::store::layers::path(store, id))
+            .collect(),
+        upper: None,
+        fsync: false,
+    })?;
+    let mut ino = crate::union::ROOT;
+    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        match union.lookup(ino, comp) {
+            Ok(a) if a.st.is_dir() => ino = a.ino,
+            Ok(a) if a.st.is_symlink() => return Ok(None),
+            Ok(_) => return Ok(Some(false)),
+            Err(e) if e.is(libc::ENOENT) => return Ok(Some(false)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(true))
 }
 
 /// Sources, `--chown` and `--chmod` of a COPY or ADD.

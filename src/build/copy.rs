@@ -26,6 +26,8 @@ pub struct CopyOptions {
     pub chown: Option<(u32, u32)>,
     /// Permission bits for everything but symlinks.
     pub chmod: Option<u32>,
+    /// Keep each entry's own owner (an archive ADD extracts) unless `chown` is given.
+    pub keep_owner: bool,
 }
 
 /// What a copy wrote.
@@ -117,6 +119,11 @@ fn ensure_dir(root: BorrowedFd<'_>, path: &[u8], owner: (u32, u32)) -> Result<Ow
     .map_err(|e| io_err("opening", path, e))
 }
 
+/// `mkdir -p` of `path` in the container root; new directories get `owner`.
+pub fn make_dir(root: BorrowedFd<'_>, path: &[u8], owner: (u32, u32)) -> Result<()> {
+    ensure_dir(root, path, owner).map(drop)
+}
+
 /// Whether `path` is a directory in the container (following the image's symlinks).
 fn is_dir(root: BorrowedFd<'_>, path: &[u8]) -> bool {
     sys::openat2_in(
@@ -141,6 +148,9 @@ fn clear_slot(dir: BorrowedFd<'_>, name: &[u8], shown: &[u8]) -> Result<()> {
     }
 }
 
+/// A copied directory's path, mode, mtime and owner, applied after its contents.
+type DirToFinish = (Vec<u8>, u32, sys::Timespec, (u32, u32));
+
 /// Copy `selected` (sources of `src`) to `dest` (resolved with [`container_path`]) in `root`.
 /// `dest_is_dir`: the destination ended in `/` or there were several sources.
 pub fn copy_into(
@@ -151,13 +161,24 @@ pub fn copy_into(
     dest_is_dir: bool,
     opts: CopyOptions,
 ) -> Result<CopyStats> {
-    let owner = opts.chown.unwrap_or((0, 0));
+    let default_owner = opts.chown.unwrap_or((0, 0));
     let mut stats = CopyStats::default();
-    // Directories get their times once their contents are written: (path, mode, mtime).
-    let mut dirs: Vec<(Vec<u8>, u32, sys::Timespec)> = Vec::new();
+    // Directories get their times once their contents are written.
+    let mut dirs: Vec<DirToFinish> = Vec::new();
     for source in selected {
         let into_dir = dest_is_dir || source.kind == EntryKind::Dir || is_dir(root, dest);
         for entry in src.walk(source)? {
+            let owner = match (opts.chown, opts.keep_owner) {
+                (None, true) => (entry.stat.uid, entry.stat.gid),
+                _ => default_owner,
+            };
+            if entry.kind == EntryKind::CharDevice && entry.stat.rdev == 0 {
+                // In a layer a character device 0/0 is a whiteout: it would delete, not copy.
+                return Err(Error::invalid(format!(
+                    "{}: a character device 0/0 (a whiteout) cannot be copied into an image",
+                    ShowPath(&entry.path)
+                )));
+            }
             let target = if source.kind == EntryKind::Dir {
                 join(dest, &entry.rel)
             } else if into_dir {
@@ -170,8 +191,8 @@ pub fn copy_into(
                 (_, Some(m)) => m & 0o7777,
             };
             if entry.kind == EntryKind::Dir {
-                ensure_dir(root, &target, owner)?;
-                dirs.push((target, mode, entry.stat.mtime));
+                ensure_dir(root, &target, default_owner)?;
+                dirs.push((target, mode, entry.stat.mtime, owner));
                 stats.dirs += 1;
                 continue;
             }
@@ -181,7 +202,7 @@ pub fn copy_into(
                     "cannot copy a file over the container's root",
                 ));
             }
-            let pfd = ensure_dir(root, parent, owner)?;
+            let pfd = ensure_dir(root, parent, default_owner)?;
             clear_slot(pfd.as_fd(), name, &target)?;
             match entry.kind {
                 EntryKind::File => {
@@ -239,7 +260,7 @@ pub fn copy_into(
             stats.files += 1;
         }
     }
-    for (path, mode, mtime) in dirs.iter().rev() {
+    for (path, mode, mtime, owner) in dirs.iter().rev() {
         let fd = sys::openat2_in(
             root,
             path,

@@ -635,19 +635,40 @@ impl Core {
         Ok(f(fd.as_fd())?)
     }
 
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Error> {
-        let fd = self.file_fd(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
+    /// Read into this thread's buffer and hand the bytes read to `reply` (reused: a READ
+    /// costs no allocation or zeroing of up to a MiB).
+    fn read_with(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(Result<&[u8], Error>),
+    ) {
+        thread_local! {
+            static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        buf.truncate(done);
-        Ok(buf)
+        let fd = match self.file_fd(fh) {
+            Ok(fd) => fd,
+            Err(e) => return reply(Err(e)),
+        };
+        READ_BUF.with(|cell| {
+            let Ok(mut buf) = cell.try_borrow_mut() else {
+                return reply(Err(Error::os(libc::EIO)));
+            };
+            let want = size as usize;
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            let mut done = 0;
+            while done < want {
+                match sys::pread(fd.as_fd(), &mut buf[done..want], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) => return reply(Err(e.into())),
+                }
+            }
+            reply(Ok(&buf[..done]))
+        })
     }
 
     fn check_access(&self, req: &Request, ino: u64, mask: AccessFlags) -> Result<(), Error> {
@@ -806,9 +827,14 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guarded("read", || match self.do_read(fh, offset, size) {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
+        // Served on the request loop: handing large (readahead) reads to worker threads made
+        // a cold 1 GiB read slower, not faster (rootless, A/B of 7 interleaved runs: median
+        // 0.74 s inline, 1.13 s on workers).
+        guarded("read", || {
+            self.read_with(fh, offset, size, |res| match res {
+                Ok(data) => reply.data(data),
+                Err(e) => reply.error(errno(&e)),
+            })
         })
     }
 

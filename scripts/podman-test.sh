@@ -645,6 +645,34 @@ ren-dir-gone
 /opt/x"
 }
 
+# An image `layerfs build` made runs under podman as it runs under `layerfs run`: the store is
+# an OCI layout, so skopeo copies it into containers-storage as it is.
+c_layerfs_built_image() {
+  local lf="$LAYERFS" st="$T/lfstore" ctx="$T/w/lfctx" want got
+  mkdir -p "$ctx/src"
+  skopeo copy --quiet containers-storage:localhost/lfbase oci:"$T/w/lfbase-oci":base
+  "$lf" --root "$st" import --oci "$T/w/lfbase-oci":base --name lfbase >/dev/null
+  echo 'built by layerfs' >"$ctx/src/msg"
+  printf '%s\n' 'FROM lfbase' 'WORKDIR /srv' 'COPY src/ ./' \
+    "RUN sed 's/^/from a RUN step: /' msg >out && rm /data/file.txt && chown 1000:1000 out" \
+    'ENV GREETING=hi' 'USER user' \
+    'CMD ["sh", "-c", "cat /srv/msg /srv/out; echo $GREETING $(id -u) $(pwd); ls /data | head -3; stat -c %u:%g /srv/out"]' \
+    >"$ctx/Containerfile"
+  "$lf" --root "$st" build -q -t lfapp "$ctx"
+  want=$("$lf" --root "$st" run --rm lfapp)
+  echo "layerfs run: $want"
+  skopeo copy --quiet oci:"$st":lfapp containers-storage:localhost/lfapp
+  got=$(pm "${RUN[@]}" --rm localhost/lfapp)
+  eq "podman run of the image layerfs built (vs layerfs run)" "$got" "$want"
+  eq "what the image holds" "$want" "built by layerfs
+from a RUN step: built by layerfs
+hi 1000 /srv
+big-lower
+del-dir
+del-file
+1000:1000"
+}
+
 fuse_mounts_under_root() {
   awk -v p="$T/root/" '{ m=$5; for (i = 7; $i != "-"; i++); t=$(i+1); if (index(m, p) == 1 && (t ~ /^fuse/ || t == "overlay")) print t, m }' /proc/self/mountinfo
 }
@@ -690,6 +718,7 @@ check export c_export
 check isolation c_isolation
 check image-mount-ro c_image_mount_ro
 check build-cache c_build_cache
+[ "$DRIVER" = layerfs ] && check layerfs-built-image-under-podman c_layerfs_built_image
 check no-mounts-left c_no_mounts_left
 
 [ -f "$T/w/timings" ] && cat "$T/w/timings"

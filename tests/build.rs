@@ -710,3 +710,116 @@ fn json_progress_cache_ls_prune_and_gc() {
     );
     b.assert_clean();
 }
+
+/// The image config of `name` in the store, read from its OCI layout.
+fn image_config(b: &Bench, name: &str) -> serde_json::Value {
+    let store = b.store();
+    let read = |digest: &str| -> serde_json::Value {
+        let hex = digest.trim_start_matches("sha256:");
+        serde_json::from_slice(&fs::read(store.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join("index.json")).unwrap()).unwrap();
+    let desc = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .expect("named in index.json");
+    let manifest = read(desc["digest"].as_str().unwrap());
+    read(manifest["config"]["digest"].as_str().unwrap())
+}
+
+#[test]
+fn every_config_instruction_reaches_the_image_config_and_history() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    let host = if cfg!(target_arch = "x86_64") {
+        "linux/amd64"
+    } else {
+        "linux/arm64"
+    };
+    b.containerfile(&format!(
+        "FROM --platform={host} base\n\
+         LABEL org.example.a=1 \"b c\"=\"d e\"\n\
+         MAINTAINER someone@example.org\n\
+         ENV A=1 B=\"two words\"\n\
+         ENV C=$A-$B\n\
+         EXPOSE 80 443/udp\n\
+         VOLUME /data\n\
+         VOLUME [\"/cache\"]\n\
+         STOPSIGNAL SIGTERM\n\
+         HEALTHCHECK --interval=30s --retries=2 CMD test -e /\n\
+         ONBUILD RUN echo child\n\
+         SHELL [\"/bin/sh\", \"-ec\"]\n\
+         USER app:app\n\
+         WORKDIR /w\n\
+         ENTRYPOINT [\"sh\", \"-c\"]\n\
+         CMD [\"echo hi\"]\n"
+    ));
+    b.build_ok(&[]);
+    let c = image_config(&b, "app");
+    let cfg = &c["config"];
+    assert_eq!(cfg["Labels"]["org.example.a"], "1");
+    assert_eq!(cfg["Labels"]["b c"], "d e");
+    assert_eq!(cfg["Labels"]["maintainer"], "someone@example.org");
+    assert_eq!(c["author"], "someone@example.org");
+    let env: Vec<&str> = cfg["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"C=1-two words"), "{env:?}");
+    assert!(env.iter().any(|e| e.starts_with("PATH=")), "{env:?}");
+    assert!(cfg["ExposedPorts"].get("80/tcp").is_some(), "{cfg}");
+    assert!(cfg["ExposedPorts"].get("443/udp").is_some(), "{cfg}");
+    assert!(
+        cfg["Volumes"].get("/data").is_some() && cfg["Volumes"].get("/cache").is_some(),
+        "{cfg}"
+    );
+    assert_eq!(cfg["StopSignal"], "SIGTERM");
+    assert_eq!(
+        cfg["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "test -e /"])
+    );
+    assert_eq!(cfg["Healthcheck"]["Interval"], 30_000_000_000u64);
+    assert_eq!(cfg["Healthcheck"]["Retries"], 2);
+    assert_eq!(cfg["OnBuild"], serde_json::json!(["RUN echo child"]));
+    assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
+    assert_eq!(cfg["User"], "app:app");
+    assert_eq!(cfg["WorkingDir"], "/w");
+    assert_eq!(cfg["Entrypoint"], serde_json::json!(["sh", "-c"]));
+    assert_eq!(cfg["Cmd"], serde_json::json!(["echo hi"]));
+    // One history entry per instruction after FROM (WORKDIR created /w: a layer).
+    let hist = c["history"].as_array().unwrap();
+    let mine: Vec<&serde_json::Value> = hist.iter().skip(1).collect();
+    assert_eq!(mine.len(), 15, "{hist:?}");
+    let workdir = mine
+        .iter()
+        .find(|h| h["created_by"] == "WORKDIR /w")
+        .unwrap();
+    assert!(workdir.get("empty_layer").is_none() || workdir["empty_layer"] == false);
+    let env_entry = mine
+        .iter()
+        .find(|h| h["created_by"] == "ENV A=1 B=two words")
+        .unwrap();
+    assert_eq!(env_entry["empty_layer"], true);
+    let (_, out) = b.run(&["app"]);
+    assert_eq!(out, "hi\n");
+    // `layerfs history` lists every step, newest first, config-only ones with no layer.
+    let h = b.layerfs(&["history", "app"]);
+    let h = String::from_utf8_lossy(&h.stdout);
+    assert_eq!(h.lines().count(), 1 + 1 + 15, "{h}");
+    assert!(
+        h.lines().nth(1).unwrap().contains("CMD [\"echo hi\"]"),
+        "{h}"
+    );
+    // A platform other than this host's is refused (exit 2).
+    b.containerfile("FROM --platform=linux/s390x base\n");
+    let (code, _, err) = b.build(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("this host builds"), "{err}");
+}

@@ -206,9 +206,15 @@ impl ImageState {
                 .and_then(Value::as_str)
                 .map(str::to_string)
         };
+        let mut config = RunConfig::from_image_config(&img.config);
+        // As BuildKit: an image without PATH gets the default one, so RUN steps and the
+        // built image find their programs.
+        if config.env_get("PATH").is_none() {
+            config.env_set("PATH", super::DEFAULT_PATH);
+        }
         Ok(ImageState {
             layers,
-            config: RunConfig::from_image_config(&img.config),
+            config,
             history: Vec::new(),
             architecture: text("architecture")
                 .unwrap_or_else(|| crate::store::images::host_arch().to_string()),

@@ -312,32 +312,49 @@ pub(super) fn run_history(root: &Option<PathBuf>, reference: &str, json: bool) -
         .config
         .get("history")
         .and_then(|h| h.as_array())
-        .map(|h| {
-            h.iter()
-                .filter(|e| {
-                    !e.get("empty_layer")
-                        .and_then(|v| v.as_bool())
-                        .unwrap_or(false)
-                })
-                .cloned()
-                .collect()
-        })
+        .cloned()
         .unwrap_or_default();
+    // One row per history entry (steps that only changed the config show with no layer, as
+    // `docker history` shows them), then any layer the history does not account for.
     let mut rows = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let h = history.get(i);
-        let field = |k: &str| {
-            h.and_then(|e| e.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
+    let mut layer = 0;
+    let field =
+        |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    for e in &history {
+        let empty = e
+            .get("empty_layer")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let (diff_id, digest, size) = if empty || layer >= ids.len() {
+            (None, None, 0)
+        } else {
+            layer += 1;
+            let l = &img.manifest.layers[layer - 1];
+            (
+                Some(ids[layer - 1].to_string()),
+                Some(l.digest.clone()),
+                l.size,
+            )
         };
+        rows.push(serde_json::json!({
+            "diff_id": diff_id,
+            "digest": digest,
+            "size": size,
+            "empty_layer": diff_id.is_none(),
+            "created": field(e, "created"),
+            "created_by": field(e, "created_by"),
+            "comment": field(e, "comment"),
+        }));
+    }
+    for (i, id) in ids.iter().enumerate().skip(layer) {
         rows.push(serde_json::json!({
             "diff_id": id.to_string(),
             "digest": img.manifest.layers[i].digest,
             "size": img.manifest.layers[i].size,
-            "created": field("created"),
-            "created_by": field("created_by"),
-            "comment": field("comment"),
+            "empty_layer": false,
+            "created": null,
+            "created_by": null,
+            "comment": null,
         }));
     }
     // Newest first, as `docker history`.

@@ -46,7 +46,8 @@ pub struct StepEnd<'a> {
     pub layer_size: Option<u64>,
 }
 
-fn human(n: u64) -> String {
+/// `1.5 MB` style sizes (powers of 1000, as `docker images`).
+pub fn human(n: u64) -> String {
     let units = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -138,9 +138,11 @@ fn unmount_layerfs(m: &mut Mount) -> Result<(), Failure> {
     }
     if let Some(pid) = pid {
         if !common::wait_gone(pid, Duration::from_secs(20)) {
+            // Where each of its threads is, so the finding explains itself.
+            let stacks = super::watchdog::dump_stacks(pid);
             return Err(fail(
                 "daemon hangs",
-                format!("daemon {pid} still running 20 s after umount"),
+                format!("daemon {pid} still running 20 s after umount; its threads:\n{stacks}"),
             ));
         }
     }

@@ -217,11 +217,33 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: Progress) -> BResult<
             .unwrap_or_else(crate::store::time::now),
     );
     let manifest = write_and_tag(store, &state, &created, &opts.tags)?;
-    if let Err(e) = cache::save_record(store, &record_id, &b.record) {
-        log::warn!("not saving the build record: {e}");
+    // A rebuild that changed nothing writes nothing (each write is synced).
+    // (Whether a step hit does not matter to the next build's explanations.)
+    let same_inputs = |a: &[StepRecord], b: &[StepRecord]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                StepRecord {
+                    cached: false,
+                    ..x.clone()
+                } == StepRecord {
+                    cached: false,
+                    ..y.clone()
+                }
+            })
+    };
+    let record_changed = !b
+        .previous
+        .as_ref()
+        .is_some_and(|p| same_inputs(&p.steps, &b.record.steps));
+    if record_changed {
+        if let Err(e) = cache::save_record(store, &record_id, &b.record) {
+            log::warn!("not saving the build record: {e}");
+        }
     }
-    if let Err(e) = b.stat_cache.save(stat_dir.as_fd(), &b.stat_cache_name) {
-        log::warn!("not saving the context's stat cache: {e}");
+    if b.stat_cache.needs_save() {
+        if let Err(e) = b.stat_cache.save(stat_dir.as_fd(), &b.stat_cache_name) {
+            log::warn!("not saving the context's stat cache: {e}");
+        }
     }
     b.progress.done(
         &manifest.to_string(),
@@ -269,7 +291,8 @@ fn load_rules(ctx: &OwnedFd, containerfile: &Path) -> BResult<IgnoreRules> {
     Ok(rules)
 }
 
-/// Store the image config and manifest of `state` and name it `tags`.
+/// Store the image config and manifest of `state` and name it `tags`. A rebuild that gives
+/// the image every tag already names writes nothing.
 fn write_and_tag(
     store: &Store,
     state: &ImageState,
@@ -277,6 +300,18 @@ fn write_and_tag(
     tags: &[String],
 ) -> Result<Digest> {
     let config = state.config_bytes(created)?;
+    let (want, _) = images::image_manifest(&config, state.manifest_layers());
+    let digest = want.digest()?;
+    {
+        let _lock = store.lock(LockKind::Shared)?;
+        let all_there = !tags.is_empty()
+            && tags
+                .iter()
+                .all(|t| images::resolve(store, t).is_ok_and(|img| img.manifest_digest == digest));
+        if all_there {
+            return Ok(digest);
+        }
+    }
     let staging = store.staging()?;
     let _lock = store.lock(LockKind::Exclusive)?;
     let desc = images::write_image(store, &staging, &config, state.manifest_layers())?;
@@ -481,7 +516,6 @@ impl Builder<'_> {
                 Some(entry) => {
                     record.cached = true;
                     self.cached += 1;
-                    cache::touch(self.store, &entry);
                     let created = self.history_time(entry.created);
                     state.apply(
                         entry.layer.clone(),

@@ -68,6 +68,7 @@ pub struct Entry {
     pub history: HistoryEntry,
     /// Unix seconds.
     pub created: i64,
+    /// When it was written (hits do not rewrite entries: a no-op rebuild writes nothing).
     #[serde(default)]
     pub last_used: i64,
     /// How long the step took when it ran.
@@ -105,15 +106,6 @@ pub fn store_entry(store: &Store, entry: &Entry) -> Result<()> {
         .map_err(|e| Error::invalid(format!("encoding a cache entry: {e}")))?;
     fsutil::write_atomic(dir.as_fd(), &entry_name(&key), &bytes, 0o600)
         .map_err(|e| store.err("writing a build cache entry", e))
-}
-
-/// Note that an entry was used now (for `cache ls`); best effort.
-pub fn touch(store: &Store, entry: &Entry) {
-    let mut e = entry.clone();
-    e.last_used = crate::store::time::now();
-    if let Err(err) = store_entry(store, &e) {
-        log::debug!("cache entry {}: {err}", e.key);
-    }
 }
 
 /// Every entry (unreadable ones skipped).

@@ -115,7 +115,7 @@ pub struct RunArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CacheCommand {
-    /// List build cache entries: key, layer size, last used, step.
+    /// List build cache entries: key, layer size, when it was made, step.
     Ls {
         #[arg(long)]
         json: bool,
@@ -272,7 +272,7 @@ pub(super) fn run_cache(root: &Option<PathBuf>, c: CacheCommand) -> Result<()> {
     match c {
         CacheCommand::Ls { json } => {
             let mut entries = cache::list(&store)?;
-            entries.sort_by_key(|e| std::cmp::Reverse(e.last_used));
+            entries.sort_by_key(|e| std::cmp::Reverse(e.created));
             if json {
                 return print_json(&serde_json::to_value(&entries).context("encoding entries")?);
             }
@@ -282,7 +282,7 @@ pub(super) fn run_cache(root: &Option<PathBuf>, c: CacheCommand) -> Result<()> {
                     "{:<12} {:>10}  {:<20}  {}",
                     short(&e.key),
                     e.layer.as_ref().map_or("-".to_string(), |l| human(l.size)),
-                    crate::store::time::rfc3339(e.last_used),
+                    crate::store::time::rfc3339(e.created),
                     e.history.created_by.replace('\n', " ")
                 );
             }

@@ -37,6 +37,9 @@ pub struct ImportArgs {
     /// Refuse layers that decompress more than N:1 past the first 16 MiB (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub max_ratio: u64,
+    /// With --name: the new image's creation time (seconds since the epoch) instead of now.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "N")]
+    pub source_date_epoch: Option<i64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +130,7 @@ pub(super) fn run_import(root: &Option<PathBuf>, quiet: bool, a: ImportArgs) -> 
             a.name.as_deref(),
             a.parent.as_deref(),
             &created_by,
+            a.source_date_epoch,
             lim,
             &|_| {},
         );

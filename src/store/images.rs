@@ -231,21 +231,28 @@ pub fn write_image(
     config_bytes: &[u8],
     layers: Vec<Descriptor>,
 ) -> Result<Descriptor> {
-    let config_digest = put_blob(store, staging, config_bytes)?;
+    put_blob(store, staging, config_bytes)?;
+    let (desc, bytes) = image_manifest(config_bytes, layers);
+    put_blob(store, staging, &bytes)?;
+    Ok(desc)
+}
+
+/// The manifest (descriptor and bytes) [`write_image`] writes for a config and its layers.
+pub fn image_manifest(config_bytes: &[u8], layers: Vec<Descriptor>) -> (Descriptor, Vec<u8>) {
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(model::MT_MANIFEST.to_string()),
-        config: Descriptor::new(model::MT_CONFIG, config_digest, config_bytes.len() as u64),
+        config: Descriptor::new(
+            model::MT_CONFIG,
+            Digest::of(config_bytes),
+            config_bytes.len() as u64,
+        ),
         layers,
         extra: Default::default(),
     };
     let bytes = model::to_bytes(&manifest);
-    let digest = put_blob(store, staging, &bytes)?;
-    Ok(Descriptor::new(
-        model::MT_MANIFEST,
-        digest,
-        bytes.len() as u64,
-    ))
+    let desc = Descriptor::new(model::MT_MANIFEST, Digest::of(&bytes), bytes.len() as u64);
+    (desc, bytes)
 }
 
 /// Name a manifest in `index.json` (replacing what the name pointed at). Call under the

@@ -33,13 +33,15 @@ pub struct Imported {
 }
 
 /// `layerfs import FILE|-`: store a layer tar; with `name`, make an image of it (on top of
-/// `parent` when given).
+/// `parent` when given), created at `created` (seconds; now when `None`).
+#[allow(clippy::too_many_arguments)]
 pub fn import_tar(
     store: &Store,
     input: impl Read,
     name: Option<&str>,
     parent: Option<&str>,
     created_by: &str,
+    created: Option<i64>,
     limits: Limits,
     progress: &dyn Fn(u64),
 ) -> Result<Imported> {
@@ -67,7 +69,7 @@ pub fn import_tar(
             n,
             created_by,
             None,
-            time_now(),
+            created.unwrap_or_else(time_now),
         )?),
         None => None,
     };

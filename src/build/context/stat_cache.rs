@@ -72,6 +72,11 @@ pub struct StatCache {
     racy_window_ns: i128,
     hits: u64,
     files_hashed: u64,
+    /// Some entry was last used more than a day before this cache was loaded: saving it
+    /// refreshes the times that decide what is dropped after 30 days.
+    refresh_due: bool,
+    /// Entries added since the load.
+    inserted: u64,
 }
 
 impl Default for StatCache {
@@ -81,6 +86,8 @@ impl Default for StatCache {
             racy_window_ns: RACY_WINDOW_NS,
             hits: 0,
             files_hashed: 0,
+            refresh_due: false,
+            inserted: 0,
         }
     }
 }
@@ -156,6 +163,13 @@ impl StatCache {
         self.files_hashed
     }
 
+    /// Whether saving would change anything that matters: entries were added, or last-use
+    /// times are due for a refresh. A rebuild that changed nothing then writes (and syncs)
+    /// nothing. (Files changed within the racy window are hashed every time and never added.)
+    pub fn needs_save(&self) -> bool {
+        self.inserted > 0 || self.refresh_due
+    }
+
     /// For tests: remember files however recently they changed.
     #[cfg(test)]
     pub(super) fn trusting_fresh_files(mut self) -> StatCache {
@@ -181,6 +195,7 @@ impl StatCache {
         }
         let last_used = (now / 1_000_000_000) as u64;
         self.entries.insert(after, Cached { digest, last_used });
+        self.inserted += 1;
     }
 
     /// The file format, one entry a line, then a checksum line over everything before it:
@@ -261,6 +276,8 @@ impl StatCache {
             };
             cache.entries.insert(key, cached);
         }
+        let a_day_ago = now_secs().saturating_sub(24 * 3600);
+        cache.refresh_due = cache.entries.values().any(|c| c.last_used < a_day_ago);
         Some(cache)
     }
 }

@@ -867,3 +867,105 @@ fn a_rebuild_that_changes_nothing_writes_nothing() {
     assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");
     assert_eq!(snapshot(&b), before, "a no-op rebuild wrote to the store");
 }
+
+/// Modification times of everything under `root`, by relative path (access times change as
+/// anything reads the files).
+fn mtimes(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, (i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            out.insert(
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                (md.mtime(), md.mtime_nsec()),
+            );
+            if md.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_copied_layer_directory_is_what_its_blob_extracts_to() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    wfile(b.ctx().join("tree/a.txt"), "a\n");
+    wfile(b.ctx().join("tree/sub/deep/b.sh"), "#!/bin/sh\n");
+    common::chmod(b.ctx().join("tree/sub/deep/b.sh"), 0o4755);
+    mkdirp(b.ctx().join("tree/empty"));
+    common::chmod(b.ctx().join("tree/empty"), 0o700);
+    symlink("sub/deep/b.sh", b.ctx().join("tree/link")).unwrap();
+    wfile(b.ctx().join("top.txt"), "top\n");
+    // /bin exists in the image (its directory is recreated in the layer), /opt does not.
+    b.containerfile("FROM base\nCOPY --chown=7:8 tree/ /opt/tree/\nCOPY top.txt /bin/\n");
+    b.build_ok(&[]);
+    let cfg = image_config(&b, "app");
+    let ids: Vec<String> = cfg["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    // The same blobs imported into another store: extracted from the tar.
+    let other = Bench::new();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(b.store().join("index.json")).unwrap()).unwrap();
+    let mdesc = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == "app")
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(
+            b.store().join("blobs/sha256").join(
+                mdesc["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:"),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (i, layer) in manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .skip(1)
+    {
+        let blob = b.store().join("blobs/sha256").join(
+            layer["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:"),
+        );
+        let out = other.layerfs(&["import", blob.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mine = b.store().join("layers").join(&ids[i]);
+        let theirs = other.store().join("layers").join(&ids[i]);
+        common::assert_same(
+            &common::snapshot(&mine),
+            &common::snapshot(&theirs),
+            &format!("layer {i}"),
+        );
+        assert_eq!(mtimes(&mine), mtimes(&theirs), "layer {i}: times");
+    }
+}

@@ -18,7 +18,7 @@
 //! only once every stage succeeded; keys never depend on times or on how the context got here.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -505,6 +505,7 @@ impl Builder<'_> {
             }
             let step_started = Instant::now();
             let keyed = self.key_step(index, i + 1, &expanded, &state, &args)?;
+            log::debug!("step {number}: key in {:?}", step_started.elapsed());
             let no_cache = self.no_cache_for(index);
             let hit = match &no_cache {
                 Some(_) => None,
@@ -575,12 +576,17 @@ impl Builder<'_> {
                         last_used: now,
                         duration_ms: step_started.elapsed().as_millis() as u64,
                     };
+                    let t = Instant::now();
                     cache::store_entry(self.store, &entry)?;
                     if let (Some(m), Some(d)) = (&keyed.manifest, &record.sources) {
                         if let Ok(d) = Digest::parse(d) {
                             cache::save_manifest(self.store, &d, m)?;
                         }
                     }
+                    log::debug!(
+                        "step {number}: entry and listing saved in {:?}",
+                        t.elapsed()
+                    );
                     let before = state.state_digest();
                     state.apply(
                         produced.layer.clone(),
@@ -893,7 +899,10 @@ impl Builder<'_> {
                 });
             }
             Instruction::Copy(_) | Instruction::Add(_) => {
-                let layer = self.layer_step(state, |b, root| b.copy(ins, state, root))?;
+                let layer = match self.copy_direct(ins, state)? {
+                    Some(layer) => layer,
+                    None => self.layer_step(state, |b, root| b.copy(ins, state, root))?,
+                };
                 return Ok(Produced {
                     layer: Some(layer),
                     config,
@@ -917,7 +926,12 @@ impl Builder<'_> {
                 let path = copy::container_path(&config.working_dir, w);
                 config.working_dir = format!("/{}", String::from_utf8_lossy(&path));
                 // Created when missing (as the USER, as BuildKit does), in a layer of its own.
-                if dir_in_image(self.store, state, &path)? != Some(true) {
+                let ids = state.diff_ids()?;
+                let exists = matches!(
+                    ImageView::open(self.store, &ids)?.kind(&path)?,
+                    Found::Dir(_)
+                );
+                if !exists {
                     let user = state.config.user.clone();
                     let layer = self.layer_step(state, |_, root| {
                         let rootfd = root.open()?;
@@ -1005,6 +1019,7 @@ impl Builder<'_> {
             .map_err(|e| Error::io("preparing the step's upper", e))?;
         let ids = state.diff_ids()?;
         rootfs::prepare_upper(self.store, &upper, &ids)?;
+        let t0 = Instant::now();
         let root = MountedRoot::mount(
             self.store,
             &RootSpec {
@@ -1015,10 +1030,13 @@ impl Builder<'_> {
                 container: None,
             },
         )?;
+        let t1 = Instant::now();
         let worked = work(self, &root);
+        let t2 = Instant::now();
         let unmounted = root.unmount();
         worked?;
         unmounted?;
+        let t3 = Instant::now();
         let layer = ops::layer_from_upper(
             self.store,
             &upper,
@@ -1028,6 +1046,13 @@ impl Builder<'_> {
             },
             &|_| {},
         )?;
+        log::debug!(
+            "layer step: mount {:?}, work {:?}, unmount {:?}, diff and publish {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t3.elapsed()
+        );
         drop(staging);
         Ok(LayerRef {
             diff_id: layer.diff_id.to_string(),
@@ -1100,6 +1125,153 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Docker's rule: a destination ending in `/` (or `/.`), or several sources, is a
+    /// directory; several sources need such a destination.
+    fn dest_is_dir(
+        &self,
+        ins: &Located<Instruction>,
+        dest_raw: &str,
+        sources: usize,
+        selected: usize,
+    ) -> BResult<bool> {
+        let slashed = dest_raw.ends_with('/') || dest_raw.ends_with("/.");
+        if (sources > 1 || selected > 1) && !(slashed || dest_raw == ".") {
+            return Err(cf_error(
+                &self.containerfile,
+                format!(
+                    "line {}: {}: with more than one source file the destination must be a directory and end with a /",
+                    ins.line,
+                    ins.value.keyword()
+                ),
+            ));
+        }
+        Ok(slashed || sources > 1 || selected > 1)
+    }
+
+    /// COPY from the build context straight into the step's upper directory, without a
+    /// mount, when that is sure to give what copying through the mount gives: the
+    /// destination's directories are real directories of the image (no symlink to follow),
+    /// nothing copied lands on a directory of the image as a file or the other way round, and
+    /// `--chown` is numeric. The directories of the destination that the image has are
+    /// created in the upper with the image's metadata first, as a copy-up would. `None`: use
+    /// the mount. (10,000 files: 2.1 s through the mount.)
+    fn copy_direct(
+        &mut self,
+        ins: &Located<Instruction>,
+        state: &ImageState,
+    ) -> BResult<Option<LayerRef>> {
+        let Instruction::Copy(c) = &ins.value else {
+            return Ok(None);
+        };
+        if c.from.is_some() {
+            return Ok(None);
+        }
+        let chown = match c.chown.as_deref() {
+            None => None,
+            Some(spec) => match numeric_owner(spec) {
+                Some(o) => Some(o),
+                None => return Ok(None),
+            },
+        };
+        let chmod = c.chmod.as_deref().map(copy::parse_chmod).transpose()?;
+        let mut selected = Vec::new();
+        for src in &c.sources {
+            selected.extend(self.context.select(src.as_bytes()).map_err(|e| {
+                BuildError::Failed(Error::invalid(format!(
+                    "{}:{}: COPY {e}",
+                    self.containerfile, ins.line
+                )))
+            })?);
+        }
+        let dest_is_dir = self.dest_is_dir(ins, &c.dest, c.sources.len(), selected.len())?;
+        let dest = copy::container_path(&state.config.working_dir, &c.dest);
+        let ids = state.diff_ids()?;
+        let image = ImageView::open(self.store, &ids)?;
+        // The destination's chain: directories the image has, until one it lacks.
+        let mut chain = Vec::new();
+        let mut dest_in_image = true;
+        let mut prefix: Vec<u8> = Vec::new();
+        for comp in dest.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            if !prefix.is_empty() {
+                prefix.push(b'/');
+            }
+            prefix.extend_from_slice(comp);
+            match image.kind(&prefix)? {
+                Found::Dir(ino) => chain.push((prefix.clone(), ino)),
+                Found::Missing => {
+                    dest_in_image = false;
+                    break;
+                }
+                Found::Other | Found::Symlink => return Ok(None),
+            }
+        }
+        let dest_dir_in_image = dest_in_image;
+        for (target, is_dir) in copy::planned_targets(
+            &self.context,
+            &selected,
+            &dest,
+            dest_is_dir,
+            dest_dir_in_image,
+        )? {
+            match (image.kind(&target)?, is_dir) {
+                (Found::Missing, _) | (Found::Dir(_), true) | (Found::Other, false) => {}
+                _ => return Ok(None),
+            }
+        }
+        let staging = self.store.staging()?;
+        let upper = staging.path().join("upper");
+        std::fs::create_dir(&upper)
+            .map_err(|e| Error::io(format!("creating {}", upper.display()), e))?;
+        rootfs::prepare_upper(self.store, &upper, &ids)?;
+        let upper_fd = sys::open_dir_path(&upper).map_err(|e| Error::io("opening the upper", e))?;
+        for (path, ino) in &chain {
+            image.recreate_dir(*ino, upper_fd.as_fd(), path)?;
+        }
+        let t0 = Instant::now();
+        copy::copy_into(
+            &self.context,
+            &selected,
+            upper_fd.as_fd(),
+            &dest,
+            dest_is_dir,
+            CopyOptions {
+                chown,
+                chmod,
+                keep_owner: false,
+            },
+        )?;
+        let t1 = Instant::now();
+        // The upper holds exactly what its tar says, so it becomes the layer directory as it
+        // is; with --source-date-epoch the tar clamps times, and the tar is extracted instead.
+        let layer = match self.opts.source_date_epoch {
+            None => {
+                copy::whole_second_times(upper_fd.as_fd())?;
+                ops::layer_from_staged_upper(self.store, &staging, b"upper", self.codec, &|_| {})?
+            }
+            Some(epoch) => ops::layer_from_upper(
+                self.store,
+                &upper,
+                self.codec,
+                export::Options {
+                    source_date_epoch: Some(epoch),
+                },
+                &|_| {},
+            )?,
+        };
+        drop(upper_fd);
+        log::debug!(
+            "direct copy: copy {:?}, diff and publish {:?}",
+            t1 - t0,
+            t1.elapsed()
+        );
+        drop(staging);
+        Ok(Some(LayerRef {
+            diff_id: layer.diff_id.to_string(),
+            blob: layer.blob,
+            size: layer.tar_size,
+        }))
+    }
+
     fn copy(
         &mut self,
         ins: &Located<Instruction>,
@@ -1164,22 +1336,7 @@ impl Builder<'_> {
                 )))
             })?);
         }
-        let dest_is_dir = dest_raw.ends_with('/')
-            || dest_raw.ends_with("/.")
-            || srcs.len() > 1
-            || selected.len() > 1;
-        if (srcs.len() > 1 || selected.len() > 1)
-            && !(dest_raw.ends_with('/') || dest_raw.ends_with("/.") || dest_raw == ".")
-        {
-            return Err(cf_error(
-                &self.containerfile,
-                format!(
-                    "line {}: {}: with more than one source file the destination must be a directory and end with a /",
-                    ins.line,
-                    ins.value.keyword()
-                ),
-            ));
-        }
+        let dest_is_dir = self.dest_is_dir(ins, dest_raw, srcs.len(), selected.len())?;
         let opts = CopyOptions {
             chown,
             chmod,
@@ -1279,34 +1436,133 @@ fn extract_archive(reader: Box<dyn std::io::Read>, dir: &Path) -> Result<Context
     Ok(Context::from_fd(fd, IgnoreRules::default()))
 }
 
-/// Whether `path` (relative to the image's root) is a directory in the image: `Some(false)`
-/// when it is missing, `None` when a symlink is on the way (then only a mount can tell).
-/// Looked up in the layer directories through the union, without mounting.
-fn dir_in_image(store: &Store, state: &ImageState, path: &[u8]) -> Result<Option<bool>> {
-    let ids = state.diff_ids()?;
-    if ids.is_empty() {
-        return Ok(Some(path.is_empty()));
+/// What a path is in an image.
+enum Found {
+    Missing,
+    Dir(u64),
+    Symlink,
+    Other,
+}
+
+/// An image's layers seen through the union library, without a mount: for looking paths up
+/// and copying a directory's metadata.
+struct ImageView {
+    union: Option<crate::union::Union>,
+    /// Directories looked up so far (path -> inode, or missing).
+    dirs: std::cell::RefCell<HashMap<Vec<u8>, Option<u64>>>,
+}
+
+impl ImageView {
+    fn open(store: &Store, ids: &[Digest]) -> Result<ImageView> {
+        let union = if ids.is_empty() {
+            None
+        } else {
+            Some(crate::union::Union::new(&crate::union::UnionConfig {
+                lowers: ids
+                    .iter()
+                    .rev()
+                    .map(|id| crate::store::layers::path(store, id))
+                    .collect(),
+                upper: None,
+                fsync: false,
+            })?)
+        };
+        Ok(ImageView {
+            union,
+            dirs: Default::default(),
+        })
     }
-    let union = crate::union::Union::new(&crate::union::UnionConfig {
-        lowers: ids
-            .iter()
-            .rev()
-            .map(|id| crate::store::layers::path(store, id))
-            .collect(),
-        upper: None,
-        fsync: false,
-    })?;
-    let mut ino = crate::union::ROOT;
-    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-        match union.lookup(ino, comp) {
-            Ok(a) if a.st.is_dir() => ino = a.ino,
-            Ok(a) if a.st.is_symlink() => return Ok(None),
-            Ok(_) => return Ok(Some(false)),
-            Err(e) if e.is(libc::ENOENT) => return Ok(Some(false)),
-            Err(e) => return Err(e),
+
+    /// The inode of directory `path`, when it is one.
+    fn dir(&self, path: &[u8]) -> Result<Option<u64>> {
+        let Some(union) = &self.union else {
+            return Ok(path.is_empty().then_some(crate::union::ROOT));
+        };
+        if path.is_empty() {
+            return Ok(Some(crate::union::ROOT));
         }
+        if let Some(known) = self.dirs.borrow().get(path) {
+            return Ok(*known);
+        }
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        let found = match self.dir(parent)? {
+            None => None,
+            Some(p) => match union.lookup(p, name) {
+                Ok(a) if a.st.is_dir() => Some(a.ino),
+                Ok(_) => None,
+                Err(e) if e.is(libc::ENOENT) => None,
+                Err(e) => return Err(e),
+            },
+        };
+        self.dirs.borrow_mut().insert(path.to_vec(), found);
+        Ok(found)
     }
-    Ok(Some(true))
+
+    fn kind(&self, path: &[u8]) -> Result<Found> {
+        let Some(union) = &self.union else {
+            return Ok(if path.is_empty() {
+                Found::Dir(crate::union::ROOT)
+            } else {
+                Found::Missing
+            });
+        };
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        if name.is_empty() {
+            return Ok(Found::Dir(crate::union::ROOT));
+        }
+        let Some(p) = self.dir(parent)? else {
+            // A parent the image lacks (or that is not a directory: then the parent itself was
+            // checked as a target and found wanting).
+            return Ok(Found::Missing);
+        };
+        Ok(match union.lookup(p, name) {
+            Ok(a) if a.st.is_dir() => Found::Dir(a.ino),
+            Ok(a) if a.st.is_symlink() => Found::Symlink,
+            Ok(_) => Found::Other,
+            Err(e) if e.is(libc::ENOENT) => Found::Missing,
+            Err(e) => return Err(e),
+        })
+    }
+
+    /// Make directory `path` in `upper` with the mode, owner, times and xattrs directory
+    /// `ino` of the image has (what a copy-up of it writes).
+    fn recreate_dir(&self, ino: u64, upper: BorrowedFd<'_>, path: &[u8]) -> Result<()> {
+        let Some(union) = &self.union else {
+            return Ok(());
+        };
+        let st = union.getattr(ino)?.st;
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        let pfd = sys::open_dir_beneath(upper, parent)
+            .map_err(|e| Error::io(format!("opening /{}", crate::error::ShowPath(parent)), e))?;
+        let io = |what: &str, e| Error::io(format!("{what} /{}", crate::error::ShowPath(path)), e);
+        sys::mkdir_at(pfd.as_fd(), name, 0o700).map_err(|e| io("creating", e))?;
+        let fd = sys::open_at(pfd.as_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| io("opening", e))?;
+        for x in union.listxattr(ino)? {
+            if crate::oci::keep_xattr(&x) {
+                let v = union.getxattr(ino, &x)?;
+                sys::xattr_set(sys::XTarget::Fd(fd.as_fd()), &x, &v, 0)
+                    .map_err(|e| io("copying xattrs of", e))?;
+            }
+        }
+        sys::fchown(fd.as_fd(), Some(st.uid), Some(st.gid)).map_err(|e| io("chown", e))?;
+        sys::fchmod(fd.as_fd(), st.perm()).map_err(|e| io("chmod", e))?;
+        sys::futimens(
+            fd.as_fd(),
+            sys::SetTime::At(st.atime),
+            sys::SetTime::At(st.mtime),
+        )
+        .map_err(|e| io("setting times of", e))
+    }
 }
 
 /// Sources, `--chown` and `--chmod` of a COPY or ADD.

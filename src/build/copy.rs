@@ -148,6 +148,40 @@ fn clear_slot(dir: BorrowedFd<'_>, name: &[u8], shown: &[u8]) -> Result<()> {
     }
 }
 
+/// Where an entry of a source lands: a directory's contents under `dest`, a file in `dest`
+/// when it is a directory (`into_dir`), else at `dest` itself.
+fn target_of(source: &Selected, rel: &[u8], dest: &[u8], into_dir: bool) -> Vec<u8> {
+    if source.kind == EntryKind::Dir {
+        join(dest, rel)
+    } else if into_dir {
+        join(dest, source.name())
+    } else {
+        dest.to_vec()
+    }
+}
+
+/// Every path a copy would write, with whether it is a directory, in walk order; `dest_is_dir_in_image`
+/// says whether `dest` is an existing directory (as [`copy_into`] finds it in its root).
+pub fn planned_targets(
+    src: &Context,
+    selected: &[Selected],
+    dest: &[u8],
+    dest_is_dir: bool,
+    dest_is_dir_in_image: bool,
+) -> Result<Vec<(Vec<u8>, bool)>> {
+    let mut out = Vec::new();
+    for source in selected {
+        let into_dir = dest_is_dir || source.kind == EntryKind::Dir || dest_is_dir_in_image;
+        for entry in src.walk(source)? {
+            out.push((
+                target_of(source, &entry.rel, dest, into_dir),
+                entry.kind == EntryKind::Dir,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// A copied directory's path, mode, mtime and owner, applied after its contents.
 type DirToFinish = (Vec<u8>, u32, sys::Timespec, (u32, u32));
 
@@ -179,13 +213,7 @@ pub fn copy_into(
                     ShowPath(&entry.path)
                 )));
             }
-            let target = if source.kind == EntryKind::Dir {
-                join(dest, &entry.rel)
-            } else if into_dir {
-                join(dest, source.name())
-            } else {
-                dest.to_vec()
-            };
+            let target = target_of(source, &entry.rel, dest, into_dir);
             let mode = match (entry.kind, opts.chmod) {
                 (EntryKind::Symlink, _) | (_, None) => entry.perm(),
                 (_, Some(m)) => m & 0o7777,
@@ -276,6 +304,43 @@ pub fn copy_into(
             .map_err(|e| io_err("setting times of", path, e))?;
     }
     Ok(stats)
+}
+
+/// Give everything under `dir` (and `dir` itself) what extracting its layer tar gives: the
+/// modification time in whole seconds (the canonical tar keeps no fractions) and the access
+/// time equal to it. Directories are done after their contents. Symlinks are not followed.
+pub fn whole_second_times(dir: BorrowedFd<'_>) -> Result<()> {
+    let whole = |st: &sys::FileStat| {
+        let t = sys::Timespec {
+            sec: st.mtime.sec,
+            nsec: 0,
+        };
+        (SetTime::At(t), SetTime::At(t))
+    };
+    for e in sys::read_dir_all(
+        sys::open_dir_beneath(dir, b"").map_err(|e| Error::io("reading a layer", e))?,
+    )
+    .map_err(|e| Error::io("reading a layer", e))?
+    {
+        let st = sys::stat_at(dir, &e.name).map_err(|err| io_err("stat", &e.name, err))?;
+        if st.is_dir() {
+            let sub = sys::open_at(
+                dir,
+                &e.name,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|err| io_err("opening", &e.name, err))?;
+            whole_second_times(sub.as_fd())?;
+        } else {
+            let (a, m) = whole(&st);
+            sys::utimens_at(dir, &e.name, a, m)
+                .map_err(|err| io_err("setting times of", &e.name, err))?;
+        }
+    }
+    let st = sys::fstat(dir).map_err(|e| Error::io("stat of a layer directory", e))?;
+    let (a, m) = whole(&st);
+    sys::futimens(dir, a, m).map_err(|e| Error::io("setting times of a layer directory", e))
 }
 
 /// `--chmod=0755` (octal only, as BuildKit before symbolic modes).

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -621,6 +622,60 @@ pub fn layer_from_upper(
         diff_id: staged.diff_id,
         blob: staged.blob,
         tar_size: staged.tar_size,
+        new,
+    })
+}
+
+/// Diff the upper directory `staging/name` into a layer whose directory is that upper itself,
+/// renamed into `layers/` (nothing extracted again, nothing deleted). Only for an upper that
+/// holds exactly what extracting its tar would give: plain entries in the store's format,
+/// no layerfs bookkeeping xattrs, and times the diff does not clamp (no `source_date_epoch`).
+/// `build` uses it for COPY steps it writes straight into an upper.
+pub fn layer_from_staged_upper(
+    store: &Store,
+    staging: &Staging<'_>,
+    name: &[u8],
+    codec: Codec,
+    progress: &dyn Fn(u64),
+) -> Result<PublishedLayer> {
+    let upper = staging.path().join(std::ffi::OsStr::from_bytes(name));
+    let blob_fd = sys::open_at(
+        staging.fd(),
+        layers::STAGED_BLOB,
+        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+        0o644,
+    )
+    .map_err(|e| Error::io("staging the blob", e))?;
+    let blob = BufWriter::with_capacity(1 << 20, File::from(blob_fd));
+    let (diffed, blob, _) = pipeline(
+        &upper,
+        codec,
+        blob,
+        None,
+        export::Options::default(),
+        progress,
+    )?;
+    blob.into_inner()
+        .map_err(|e| Error::io("writing the blob", e.into_error()))?;
+    staging.sync()?;
+    let _lock = store.lock(LockKind::Exclusive)?;
+    store.publish(
+        staging,
+        layers::STAGED_BLOB,
+        b"blobs/sha256",
+        diffed.blob.hex().as_bytes(),
+    )?;
+    let new = layers::publish_tree(
+        store,
+        staging,
+        name,
+        &diffed.diff_id,
+        diffed.stats.tar_bytes,
+    )?;
+    Ok(PublishedLayer {
+        diff_id: diffed.diff_id,
+        blob: Descriptor::new(codec.kind.media_type(), diffed.blob, diffed.blob_size),
+        tar_size: diffed.stats.tar_bytes,
         new,
     })
 }

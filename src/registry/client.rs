@@ -337,6 +337,38 @@ impl Client {
         Ok(client)
     }
 
+    /// Check credentials the way `docker login` does: `GET /v2/` with them (Basic), or a
+    /// token without a scope (Bearer). A registry that asks for nothing accepts anything.
+    pub fn check_login(&self) -> Result<()> {
+        let challenge = {
+            let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+            st.challenge.clone()
+        };
+        match challenge {
+            None => {
+                log::info!("{} asks for no credentials", self.reference.registry);
+                Ok(())
+            }
+            Some(c) if c.scheme == "bearer" => self.fetch_token(&c, &[]).map(drop),
+            Some(_) => {
+                let url = format!("{}/v2/", self.base);
+                let mut req = Req::new("GET", url);
+                if let Some(c) = &self.creds {
+                    req = req.header("authorization", format!("Basic {}", c.encode()));
+                }
+                let mut resp = self.retrying(&req, None)?;
+                match resp.status().as_u16() {
+                    200 => Ok(()),
+                    401 => Err(Error::invalid(format!(
+                        "{}: the registry refused the credentials",
+                        self.reference.registry
+                    ))),
+                    _ => Err(status_error("logging in", &mut resp)),
+                }
+            }
+        }
+    }
+
     pub fn retries(&self) -> u32 {
         self.retries
     }
@@ -473,8 +505,15 @@ impl Client {
             req = req.header("authorization", format!("Basic {}", c.encode()));
         }
         let mut resp = self.retrying(&req, None)?;
-        if resp.status().as_u16() != 200 {
-            return Err(status_error("getting a registry token", &mut resp));
+        match resp.status().as_u16() {
+            200 => {}
+            401 => {
+                return Err(Error::invalid(format!(
+                    "{}: the token server refused the credentials",
+                    self.reference.registry
+                )));
+            }
+            _ => return Err(status_error("getting a registry token", &mut resp)),
         }
         let body = resp
             .body_mut()

@@ -18,6 +18,8 @@ pub mod reference;
 
 pub use client::{Client, Options};
 pub use reference::Reference;
+pub mod pull;
+pub mod push;
 pub mod state;
 
 use crate::error::{Error, Result};

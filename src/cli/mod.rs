@@ -180,9 +180,20 @@ fn init_logging(verbose: u8, debug: bool) {
 
 /// Print a one-line error and return the exit code.
 fn fail(e: &anyhow::Error) -> i32 {
-    // One line: the chain joined, newlines flattened.
-    let msg = format!("{e:#}").replace('\n', " ");
-    eprintln!("layerfs: {msg}");
+    // One line: the chain joined, newlines flattened. A cause its error already printed
+    // (`Error::Io` shows its source) is not repeated.
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if msg.ends_with(&s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s);
+    }
+    eprintln!("layerfs: {}", msg.replace('\n', " "));
     1
 }
 

@@ -110,15 +110,24 @@ pub struct Client {
     retries: u32,
 }
 
-/// A transport failure worth retrying (the connection, not the request, went wrong).
+/// A transport failure worth retrying: the connection broke, not the conversation. TLS
+/// failures arrive as `Io` errors of kind `InvalidData` and are not retried.
 fn transient(e: &ureq::Error) -> bool {
-    matches!(
-        e,
-        ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_)
-            | ureq::Error::BodyStalled
+    match e {
+        ureq::Error::Io(io) => transient_io(io),
+        ureq::Error::Timeout(_)
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Protocol(_)
+        | ureq::Error::BodyStalled => true,
+        _ => false,
+    }
+}
+
+/// An I/O error of a broken or refused connection (worth retrying).
+pub fn transient_io(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
     )
 }
 
@@ -189,12 +198,16 @@ pub fn status_error(what: &str, resp: &mut Response<Body>) -> Error {
 }
 
 fn net_error(what: &str, e: ureq::Error, plain_http: bool) -> Error {
-    let hint = match &e {
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) if !plain_http => {
-            " (a private CA: --cert-dir DIR; a plain-HTTP registry: --tls-verify=false)"
-        }
-        ureq::Error::Protocol(_) if !plain_http => " (a plain-HTTP registry? --tls-verify=false)",
-        _ => "",
+    let tls = match &e {
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => true,
+        ureq::Error::Io(io) => !transient_io(io),
+        _ => false,
+    };
+    let hint = if tls && !plain_http {
+        " (TLS failed: a private CA needs --cert-dir DIR; a plain-HTTP registry needs \
+         --tls-verify=false)"
+    } else {
+        ""
     };
     Error::io(
         format!("{what}{hint}"),

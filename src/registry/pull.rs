@@ -13,9 +13,9 @@
 //! 4. Under the exclusive store lock: layers, config and manifest are published and the name
 //!    is tagged last. Manifests and configs are stored byte for byte (digests preserved).
 //!
-//! A failure anywhere before step 4 leaves the store's images, blobs and layers untouched;
-//! a download cut short stays in `registry/partial/` to be resumed; bytes that do not match
-//! are removed.
+//! A failure anywhere before step 4 leaves the store as it was, except that a download cut
+//! short by the network stays in `registry/partial/` to be resumed; complete downloads and
+//! bytes that do not match are removed.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -426,27 +426,39 @@ fn fetch_layer<'s>(
     input
         .seek(SeekFrom::Start(0))
         .map_err(|e| Error::io("reading a download", e))?;
-    let staging = store.staging()?;
-    let mut layer = layers::stage(&staging, input.take(desc.size), limits, Some(d), &|_| {})
-        .map_err(|e| Error::invalid(format!("layer {d}: {e}")))?;
-    if layer.blob.size != desc.size {
-        return Err(Error::invalid(format!(
-            "layer {d}: {} bytes, the manifest says {}",
-            layer.blob.size, desc.size
-        )));
+    let staged = (|| {
+        let staging = store.staging()?;
+        let mut layer = layers::stage(&staging, input.take(desc.size), limits, Some(d), &|_| {})
+            .map_err(|e| Error::invalid(format!("layer {d}: {e}")))?;
+        if layer.blob.size != desc.size {
+            return Err(Error::invalid(format!(
+                "layer {d}: {} bytes, the manifest says {}",
+                layer.blob.size, desc.size
+            )));
+        }
+        if layer.diff_id != *want {
+            return Err(Error::invalid(format!(
+                "layer {d}: its diffID is {}, the config says {want}; nothing was stored",
+                layer.diff_id
+            )));
+        }
+        layer.blob = desc.clone();
+        Ok((staging, layer))
+    })();
+    match staged {
+        Ok((staging, layer)) => Ok(Staged {
+            staging,
+            layer,
+            partial,
+        }),
+        Err(e) => {
+            // A complete download that cannot be used is not kept.
+            if let Some(p) = partial {
+                p.remove(store);
+            }
+            Err(e)
+        }
     }
-    if layer.diff_id != *want {
-        return Err(Error::invalid(format!(
-            "layer {d}: its diffID is {}, the config says {want}; nothing was stored",
-            layer.diff_id
-        )));
-    }
-    layer.blob = desc.clone();
-    Ok(Staged {
-        staging,
-        layer,
-        partial,
-    })
 }
 
 /// Choose the manifest of `platform` in an index.
@@ -605,8 +617,23 @@ pub fn pull(
         }
     });
     let mut staged = Vec::new();
+    let mut first_error = None;
     for r in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        staged.push(r?);
+        match r {
+            Ok(s) => staged.push(s),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        // Only downloads cut short stay (to be resumed); complete ones go with the pull.
+        for s in staged {
+            if let Some(p) = s.partial {
+                p.remove(store);
+            }
+        }
+        return Err(e);
     }
     // Publish: layers, then config and manifest, then the name.
     let lock = store.lock(LockKind::Exclusive)?;

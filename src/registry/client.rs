@@ -107,6 +107,8 @@ pub struct Client {
     /// `pull` or `pull,push`.
     actions: &'static str,
     auth: Mutex<AuthState>,
+    /// Held while a token is fetched, so concurrent requests wait for one fetch.
+    token_fetch: Mutex<()>,
     retries: u32,
 }
 
@@ -344,6 +346,7 @@ impl Client {
             tls_verify: opts.tls_verify,
             actions: if push { "pull,push" } else { "pull" },
             auth: Mutex::new(AuthState::default()),
+            token_fetch: Mutex::new(()),
             retries: retries_from_env(),
         };
         client.ping()?;
@@ -442,8 +445,15 @@ impl Client {
         match pick {
             Some(c) => {
                 log::debug!("registry challenge: {} {:?}", c.scheme, c.param("realm"));
+                let same = st.challenge.as_ref().is_some_and(|old| {
+                    old.scheme == c.scheme
+                        && old.param("realm") == c.param("realm")
+                        && old.param("service") == c.param("service")
+                });
+                if !same {
+                    st.tokens.clear();
+                }
                 st.challenge = Some(c);
-                st.tokens.clear();
                 true
             }
             None => false,
@@ -459,27 +469,55 @@ impl Client {
         s
     }
 
-    /// The `Authorization` header for a request needing `scopes`, fetching a token if needed.
+    /// The `Authorization` header for a request needing `scopes`, fetching a token if needed
+    /// (one fetch at a time: threads asking for the same scope share it).
     fn authorization(&self, scopes: &[String]) -> Result<Option<String>> {
+        if let Some(a) = self.cached_authorization(scopes) {
+            return Ok(a);
+        }
+        let _fetching = self.token_fetch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = self.cached_authorization(scopes) {
+            return Ok(a);
+        }
         let challenge = {
             let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
             match &st.challenge {
+                Some(c) => c.clone(),
                 None => return Ok(None),
-                Some(c) if c.scheme == "basic" => {
-                    return Ok(self.creds.as_ref().map(|c| format!("Basic {}", c.encode())));
-                }
-                Some(c) => {
-                    if let Some(t) = st.tokens.get(&scopes.join(" ")) {
-                        return Ok(Some(format!("Bearer {t}")));
-                    }
-                    c.clone()
-                }
             }
         };
         let token = self.fetch_token(&challenge, scopes)?;
         let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
         st.tokens.insert(scopes.join(" "), token.clone());
         Ok(Some(format!("Bearer {token}")))
+    }
+
+    /// What [`Self::authorization`] answers without fetching; `None` when a token is needed.
+    fn cached_authorization(&self, scopes: &[String]) -> Option<Option<String>> {
+        let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        match &st.challenge {
+            None => Some(None),
+            Some(c) if c.scheme == "basic" => {
+                Some(self.creds.as_ref().map(|c| format!("Basic {}", c.encode())))
+            }
+            Some(_) => st
+                .tokens
+                .get(&scopes.join(" "))
+                .map(|t| Some(format!("Bearer {t}"))),
+        }
+    }
+
+    /// Forget the token used for `scopes` when it is `used` (refused: expired, say).
+    fn drop_token(&self, scopes: &[String], used: Option<&str>) {
+        let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        let key = scopes.join(" ");
+        if st
+            .tokens
+            .get(&key)
+            .is_some_and(|t| used == Some(format!("Bearer {t}").as_str()))
+        {
+            st.tokens.remove(&key);
+        }
     }
 
     fn fetch_token(&self, ch: &Challenge, scopes: &[String]) -> Result<String> {
@@ -601,6 +639,7 @@ impl Client {
                 return Ok(resp);
             }
             answered = true;
+            self.drop_token(&scopes, authz.as_deref());
             let basic = {
                 let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
                 st.challenge.as_ref().is_some_and(|c| c.scheme == "basic")

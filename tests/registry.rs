@@ -75,6 +75,11 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path, secure: Option<&Secure>) -> Registry {
+        Registry::start_with(dir, secure, "")
+    }
+
+    /// With `extra` appended to the config (an `auth:` section).
+    fn start_with(dir: &Path, secure: Option<&Secure>, extra: &str) -> Registry {
         let port = free_port();
         let storage = dir.join("registry-data");
         let config = dir.join(format!("registry-{port}.yml"));
@@ -92,6 +97,7 @@ impl Registry {
                 s.htpasswd.display()
             ));
         }
+        yml.push_str(extra);
         std::fs::write(&config, yml).unwrap();
         let mut r = Registry {
             child: None,
@@ -1002,5 +1008,268 @@ fn lying_registry_is_refused() {
     restore(&digest, &orig);
     // Honest again: the pull goes through.
     assert_eq!(String::from_utf8_lossy(&pull(&b).stdout).trim(), digest);
+    fsck_clean(&b);
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn b64url(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+/// A token server of the distribution token protocol: JWTs signed (RS256, `x5c` header) by
+/// a key whose certificate the registry trusts. `tester:s3cret` gets the actions asked for;
+/// anyone else gets none, and a wrong password a 401.
+struct TokenServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    /// Scopes asked for, one entry per token request.
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path) -> TokenServer {
+        let d = dir.display();
+        store_common::sh(&format!(
+            "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -keyout token.key \
+             -out token.crt -days 2 -subj /CN=token-issuer 2>/dev/null"
+        ));
+        let pem = std::fs::read_to_string(dir.join("token.crt")).unwrap();
+        let der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let key = dir.join("token.key");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, reqs) = (stop.clone(), requests.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((mut c, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+                let mut scopes = Vec::new();
+                let mut service = String::new();
+                for kv in query.split('&') {
+                    match kv.split_once('=') {
+                        Some(("scope", v)) => scopes.push(percent_decode(v)),
+                        Some(("service", v)) => service = percent_decode(v),
+                        _ => {}
+                    }
+                }
+                reqs.lock().unwrap().push(scopes.join(" "));
+                let auth = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("authorization")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let good = format!("Basic {}", base64_std(b"tester:s3cret"));
+                if !auth.is_empty() && auth != good {
+                    let _ = c.write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                let access: Vec<serde_json::Value> = if auth == good {
+                    scopes
+                        .iter()
+                        .filter_map(|sc| {
+                            let mut p = sc.splitn(3, ':');
+                            let (t, name, actions) = (p.next()?, p.next()?, p.next()?);
+                            Some(serde_json::json!({"type": t, "name": name,
+                                "actions": actions.split(',').collect::<Vec<_>>()}))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [der_b64]});
+                let claims = serde_json::json!({
+                    "iss": "test-issuer", "sub": "tester", "aud": service,
+                    "exp": now + 300, "nbf": now - 10, "iat": now,
+                    "jti": format!("{now}-{}", reqs.lock().unwrap().len()),
+                    "access": access,
+                });
+                let input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
+                let mut sign = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-binary", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                sign.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
+                let sig = sign.wait_with_output().unwrap().stdout;
+                let body = serde_json::json!({"token": format!("{input}.{}", b64url(&sig)),
+                    "expires_in": 300})
+                .to_string();
+                let _ = c.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        TokenServer {
+            port,
+            stop,
+            requests,
+        }
+    }
+
+    /// The registry's `auth:` section for this server.
+    fn registry_auth(&self, dir: &Path) -> String {
+        format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: test-registry\n    \
+             issuer: test-issuer\n    rootcertbundle: {}\n",
+            self.port,
+            dir.join("token.crt").display()
+        )
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn base64_std(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+#[test]
+fn bearer_token_auth() {
+    if !ready() {
+        return;
+    }
+    let a = Env::new();
+    let b = Env::new();
+    let tokens = TokenServer::start(a.dir.path());
+    let reg = Registry::start_with(a.dir.path(), None, &tokens.registry_auth(a.dir.path()));
+    make_image(&a, "app", 1 << 20, 7);
+    let (digest, _) = image_of(&a, "app");
+    let dest = format!("{}/tok/app:1", reg.host());
+
+    // Anonymous tokens grant nothing here: refused, with the reason.
+    fails(&a, &["push", "app", &dest, "--tls-verify=false"], "401");
+    let before = tokens.requests.lock().unwrap().len();
+    let pushed = ok(
+        &a,
+        &[
+            "push",
+            "app",
+            &dest,
+            "--tls-verify=false",
+            "--creds",
+            "tester:s3cret",
+        ],
+    );
+    assert_eq!(pushed.trim(), digest);
+    // One token for the whole push (cached per scope), asked for pull and push.
+    let asked = tokens.requests.lock().unwrap()[before..].to_vec();
+    assert_eq!(asked, ["repository:tok/app:pull,push"]);
+    // A mount from another repository asks for a token covering both.
+    let out = lfs(
+        &a,
+        &[
+            "-v",
+            "push",
+            "app",
+            &format!("{}/tok/other:1", reg.host()),
+            "--tls-verify=false",
+            "--creds",
+            "tester:s3cret",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("3 mounted"), "{err}");
+    assert!(
+        tokens
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s == "repository:tok/other:pull,push repository:tok/app:pull"),
+        "{:?}",
+        tokens.requests.lock().unwrap()
+    );
+
+    // login gets a token with the password (no scope), and a pull then uses the auth file.
+    fails(
+        &b,
+        &[
+            "login",
+            &reg.host(),
+            "-u",
+            "tester",
+            "-p",
+            "bad",
+            "--tls-verify=false",
+        ],
+        "refused the credentials",
+    );
+    ok(
+        &b,
+        &[
+            "login",
+            &reg.host(),
+            "-u",
+            "tester",
+            "-p",
+            "s3cret",
+            "--tls-verify=false",
+        ],
+    );
+    assert_eq!(
+        ok(&b, &["pull", &dest, "--tls-verify=false"]).trim(),
+        digest
+    );
     fsck_clean(&b);
 }

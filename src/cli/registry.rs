@@ -140,6 +140,7 @@ struct HiddenBar;
 impl Bar for HiddenBar {
     fn inc(&self, _: u64) {}
     fn set(&self, _: u64) {}
+    fn note(&self, _: &str) {}
     fn finish(&self, _: &str) {}
 }
 
@@ -150,8 +151,11 @@ impl Bar for ShownBar {
     fn set(&self, done: u64) {
         self.bar.set_position(done);
     }
-    fn finish(&self, note: &str) {
+    fn note(&self, note: &str) {
         self.bar.set_message(format!("{} {note}", self.label));
+    }
+    fn finish(&self, note: &str) {
+        self.note(note);
         self.bar.finish();
     }
 }
@@ -172,7 +176,7 @@ impl registry::Progress for Bars {
         };
         let bar = m.add(ProgressBar::new(size));
         if let Ok(style) = ProgressStyle::with_template(
-            "{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            "{msg:23} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
         ) {
             bar.set_style(style);
         }

@@ -630,6 +630,16 @@ impl Client {
     /// transiently. A 401 is answered once: with the new challenge's scheme, or a fresh token
     /// (the cached one may have expired).
     pub fn send(&self, req: &Req<'_>) -> Result<Response<Body>> {
+        // Credentials and tokens go to the registry only, never to another host an upload
+        // Location names.
+        if !req.url.starts_with(&format!("{}/", self.base)) {
+            log::debug!(
+                "{} {}: another host, sent without credentials",
+                req.method,
+                req.url
+            );
+            return self.retrying(req, None);
+        }
         let scopes = self.scopes(&req.scopes);
         let mut answered = false;
         loop {

@@ -35,6 +35,8 @@ pub trait Bar: Send {
     fn inc(&self, n: u64);
     /// Back to `done` bytes (a transfer restarted).
     fn set(&self, done: u64);
+    /// What is happening now (the bytes are all there: "extracting").
+    fn note(&self, note: &str);
     /// The transfer ended; `note` says how ("done", "exists", "mounted from x").
     fn finish(&self, note: &str);
 }
@@ -47,6 +49,7 @@ struct NoBar;
 impl Bar for NoBar {
     fn inc(&self, _: u64) {}
     fn set(&self, _: u64) {}
+    fn note(&self, _: &str) {}
     fn finish(&self, _: &str) {}
 }
 

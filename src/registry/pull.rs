@@ -287,18 +287,24 @@ fn fetch_range(
     Ok(())
 }
 
-/// Download blob `d` of `size` bytes into its partial file (resuming what is there), and check
-/// its size and digest. Returns the locked, complete partial.
+/// Download blob `d` of `size` bytes into its (locked) partial file, resuming what is there,
+/// and check its size and digest. Returns the transfer's progress bar.
 fn download(
     store: &Store,
     client: &Client,
+    part: &mut Partial,
     d: &Digest,
     size: u64,
     progress: &dyn Progress,
     downloaded: &AtomicU64,
-) -> Result<Partial> {
-    let mut part = state::open_partial(store, d)?;
+) -> Result<Box<dyn super::Bar>> {
     let io = |e| Error::io(format!("partial download of {d}"), e);
+    if part.linked_elsewhere()? {
+        // Left linked to a blob or staging directory by a pull that died: never write into
+        // it; start a new file.
+        part.remove(store);
+        *part = state::open_partial(store, d)?;
+    }
     let mut have = part.file.metadata().map_err(io)?.len();
     let mut hasher = Hasher::default();
     if have > size {
@@ -372,8 +378,8 @@ fn download(
             "blob {d}: the registry sent {size} bytes that hash to {got}; nothing was stored"
         )));
     }
-    bar.finish("done");
-    Ok(part)
+    bar.note("extracting");
+    Ok(bar)
 }
 
 fn blob_exists(store: &Store, d: &Digest) -> Result<bool> {
@@ -402,6 +408,8 @@ fn fetch_layer<'s>(
     downloaded: &AtomicU64,
 ) -> Result<Staged<'s>> {
     let d = desc.digest()?;
+    // The partial's lock first: another pull of this blob may publish it while we wait.
+    let mut part = state::open_partial(store, &d)?;
     let local = {
         let _lock = store.lock(LockKind::Shared)?;
         let dir = store.dir(b"blobs/sha256")?;
@@ -411,25 +419,7 @@ fn fetch_layer<'s>(
             Err(e) => return Err(store.err(&format!("opening blob {d}"), e)),
         }
     };
-    let (input, partial) = match local {
-        Some(f) => (f, None),
-        None => {
-            let part = download(store, client, &d, desc.size, progress, downloaded)?;
-            let f = part
-                .file
-                .try_clone()
-                .map_err(|e| Error::io("reopening a download", e))?;
-            (f, Some(part))
-        }
-    };
-    let mut input = input;
-    input
-        .seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io("reading a download", e))?;
-    let staged = (|| {
-        let staging = store.staging()?;
-        let mut layer = layers::stage(&staging, input.take(desc.size), limits, Some(d), &|_| {})
-            .map_err(|e| Error::invalid(format!("layer {d}: {e}")))?;
+    let check = |mut layer: StagedLayer| {
         if layer.blob.size != desc.size {
             return Err(Error::invalid(format!(
                 "layer {d}: {} bytes, the manifest says {}",
@@ -443,19 +433,44 @@ fn fetch_layer<'s>(
             )));
         }
         layer.blob = desc.clone();
+        Ok(layer)
+    };
+    if let Some(f) = local {
+        // The blob is stored (its layer directory is not): extract a copy of it.
+        part.remove(store);
+        let staging = store.staging()?;
+        let layer = layers::stage(&staging, f, limits, Some(d), &|_| {})
+            .map_err(|e| Error::invalid(format!("layer {d}: {e}")))
+            .and_then(check)?;
+        return Ok(Staged {
+            staging,
+            layer,
+            partial: None,
+        });
+    }
+    let bar = download(
+        store, client, &mut part, &d, desc.size, progress, downloaded,
+    )?;
+    // The verified download is linked into the staging directory as the blob: extracted
+    // from there and published by a rename, never copied.
+    let staged = (|| {
+        let staging = store.staging()?;
+        part.link_into(store, &staging, layers::STAGED_BLOB)?;
+        let layer = layers::stage_linked(&staging, limits, d, &|_| {})
+            .map_err(|e| Error::invalid(format!("layer {d}: {e}")))
+            .and_then(check)?;
         Ok((staging, layer))
     })();
+    bar.finish(if staged.is_ok() { "done" } else { "failed" });
     match staged {
         Ok((staging, layer)) => Ok(Staged {
             staging,
             layer,
-            partial,
+            partial: Some(part),
         }),
         Err(e) => {
             // A complete download that cannot be used is not kept.
-            if let Some(p) = partial {
-                p.remove(store);
-            }
+            part.remove(store);
             Err(e)
         }
     }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::fsutil;
-use crate::store::{Store, images, model};
+use crate::store::{Staging, Store, images, model};
 use crate::sys::{self, LockKind};
 
 /// Repositories remembered per blob.
@@ -105,36 +105,62 @@ pub struct Partial {
     name: Vec<u8>,
 }
 
-/// Open (creating) the partial download of `digest`; waits while another pull holds it.
+/// Open (creating) the partial download of `digest`; waits while another pull holds it. The
+/// file locked is the one under the name: one removed while we waited is opened again.
 pub fn open_partial(store: &Store, digest: &Digest) -> Result<Partial> {
     let dir = store.dir(b"registry/partial")?;
     let name = digest.hex().into_bytes();
-    let fd = sys::open_at(
-        dir.as_fd(),
-        &name,
-        libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW,
-        0o600,
-    )
-    .map_err(|e| store.err("opening a partial download", e))?;
-    if !sys::flock(fd.as_fd(), LockKind::Exclusive, true)
-        .map_err(|e| store.err("locking a partial download", e))?
-    {
-        log::info!("waiting for another pull of {digest}");
-        sys::flock(fd.as_fd(), LockKind::Exclusive, false)
-            .map_err(|e| store.err("locking a partial download", e))?;
+    loop {
+        let fd = sys::open_at(
+            dir.as_fd(),
+            &name,
+            libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| store.err("opening a partial download", e))?;
+        if !sys::flock(fd.as_fd(), LockKind::Exclusive, true)
+            .map_err(|e| store.err("locking a partial download", e))?
+        {
+            log::info!("waiting for another pull of {digest}");
+            sys::flock(fd.as_fd(), LockKind::Exclusive, false)
+                .map_err(|e| store.err("locking a partial download", e))?;
+        }
+        let held = sys::fstat(fd.as_fd()).map_err(|e| store.err("stat a partial download", e))?;
+        let named = sys::stat_at_opt(dir.as_fd(), &name)
+            .map_err(|e| store.err("stat a partial download", e))?;
+        if named.is_some_and(|n| n.ino == held.ino && n.dev == held.dev) {
+            return Ok(Partial {
+                file: File::from(fd),
+                name,
+            });
+        }
     }
-    Ok(Partial {
-        file: File::from(fd),
-        name,
-    })
 }
 
 impl Partial {
-    /// Delete the partial file (its bytes are published, or bad).
-    pub fn remove(self, store: &Store) {
+    /// Delete the partial file's name (its bytes are published, or bad); the lock lasts
+    /// until the value is dropped.
+    pub fn remove(&self, store: &Store) {
         if let Ok(dir) = store.dir(b"registry/partial") {
             let _ = sys::unlink_at(dir.as_fd(), &self.name, false);
         }
+    }
+
+    /// Hard-link the (complete, verified) download into `staging` as `name`. Until its name
+    /// here is removed, the file must not be written again: the download code starts over
+    /// instead of writing into a partial with more than one link.
+    pub fn link_into(&self, store: &Store, staging: &Staging<'_>, name: &[u8]) -> Result<()> {
+        let dir = store.dir(b"registry/partial")?;
+        sys::link_at(dir.as_fd(), &self.name, staging.fd(), name)
+            .map_err(|e| store.err("linking a download into staging", e))
+    }
+
+    /// Whether the file has other names (linked into a staging directory or the blobs by a
+    /// pull that died before removing this name).
+    pub fn linked_elsewhere(&self) -> Result<bool> {
+        let st = sys::fstat(self.file.as_fd())
+            .map_err(|e| crate::error::Error::io("stat a partial download", e))?;
+        Ok(st.nlink > 1)
     }
 }
 
@@ -193,5 +219,6 @@ mod tests {
         assert!(!sys::flock(other.as_fd(), LockKind::Exclusive, true).unwrap());
         p.remove(&store);
         assert!(!path.exists());
+        drop(p);
     }
 }

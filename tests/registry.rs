@@ -415,6 +415,14 @@ fn push_then_pull_plain_http() {
     assert_eq!(out.status.code(), Some(2));
     // Plain HTTP needs --tls-verify=false: the TLS attempt fails with a hint.
     fails(&b, &["pull", &dest], "--tls-verify=false");
+
+    // gc removes partial downloads nobody holds; the pulled images stay whole.
+    let stale = b.store().join("registry/partial").join("ab".repeat(32));
+    std::fs::write(&stale, b"half a blob").unwrap();
+    ok(&b, &["gc"]);
+    assert!(!stale.exists());
+    fsck_clean(&b);
+    assert_eq!(image_of(&b, "mine").0, digest);
 }
 
 #[test]

@@ -320,6 +320,13 @@ fn make_agent(registry: &str, opts: &Options) -> Result<Agent> {
     Ok(config.new_agent())
 }
 
+/// Whether `url` is on the registry `base` (`scheme://host[:port]`): nothing after the port
+/// but a path.
+pub fn same_origin(base: &str, url: &str) -> bool {
+    url.strip_prefix(base)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// `url` plus a query parameter, whether or not it has a query already.
 pub fn with_query(url: &str, query: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
@@ -632,7 +639,7 @@ impl Client {
     pub fn send(&self, req: &Req<'_>) -> Result<Response<Body>> {
         // Credentials and tokens go to the registry only, never to another host an upload
         // Location names.
-        if !req.url.starts_with(&format!("{}/", self.base)) {
+        if !same_origin(&self.base, &req.url) {
             log::debug!(
                 "{} {}: another host, sent without credentials",
                 req.method,
@@ -694,6 +701,25 @@ mod tests {
         assert_eq!(backoff(0, Some(3)), Duration::from_secs(3));
         assert_eq!(backoff(0, Some(9999)), Duration::from_secs(30));
         assert!(transient_status(503) && transient_status(429) && !transient_status(404));
+    }
+
+    #[test]
+    fn credentials_stay_on_the_registry() {
+        let base = "https://reg.example:5000";
+        assert!(same_origin(
+            base,
+            "https://reg.example:5000/v2/a/blobs/uploads/x?y"
+        ));
+        for other in [
+            "https://reg.example:5000.evil.com/v2/",
+            "https://reg.example:5000@evil.com/v2/",
+            "https://reg.example:50001/v2/",
+            "http://reg.example:5000/v2/",
+            "https://evil.com/https://reg.example:5000/",
+            "https://reg.example:5000",
+        ] {
+            assert!(!same_origin(base, other), "{other}");
+        }
     }
 
     #[test]

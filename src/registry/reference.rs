@@ -228,6 +228,11 @@ fn validate_repository(r: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `r` is a valid repository path (what a cross-repository mount may name).
+pub fn valid_repository(r: &str) -> bool {
+    validate_repository(r).is_ok()
+}
+
 fn validate_tag(t: &str) -> Result<(), String> {
     let b = t.as_bytes();
     let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_';

@@ -51,7 +51,8 @@ impl Sources {
                 repos
                     .iter()
                     .filter_map(|r| r.strip_prefix(&prefix))
-                    .filter(|r| *r != repository)
+                    // The file is ours, but what goes into a URL is checked anyway.
+                    .filter(|r| *r != repository && super::reference::valid_repository(r))
                     .map(str::to_string)
                     .collect()
             })
@@ -184,6 +185,8 @@ mod tests {
         assert_eq!(s.mount_sources(&d1, "reg:5000", "x"), ["a", "b"]);
         assert_eq!(s.mount_sources(&d1, "reg:5000", "a"), ["b"]);
         assert!(s.mount_sources(&d2, "reg", "x").is_empty());
+        s.add("reg:5000/x&mount=y", &[d1]);
+        assert_eq!(s.mount_sources(&d1, "reg:5000", "z"), ["a", "b"]);
         for i in 0..20 {
             s.add(&format!("r/{i}"), &[d2]);
         }

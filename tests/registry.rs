@@ -1014,9 +1014,20 @@ fn lying_registry_is_refused() {
     expect_failure(pull(&b), "hashes to");
     unchanged(&b);
     restore(&digest, &orig);
-    // Honest again: the pull goes through.
-    assert_eq!(String::from_utf8_lossy(&pull(&b).stdout).trim(), digest);
+    // Honest again, with wrong bytes left as a partial download of the layer (another
+    // registry's, say): the resumed download does not match, starts over once, goes through.
+    let partial = b
+        .store()
+        .join("registry/partial")
+        .join(layer.strip_prefix("sha256:").unwrap());
+    std::fs::write(&partial, b"not the start of this layer").unwrap();
+    let out = lfs(&b, &["-v", "pull", &dest, "--tls-verify=false"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("starting over"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), digest);
     fsck_clean(&b);
+    assert_eq!(partials(&b), 0);
 }
 
 fn percent_decode(s: &str) -> String {

@@ -327,8 +327,31 @@ fn download(
         log::info!("blob {d}: {have} of {size} bytes from an earlier pull");
     }
     let bar = progress.start(&d.short(), size, have);
+    // Bytes an earlier pull left may not be this registry's (or may be damaged): a digest
+    // mismatch after a resume starts over once from byte 0.
+    let mut resumed = have > 0;
     let mut attempt = 0;
-    while have < size {
+    loop {
+        if have == size {
+            sys::fsync(part.file.as_fd(), true).map_err(io)?;
+            let got = std::mem::take(&mut hasher).finish();
+            if got == *d {
+                break;
+            }
+            if resumed {
+                log::info!("blob {d}: the resumed download hashes to {got}; starting over");
+                resumed = false;
+                part.file.set_len(0).map_err(io)?;
+                have = 0;
+                bar.set(0);
+                continue;
+            }
+            part.remove(store);
+            bar.finish("bad digest");
+            return Err(Error::invalid(format!(
+                "blob {d}: the registry sent {size} bytes that hash to {got}; nothing was stored"
+            )));
+        }
         let before = have;
         match fetch_range(
             client,
@@ -368,15 +391,6 @@ fn download(
                 attempt += 1;
             }
         }
-    }
-    sys::fsync(part.file.as_fd(), true).map_err(io)?;
-    let got = hasher.finish();
-    if got != *d {
-        part.remove(store);
-        bar.finish("bad digest");
-        return Err(Error::invalid(format!(
-            "blob {d}: the registry sent {size} bytes that hash to {got}; nothing was stored"
-        )));
     }
     bar.note("extracting");
     Ok(bar)

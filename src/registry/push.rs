@@ -201,7 +201,12 @@ fn push_blob(
     let d = &blob.digest;
     let mut resp = client.send(&Req::new("HEAD", client.url(&format!("blobs/{d}"))))?;
     match resp.status().as_u16() {
-        200 => return Ok(Outcome::Existed),
+        200 => {
+            progress
+                .start(&d.short(), blob.size, blob.size)
+                .finish("already there");
+            return Ok(Outcome::Existed);
+        }
         404 => {}
         _ => return Err(status_error(&format!("checking blob {d}"), &mut resp)),
     }

@@ -391,6 +391,19 @@ fn push_then_pull_plain_http() {
         "{out:?}"
     );
 
+    // By digest: only the image's own.
+    let by_digest = format!("{}/bydigest/app@{digest}", reg.host());
+    assert_eq!(
+        ok(&a, &["push", "app", &by_digest, "--tls-verify=false"]).trim(),
+        digest
+    );
+    let (other_digest, _) = image_of(&a, "app-base");
+    fails(
+        &a,
+        &["push", "app-base", &by_digest, "--tls-verify=false"],
+        &format!("the image's manifest is {other_digest}"),
+    );
+
     // Usage and reference errors.
     fails(
         &a,

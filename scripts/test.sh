@@ -15,6 +15,10 @@ command -v fuse-overlayfs >/dev/null 2>&1 || need+=(fuse-overlayfs)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
 command -v podman >/dev/null 2>&1 || need+=(podman)
+# Registry tests run the distribution server, with a private CA and an htpasswd file.
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # Build and run tests run steps through runc in containers made from busybox-static.
 command -v runc >/dev/null 2>&1 || need+=(runc)
 case "$(ldd "$(command -v busybox 2>/dev/null || echo /nonexistent)" 2>&1)" in

@@ -27,6 +27,7 @@ pub mod fsck;
 pub mod fsutil;
 pub mod mount;
 pub mod oci;
+pub mod registry;
 pub mod run;
 pub mod store;
 pub mod sys;

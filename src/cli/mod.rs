@@ -3,7 +3,8 @@
 //! - `mount.rs`: `mount`, `umount`, the fuse-overlayfs compatible form, `-o` options;
 //! - `store.rs`: `import`, `diff`, `commit`, `images`, `layers`, `history`, `rm`, `gc`;
 //! - `fsck.rs`: `fsck` of an upper or of the store;
-//! - `build.rs`: `build`, `run` and `cache`.
+//! - `build.rs`: `build`, `run` and `cache`;
+//! - `registry.rs`: `pull`, `push`, `login`, `logout`.
 //!
 //! Errors here are `anyhow` with a one-line message; exit codes: 0 success, 1 failure,
 //! 2 bad usage.
@@ -25,6 +26,7 @@ use crate::store::{self, Store};
 mod build;
 mod fsck;
 mod mount;
+mod registry;
 mod store_cmds;
 
 pub use fsck::FsckArgs;
@@ -121,6 +123,15 @@ pub enum Command {
         #[command(subcommand)]
         command: build::CacheCommand,
     },
+    /// Copy an image from a registry into the store (every blob checked against its digest
+    /// and size); prints the manifest digest.
+    Pull(registry::PullArgs),
+    /// Copy a stored image to a registry; prints the manifest digest.
+    Push(registry::PushArgs),
+    /// Check credentials with a registry and save them in the auth file.
+    Login(registry::LoginArgs),
+    /// Remove a registry's credentials from the auth file.
+    Logout(registry::LogoutArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -169,9 +180,20 @@ fn init_logging(verbose: u8, debug: bool) {
 
 /// Print a one-line error and return the exit code.
 fn fail(e: &anyhow::Error) -> i32 {
-    // One line: the chain joined, newlines flattened.
-    let msg = format!("{e:#}").replace('\n', " ");
-    eprintln!("layerfs: {msg}");
+    // One line: the chain joined, newlines flattened. A cause its error already printed
+    // (`Error::Io` shows its source) is not repeated.
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if msg.ends_with(&s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s);
+    }
+    eprintln!("layerfs: {}", msg.replace('\n', " "));
     1
 }
 
@@ -291,6 +313,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fsck(a) => fsck::fsck(root, a).map(drop),
         Command::Gc => store_cmds::run_gc(root),
         Command::Cache { command } => build::run_cache(root, command),
+        Command::Pull(a) => registry::run_pull(root, quiet, a),
+        Command::Push(a) => registry::run_push(root, quiet, a),
+        Command::Login(a) => registry::run_login(a),
+        Command::Logout(a) => registry::run_logout(a),
         // Answered in `main`, where their exit codes are chosen.
         Command::Build(_) | Command::Run(_) => Ok(()),
     }

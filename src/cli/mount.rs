@@ -394,7 +394,7 @@ pub fn plan_mount(
 
 const SUBCOMMANDS: &[&str] = &[
     "mount", "umount", "import", "diff", "commit", "images", "layers", "history", "rm", "gc",
-    "fsck", "build", "run", "cache", "help",
+    "fsck", "build", "run", "cache", "pull", "push", "login", "logout", "help",
 ];
 
 /// Whether argv is the fuse-overlayfs form (`layerfs [SOURCE] MOUNTPOINT -o ...`).

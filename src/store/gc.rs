@@ -10,6 +10,8 @@
 //! * every layer (and its blob) a build cache entry names (`cache/entries/*.json`, written by
 //!   `build::cache`; `layerfs cache prune` drops entries).
 //!
+//! Partial registry downloads nobody holds (`registry/partial/`) count as staging (`tmp`).
+//!
 //! If anything `index.json` names cannot be read, gc stops without removing anything.
 
 use std::collections::HashSet;
@@ -158,6 +160,22 @@ pub fn gc(store: &Store) -> Result<Report> {
         if stale {
             report.bytes_freed += fsutil::remove_tree(tmp.as_fd(), &e.name)
                 .map_err(|e| store.err("removing tmp", e))?;
+            report.tmp += 1;
+        }
+    }
+    // Partial downloads (registry::state) that no pull holds.
+    let partial = store.dir(b"registry/partial")?;
+    for e in sys::read_dir_all(store.dir(b"registry/partial")?)
+        .map_err(|e| store.err("reading registry/partial", e))?
+    {
+        let unheld = match sys::open_at(partial.as_fd(), &e.name, libc::O_RDONLY, 0) {
+            Ok(fd) => sys::flock(fd.as_fd(), LockKind::Exclusive, true)
+                .map_err(|e| store.err("registry/partial", e))?,
+            Err(_) => true,
+        };
+        if unheld {
+            report.bytes_freed += fsutil::remove_tree(partial.as_fd(), &e.name)
+                .map_err(|e| store.err("removing a partial download", e))?;
             report.tmp += 1;
         }
     }

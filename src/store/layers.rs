@@ -45,7 +45,8 @@ pub struct StagedLayer {
 }
 
 struct TeeState {
-    file: BufWriter<File>,
+    /// Where the blob is copied; none when it is already in the staging directory.
+    file: Option<BufWriter<File>>,
     hasher: Hasher,
     error: Option<io::Error>,
 }
@@ -61,7 +62,7 @@ impl<R: Read> Read for Tee<R> {
         let n = self.inner.read(buf)?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.hasher.update(&buf[..n]);
-        if let Err(e) = st.file.write_all(&buf[..n]) {
+        if let Some(Err(e)) = st.file.as_mut().map(|f| f.write_all(&buf[..n])) {
             let kind = e.kind();
             st.error = Some(e);
             return Err(io::Error::new(kind, "writing the staged blob"));
@@ -87,10 +88,41 @@ pub fn stage(
     )
     .map_err(|e| Error::io("staging the blob", e))?;
     let state = Arc::new(Mutex::new(TeeState {
-        file: BufWriter::with_capacity(1 << 20, File::from(blob_fd)),
+        file: Some(BufWriter::with_capacity(1 << 20, File::from(blob_fd))),
         hasher: Hasher::default(),
         error: None,
     }));
+    extract_blob(staging, input, state, limits, expect, progress)
+}
+
+/// Stage a layer whose blob is already in `staging` as `blob` (a verified download linked
+/// there): extract it as `layer`, hashing the blob again on the way (`expect`), then flush.
+/// Nothing is copied.
+pub fn stage_linked(
+    staging: &Staging<'_>,
+    limits: Limits,
+    expect: Digest,
+    progress: &dyn Fn(u64),
+) -> Result<StagedLayer> {
+    let fd = sys::open_at(staging.fd(), STAGED_BLOB, libc::O_RDONLY, 0)
+        .map_err(|e| Error::io("opening the staged blob", e))?;
+    let state = Arc::new(Mutex::new(TeeState {
+        file: None,
+        hasher: Hasher::default(),
+        error: None,
+    }));
+    let input = io::BufReader::with_capacity(1 << 20, File::from(fd));
+    extract_blob(staging, input, state, limits, Some(expect), progress)
+}
+
+fn extract_blob(
+    staging: &Staging<'_>,
+    input: impl Read,
+    state: Arc<Mutex<TeeState>>,
+    limits: Limits,
+    expect: Option<Digest>,
+    progress: &dyn Fn(u64),
+) -> Result<StagedLayer> {
     let tee = Tee {
         inner: input,
         state: state.clone(),
@@ -122,9 +154,10 @@ pub fn stage(
     drop(hashed);
     let (blob_digest, blob_size) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        st.file
-            .flush()
-            .map_err(|e| Error::io("writing the staged blob", e))?;
+        if let Some(f) = st.file.as_mut() {
+            f.flush()
+                .map_err(|e| Error::io("writing the staged blob", e))?;
+        }
         let h = std::mem::take(&mut st.hasher);
         let size = h.bytes;
         (h.finish(), size)

@@ -14,6 +14,8 @@
 //! $ROOT/cache/builds/<id>.json   the last build of each Containerfile and target (explains misses)
 //! $ROOT/cache/manifests/<hex>    COPY source listings those records name
 //! $ROOT/cache/stat/<hex>         stat caches of build contexts (stat -> content digest)
+//! $ROOT/registry/sources.json    where each blob was pulled from or pushed to (registry::state)
+//! $ROOT/registry/partial/<hex>   interrupted downloads, resumed by the next pull
 //! $ROOT/lock                     the store lock
 //! ```
 //!
@@ -27,7 +29,8 @@
 //!   runs under the staging directory's own lock only, which `gc` respects.
 //! * `gc` keeps every blob and layer an image references, every layer a container dir was
 //!   created from, every layer of a live mount lease, and every layer a build cache entry
-//!   refers to (`layerfs cache prune` drops entries).
+//!   refers to (`layerfs cache prune` drops entries). It removes partial downloads no pull
+//!   holds.
 //! * All access below `$ROOT` goes through directory fds with `openat2`/`*_at` calls that never
 //!   follow symlinks; blob and layer names come from parsed sha256 digests only.
 
@@ -62,6 +65,8 @@ const DIRS: &[(&[u8], u32)] = &[
     (b"cache/builds", 0o700),
     (b"cache/manifests", 0o700),
     (b"cache/stat", 0o700),
+    (b"registry", 0o700),
+    (b"registry/partial", 0o700),
 ];
 
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;

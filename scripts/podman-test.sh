@@ -54,7 +54,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 # ---------------------------------------------------------------- tools
 need=()
-for t in podman:podman buildah:buildah runc:runc skopeo:skopeo conmon:conmon; do
+for t in podman:podman buildah:buildah runc:runc skopeo:skopeo conmon:conmon docker-registry:docker-registry; do
   command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t#*:}")
 done
 case "$(ldd /bin/busybox 2>&1)" in *"not a dynamic"*) ;; *) need+=(busybox-static) ;; esac
@@ -673,6 +673,35 @@ del-file
 1000:1000"
 }
 
+# Registries both ways with the real distribution server: podman pulls and runs what
+# `layerfs push` sent, and `layerfs pull` takes what `podman push` sent (after
+# c_layerfs_built_image, which made $T/lfstore and its lfapp image).
+c_registry_interop() {
+  local lf="$LAYERFS" st="$T/lfstore" port want got back
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  printf 'version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$T/w/registry" "$port" >"$T/w/registry.yml"
+  # (the server reads REGISTRY_* variables as its configuration: not podman's auth file)
+  env -u REGISTRY_AUTH_FILE docker-registry serve "$T/w/registry.yml" >"$LOG/registry.log" 2>&1 &
+  REGISTRY_PID=$!
+  # this check runs in its own subshell: the server goes with it, however it ends
+  trap 'kill "$REGISTRY_PID" 2>/dev/null || true' EXIT
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  want=$("$lf" --root "$st" run --rm lfapp)
+  "$lf" --root "$st" push lfapp "localhost:$port/lf/app:1" --tls-verify=false
+  pm pull -q --tls-verify=false "localhost:$port/lf/app:1"
+  got=$(pm "${RUN[@]}" --rm "localhost:$port/lf/app:1")
+  eq "podman run of what layerfs pushed" "$got" "$want"
+  pm push -q --tls-verify=false localhost/lfbase "localhost:$port/lf/base:1"
+  "$lf" --root "$st" pull "localhost:$port/lf/base:1" --tls-verify=false --name pulled-base
+  back=$("$lf" --root "$st" run --rm pulled-base sh -c 'cat /data/file.txt; ls /data/opq; stat -c "%a %u:%g" /data/file.txt')
+  eq "layerfs run of what podman pushed" "$back" "original
+new.txt
+640 1000:1000"
+  kill "$REGISTRY_PID"; wait "$REGISTRY_PID" 2>/dev/null || true
+  return 0
+}
+
 fuse_mounts_under_root() {
   awk -v p="$T/root/" '{ m=$5; for (i = 7; $i != "-"; i++); t=$(i+1); if (index(m, p) == 1 && (t ~ /^fuse/ || t == "overlay")) print t, m }' /proc/self/mountinfo
 }
@@ -719,6 +748,7 @@ check isolation c_isolation
 check image-mount-ro c_image_mount_ro
 check build-cache c_build_cache
 [ "$DRIVER" = layerfs ] && check layerfs-built-image-under-podman c_layerfs_built_image
+[ "$DRIVER" = layerfs ] && check registry-podman-layerfs c_registry_interop
 check no-mounts-left c_no_mounts_left
 
 [ -f "$T/w/timings" ] && cat "$T/w/timings"

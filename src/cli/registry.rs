@@ -122,6 +122,7 @@ fn options(remote: &RemoteArgs, creds: Option<&str>) -> Result<Options> {
         cert_dir: remote.cert_dir.clone(),
         creds: creds.map(Credentials::parse).transpose()?,
         authfile: remote.authfile.clone(),
+        retries: None,
     })
 }
 

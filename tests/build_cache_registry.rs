@@ -481,6 +481,16 @@ fn a_second_store_pulls_every_step_and_a_third_explains_its_misses() {
         "built-1\ninstalled deps of {\"deps\": 1}\n1000\nlib\nserver.js\n"
     );
     b.fsck_clean();
+    // B exports to another repository of the registry: the layers it pulled are mounted
+    // from where it pulled them (registry/sources.json), not uploaded again.
+    let other = format!("localhost:{}/cache/other", reg.port);
+    let (_, err, _) = b.build(&["--cache-to", &other]);
+    assert!(
+        err.contains(&format!(
+            "exported the build cache to {other}: 8 entries (8 pushed"
+        )) && err.contains(", 5 mounted, "),
+        "{err}"
+    );
     // A rebuild on B is local: no registry needed.
     let (_, err, _) = b.build(&["--cache-from", "localhost:1/nothing"]);
     assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");

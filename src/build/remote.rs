@@ -155,6 +155,13 @@ pub fn parse_entry(bytes: &[u8], key: &Digest) -> Result<Entry> {
             e.key
         )));
     }
+    // History times are written from it: years 1970-9999, as RFC 3339 has them.
+    if !(0..=253_402_300_799).contains(&e.created) {
+        return Err(Error::invalid(format!(
+            "the entry's creation time {} is out of range",
+            e.created
+        )));
+    }
     if e.history.empty_layer != e.layer.is_none() {
         return Err(Error::invalid(
             "the entry's history and layer disagree on whether it has a layer",
@@ -845,6 +852,8 @@ mod tests {
             parse_entry(&entry_config(&x).unwrap(), &key).is_err()
         };
         assert!(bad(&|x| x.format = 2));
+        assert!(bad(&|x| x.created = -1));
+        assert!(bad(&|x| x.created = i64::MAX));
         assert!(bad(&|x| x.history.empty_layer = true));
         assert!(bad(&|x| {
             if let Some(l) = x.layer.as_mut() {

@@ -35,11 +35,13 @@ use super::ignore::IgnoreRules;
 use super::image::{ImageState, RunConfig};
 use super::key::{self, KeyInputs};
 use super::progress::{Progress, StepEnd, StepStart};
+use super::remote::{self, CacheFrom};
 use super::rootfs::{self, MountedRoot, RootSpec};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::oci::compress::{Codec, Compression};
 use crate::oci::export;
+use crate::registry::{self, Reference};
 use crate::run::{self, Network, Output, RunSpec, Runtime, Stream};
 use crate::store::{Store, images, ops};
 use crate::sys::{self, LockKind};
@@ -64,6 +66,12 @@ pub struct BuildOptions {
     pub network: Network,
     pub source_date_epoch: Option<i64>,
     pub runtime: Option<PathBuf>,
+    /// Cache repositories asked at a local miss, in order (`--cache-from`).
+    pub cache_from: Vec<Reference>,
+    /// Cache repositories the build's entries are pushed to (`--cache-to`).
+    pub cache_to: Vec<Reference>,
+    /// How to reach those registries.
+    pub registry: registry::Options,
 }
 
 /// Why a build failed: the Containerfile itself (exit 2), or running it (exit 1).
@@ -132,6 +140,8 @@ struct Builder<'a> {
     steps: usize,
     cached: usize,
     codec: Codec,
+    /// `--cache-from` sources (none: `None`).
+    remote: Option<CacheFrom>,
 }
 
 fn cf_error(file: &str, e: impl std::fmt::Display) -> BuildError {
@@ -174,6 +184,10 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: Progress) -> BResult<
     let stat_cache = StatCache::load(stat_dir.as_fd(), &stat_cache_name);
     let record_id = cache::record_id(&cf_abs.display().to_string(), opts.target.as_deref());
     let previous = cache::load_record(store, &record_id)?;
+    // The shared record is keyed by the Containerfile's path relative to the context, the
+    // same on every machine.
+    let relative_cf = remote::relative_path(&cf_abs, &context_dir);
+    let shared_id = remote::shared_record_id(&relative_cf, opts.target.as_deref());
 
     let mut b = Builder {
         store,
@@ -197,7 +211,22 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: Progress) -> BResult<
         steps: 0,
         cached: 0,
         codec: Codec::new(Compression::Gzip, None)?,
+        remote: (!opts.cache_from.is_empty())
+            .then(|| CacheFrom::new(&opts.cache_from, &opts.registry)),
     };
+    if b.previous.is_none() {
+        // No earlier build here: the last build a cache source saw explains the misses.
+        let progress = b.progress.clone();
+        if let Some(r) = b.remote.as_mut() {
+            if let Some((record, from)) = r.record(&shared_id, &mut |w| progress.warn(&w)) {
+                progress.note(&format!(
+                    "no earlier build of {shown} here: misses are explained against the last \
+                     build {from} has"
+                ));
+                b.previous = Some(record);
+            }
+        }
+    }
     let global =
         b.df.global_scope(&opts.build_args)
             .map_err(|e| cf_error(&shown, e))?;
@@ -252,12 +281,97 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: Progress) -> BResult<
         b.cached,
         started.elapsed(),
     );
+    if let Some(r) = &b.remote {
+        let i = r.imported;
+        if i.entries > 0 {
+            b.progress.note(&format!(
+                "{} steps pulled from the shared cache: {} layers, {} downloaded, {:.2} s",
+                i.entries,
+                i.layers,
+                super::progress::human(i.bytes),
+                i.time.as_secs_f64()
+            ));
+        }
+    }
+    let keys: Vec<Digest> = b
+        .record
+        .steps
+        .iter()
+        .filter_map(|s| Digest::parse(&s.key).ok())
+        .collect();
+    for dest in &opts.cache_to {
+        export_cache(
+            store,
+            &b.progress,
+            dest,
+            &opts.registry,
+            &keys,
+            (&shared_id, &b.record, &relative_cf),
+        );
+    }
     Ok(Built {
         manifest,
         tags: opts.tags.clone(),
         steps: b.steps,
         cached: b.cached,
     })
+}
+
+/// `--cache-to`: push the build's entries and record to `dest`. A failure is one warning:
+/// the image is built and named by now, and the cache is an optimization (BuildKit fails the
+/// build unless `ignore-error=true`; see README).
+fn export_cache(
+    store: &Store,
+    progress: &Progress,
+    dest: &Reference,
+    opts: &registry::Options,
+    keys: &[Digest],
+    record: (&Digest, &BuildRecord, &str),
+) {
+    let started = Instant::now();
+    let to = dest.repo_key();
+    match remote::export(store, dest, opts, keys, Some(record)) {
+        Ok(x) => {
+            progress.note(&format!(
+                "exported the build cache to {to}: {} entries ({} pushed, {} already there), \
+                 record {}, {} blobs uploaded ({}), {} mounted, in {:.2} s",
+                x.entries,
+                x.pushed,
+                x.existed,
+                if x.record_pushed {
+                    "pushed"
+                } else {
+                    "unchanged"
+                },
+                x.uploaded,
+                super::progress::human(x.bytes),
+                x.mounted,
+                started.elapsed().as_secs_f64()
+            ));
+            progress.json_event(json!({
+                "event": "cache_export",
+                "to": to,
+                "entries": x.entries,
+                "pushed": x.pushed,
+                "existed": x.existed,
+                "record_pushed": x.record_pushed,
+                "uploaded": x.uploaded,
+                "mounted": x.mounted,
+                "bytes": x.bytes,
+                "duration_ms": started.elapsed().as_millis() as u64,
+            }));
+        }
+        Err(e) => {
+            progress.warn(&format!(
+                "exporting the build cache to {to} failed (the image is built): {e}"
+            ));
+            progress.json_event(json!({
+                "event": "cache_export",
+                "to": to,
+                "error": e.to_string(),
+            }));
+        }
+    }
 }
 
 fn read_limited(path: &Path) -> Result<Vec<u8>> {
@@ -454,6 +568,7 @@ impl Builder<'_> {
             reason: first_miss.as_deref(),
             duration: Duration::ZERO,
             layer_size: None,
+            cached_from: None,
         });
         let base_changed = first_miss.is_some();
         if base_changed {
@@ -500,6 +615,7 @@ impl Builder<'_> {
                     reason: None,
                     duration: Duration::ZERO,
                     layer_size: None,
+                    cached_from: None,
                 });
                 continue;
             }
@@ -507,10 +623,25 @@ impl Builder<'_> {
             let keyed = self.key_step(index, i + 1, &expanded, &state, &args)?;
             log::debug!("step {number}: key in {:?}", step_started.elapsed());
             let no_cache = self.no_cache_for(index);
+            let mut cached_from = None;
             let hit = match &no_cache {
                 Some(_) => None,
-                None => cache::lookup(self.store, &keyed.key)?,
+                None => match cache::lookup(self.store, &keyed.key)? {
+                    Some(e) => Some(e),
+                    None => self.remote_lookup(&keyed.key).map(|(e, from)| {
+                        cached_from = Some(from);
+                        e
+                    }),
+                },
             };
+            if cached_from.is_some() {
+                // Saved as a run would, so the next build can say what changed in it.
+                if let (Some(m), Some(d)) = (&keyed.manifest, &keyed.record.sources) {
+                    if let Ok(d) = Digest::parse(d) {
+                        cache::save_manifest(self.store, &d, m)?;
+                    }
+                }
+            }
             let mut record = keyed.record;
             self.steps += 1;
             match hit {
@@ -536,6 +667,7 @@ impl Builder<'_> {
                         reason: None,
                         duration: step_started.elapsed(),
                         layer_size: entry.layer.as_ref().map(|l| l.size),
+                        cached_from: cached_from.as_deref(),
                     });
                 }
                 None => {
@@ -613,11 +745,21 @@ impl Builder<'_> {
                         reason: Some(&reason),
                         duration: step_started.elapsed(),
                         layer_size: produced.layer.as_ref().map(|l| l.size),
+                        cached_from: None,
                     });
                 }
             }
         }
         Ok(StageResult { state })
+    }
+
+    /// At a local miss: the entry of `key` from a `--cache-from` source, imported, and the
+    /// source's name.
+    fn remote_lookup(&mut self, key: &Digest) -> Option<(Entry, String)> {
+        let progress = self.progress.clone();
+        self.remote
+            .as_mut()?
+            .lookup(self.store, key, &mut |w| progress.warn(&w))
     }
 
     fn history_time(&self, when: i64) -> String {
@@ -775,7 +917,7 @@ impl Builder<'_> {
 
     /// Why a step that missed ran, from the previous build of this Containerfile and target.
     fn explain(
-        &self,
+        &mut self,
         now: &StepRecord,
         manifest: Option<&Manifest>,
         cascade: Option<&str>,
@@ -830,11 +972,13 @@ impl Builder<'_> {
             };
         }
         if prev.sources != now.sources {
-            let old = prev
-                .sources
-                .as_deref()
-                .and_then(|d| Digest::parse(d).ok())
-                .and_then(|d| cache::load_manifest(self.store, &d));
+            let old_name = prev.sources.as_deref().and_then(|d| Digest::parse(d).ok());
+            let old = old_name.and_then(|d| {
+                cache::load_manifest(self.store, &d).or_else(|| {
+                    // A record from a cache source: its listings are there.
+                    self.remote.as_mut()?.listing(self.store, &d)
+                })
+            });
             return match (old, manifest) {
                 (Some(old), Some(new)) => {
                     context::explain_changes(&old, new).unwrap_or_else(|| "sources changed".into())

@@ -69,12 +69,20 @@ pub struct Entry {
     /// Unix seconds.
     pub created: i64,
     /// When it was written (hits do not rewrite entries: a no-op rebuild writes nothing).
-    #[serde(default)]
+    /// Local bookkeeping: 0 (left out) in the copy a registry holds.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub last_used: i64,
     /// How long the step took when it ran.
     #[serde(default)]
     pub duration_ms: u64,
 }
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// The format of entries and records this version writes and reads.
+pub const FORMAT_VERSION: u32 = FORMAT;
 
 fn entry_name(key: &Digest) -> Vec<u8> {
     format!("{}.json", key.hex()).into_bytes()
@@ -339,6 +347,12 @@ pub fn save_manifest(store: &Store, digest: &Digest, m: &Manifest) -> Result<()>
     }
     fsutil::write_atomic(dir.as_fd(), &name, &encode_manifest(m), 0o600)
         .map_err(|e| store.err("writing a source listing", e))
+}
+
+/// The stored bytes of a source listing (what a registry gets).
+pub fn manifest_bytes(store: &Store, digest: &Digest) -> Option<Vec<u8>> {
+    let dir = store.dir(b"cache/manifests").ok()?;
+    fsutil::read_small(dir.as_fd(), digest.hex().as_bytes(), MAX_RECORD).ok()
 }
 
 pub fn load_manifest(store: &Store, digest: &Digest) -> Option<Manifest> {

@@ -4,7 +4,9 @@
 //!   replacement, stage references and the predefined ARGs; pure, no I/O;
 //! - `ignore`: `.dockerignore`/`.containerignore` rules, matched exactly as Docker does;
 //! - `context`: the build context read through directory fds (COPY/ADD source selection,
-//!   walks, content digests for the build cache, and why a cache key changed).
+//!   walks, content digests for the build cache, and why a cache key changed);
+//! - `cache`: the build cache in the store; `remote`: the same cache shared through
+//!   registries (`--cache-to`, `--cache-from`).
 
 pub mod builder;
 pub mod cache;
@@ -15,6 +17,7 @@ pub mod ignore;
 pub mod image;
 pub mod key;
 pub mod progress;
+pub mod remote;
 pub mod rootfs;
 
 /// PATH of a container whose image sets none (Docker's default).

@@ -44,6 +44,8 @@ pub struct StepEnd<'a> {
     pub reason: Option<&'a str>,
     pub duration: Duration,
     pub layer_size: Option<u64>,
+    /// The cache source (`HOST/REPO`) a cached step's entry was pulled from.
+    pub cached_from: Option<&'a str>,
 }
 
 /// `1.5 MB` style sizes (powers of 1000, as `docker images`).
@@ -96,6 +98,23 @@ impl Progress {
         }
     }
 
+    /// Something the user should know that does not stop the build (a cache source that is
+    /// down, an export that failed): one line on stderr whatever the mode (`warning: ...`),
+    /// and with `--progress json` also a `warning` event.
+    pub fn warn(&self, text: &str) {
+        let text = text.replace('\n', " ");
+        {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(std::io::stderr().lock(), "warning: {text}");
+        }
+        self.event(json!({"event": "warning", "message": text}));
+    }
+
+    /// A JSON event (nothing in the other modes).
+    pub fn json_event(&self, v: serde_json::Value) {
+        self.event(v);
+    }
+
     pub fn step_start(&self, s: &StepStart<'_>) {
         match self.mode {
             Mode::Plain => self.line(&format!(
@@ -139,7 +158,12 @@ impl Progress {
         match self.mode {
             Mode::Plain => {
                 if e.cached {
-                    self.line(&format!("[{} {}] CACHED", e.stage, e.number));
+                    match e.cached_from {
+                        Some(from) => {
+                            self.line(&format!("[{} {}] CACHED (from {from})", e.stage, e.number))
+                        }
+                        None => self.line(&format!("[{} {}] CACHED", e.stage, e.number)),
+                    }
                 } else {
                     let mut s = format!(
                         "[{} {}] done in {:.2} s",
@@ -162,6 +186,7 @@ impl Progress {
                 "reason": e.reason,
                 "duration_ms": e.duration.as_millis() as u64,
                 "layer_size": e.layer_size,
+                "cached_from": e.cached_from,
             })),
             Mode::Quiet => {}
         }

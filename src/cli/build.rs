@@ -10,11 +10,13 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 
+use super::registry::RemoteArgs;
 use super::{human, open_store, print_json, short};
 use crate::build::builder::{self, BuildError, BuildOptions};
 use crate::build::cache;
 use crate::build::image::ImageState;
 use crate::build::progress::{Mode, Progress};
+use crate::build::remote;
 use crate::build::rootfs::{MountedRoot, RootSpec};
 use crate::run::{self, Network, Output, RunSpec, Runtime};
 use crate::store::images;
@@ -79,6 +81,18 @@ pub struct BuildArgs {
     /// The OCI runtime [default: runc, then crun, on PATH].
     #[arg(long, value_name = "PATH")]
     pub runtime: Option<PathBuf>,
+    /// At a local cache miss, pull the step's entry from this cache repository if it has
+    /// one (repeat: asked in order).
+    #[arg(long = "cache-from", value_name = "[docker://]HOST/REPO")]
+    pub cache_from: Vec<String>,
+    /// After the build, push its cache entries and build record to this repository.
+    #[arg(long = "cache-to", value_name = "[docker://]HOST/REPO")]
+    pub cache_to: Vec<String>,
+    /// Credentials for the cache registries [default: from the auth files].
+    #[arg(long, value_name = "USER:PASS")]
+    pub creds: Option<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The build context directory.
     pub context: PathBuf,
 }
@@ -157,6 +171,16 @@ pub(super) fn run_build(root: &Option<PathBuf>, quiet: bool, a: BuildArgs) -> i3
             .map_err(|e| BuildError::Containerfile(e.to_string()))?
             .into_iter()
             .collect();
+        let usage = |e: String| BuildError::Containerfile(e);
+        let repos = |args: &[String]| {
+            args.iter()
+                .map(|a| remote::parse_repository(a).map_err(|e| usage(e.to_string())))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
+        let cache_from = repos(&a.cache_from)?;
+        let cache_to = repos(&a.cache_to)?;
+        let registry_opts = super::registry::options(&a.remote, a.creds.as_deref())
+            .map_err(|e| usage(format!("{e:#}")))?;
         let store = open_store(root)
             .map_err(|e| BuildError::Failed(crate::error::Error::invalid(format!("{e:#}"))))?;
         crate::sys::raise_nofile_limit();
@@ -171,6 +195,9 @@ pub(super) fn run_build(root: &Option<PathBuf>, quiet: bool, a: BuildArgs) -> i3
             network: a.network.into(),
             source_date_epoch: a.source_date_epoch,
             runtime: a.runtime.clone(),
+            cache_from,
+            cache_to,
+            registry: registry_opts,
         };
         builder::build(&store, &opts, Progress::new(mode))
     })();

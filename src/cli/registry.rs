@@ -20,12 +20,14 @@ use crate::sys;
 /// How to reach the registry (shared by pull, push and login).
 #[derive(clap::Args, Debug, Clone)]
 pub struct RemoteArgs {
-    /// Verify the registry's TLS certificate; `--tls-verify=false` talks plain HTTP.
+    /// Verify the registry's TLS certificate; `--tls-verify=false` talks plain HTTP (the
+    /// value takes `=`, so `--tls-verify` before a positional argument reads no value).
     #[arg(
         long,
         value_name = "BOOL",
         default_value_t = true,
         num_args = 0..=1,
+        require_equals = true,
         default_missing_value = "true",
         action = ArgAction::Set
     )]
@@ -116,12 +118,13 @@ pub struct LogoutArgs {
     pub authfile: Option<PathBuf>,
 }
 
-fn options(remote: &RemoteArgs, creds: Option<&str>) -> Result<Options> {
+pub(super) fn options(remote: &RemoteArgs, creds: Option<&str>) -> Result<Options> {
     Ok(Options {
         tls_verify: remote.tls_verify,
         cert_dir: remote.cert_dir.clone(),
         creds: creds.map(Credentials::parse).transpose()?,
         authfile: remote.authfile.clone(),
+        retries: None,
     })
 }
 
@@ -360,6 +363,42 @@ mod tests {
             .is_err()
         );
         assert!(Cli::try_parse_from(["layerfs", "logout"]).is_err());
+        // Build takes the registry options for its cache; a bare --tls-verify does not eat
+        // the context.
+        let cli = Cli::try_parse_from([
+            "layerfs",
+            "build",
+            "--cache-from",
+            "localhost:5000/c",
+            "--cache-from",
+            "docker://localhost:5001/d",
+            "--cache-to",
+            "localhost:5000/c",
+            "--tls-verify",
+            "ctx",
+        ])
+        .unwrap();
+        let Command::Build(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.remote.tls_verify);
+        assert_eq!(a.cache_from.len(), 2);
+        assert_eq!(a.cache_to, ["localhost:5000/c"]);
+        assert_eq!(a.context, std::path::Path::new("ctx"));
+        let cli = Cli::try_parse_from([
+            "layerfs",
+            "build",
+            "--tls-verify=false",
+            "--creds",
+            "u:p",
+            "ctx",
+        ])
+        .unwrap();
+        let Command::Build(a) = cli.command else {
+            panic!()
+        };
+        assert!(!a.remote.tls_verify);
+        assert_eq!(a.creds.as_deref(), Some("u:p"));
         assert!(Cli::try_parse_from(["layerfs", "logout", "--all"]).is_ok());
         assert_eq!(
             registry_host("docker://localhost:5000/x").unwrap(),

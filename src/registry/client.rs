@@ -44,6 +44,9 @@ pub struct Options {
     /// `--creds`; else the auth files.
     pub creds: Option<Credentials>,
     pub authfile: Option<PathBuf>,
+    /// Retries of a request that failed transiently [default: `LAYERFS_REGISTRY_RETRIES`,
+    /// else 6]; the build cache asks its sources for fewer.
+    pub retries: Option<u32>,
 }
 
 impl Default for Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             cert_dir: None,
             creds: None,
             authfile: None,
+            retries: None,
         }
     }
 }
@@ -354,7 +358,7 @@ impl Client {
             actions: if push { "pull,push" } else { "pull" },
             auth: Mutex::new(AuthState::default()),
             token_fetch: Mutex::new(()),
-            retries: retries_from_env(),
+            retries: opts.retries.unwrap_or_else(retries_from_env),
         };
         client.ping()?;
         Ok(client)

@@ -78,22 +78,35 @@ fn is_manifest(mt: &str) -> bool {
 }
 
 /// A manifest as fetched: its bytes, media type and digest (checked).
-struct Fetched {
-    bytes: Vec<u8>,
-    media_type: String,
-    digest: Digest,
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
 }
 
 fn fetch_manifest(client: &Client, reference: &str, want: Option<Digest>) -> Result<Fetched> {
+    fetch_manifest_opt(client, reference, want)?.ok_or_else(|| {
+        Error::invalid(format!(
+            "manifest {}@{reference}: not found in the registry",
+            client.reference.repo_key()
+        ))
+    })
+}
+
+/// Fetch and check a manifest (or index) by tag or digest; `None` when the registry has no
+/// such manifest (404).
+pub fn fetch_manifest_opt(
+    client: &Client,
+    reference: &str,
+    want: Option<Digest>,
+) -> Result<Option<Fetched>> {
     let what = format!("manifest {}@{reference}", client.reference.repo_key());
     let req =
         Req::new("GET", client.url(&format!("manifests/{reference}"))).header("accept", ACCEPT);
     let mut resp = client.send(&req)?;
     match resp.status().as_u16() {
         200 => {}
-        404 => {
-            return Err(Error::invalid(format!("{what}: not found in the registry")));
-        }
+        404 => return Ok(None),
         _ => return Err(status_error(&what, &mut resp)),
     }
     let content_type = client::header(&resp, "content-type")
@@ -134,15 +147,15 @@ fn fetch_manifest(client: &Client, reference: &str, want: Option<Digest>) -> Res
             "{what}: unsupported manifest type {media_type:?}"
         )));
     }
-    Ok(Fetched {
+    Ok(Some(Fetched {
         bytes,
         media_type,
         digest,
-    })
+    }))
 }
 
 /// Fetch a small blob (the config) whole, checked against its descriptor.
-fn fetch_small_blob(client: &Client, d: &Digest, size: u64) -> Result<Vec<u8>> {
+pub fn fetch_small_blob(client: &Client, d: &Digest, size: u64) -> Result<Vec<u8>> {
     let what = format!("blob {d}");
     let mut resp = client.send(&Req::new("GET", client.url(&format!("blobs/{d}"))))?;
     if resp.status().as_u16() != 200 {
@@ -408,6 +421,8 @@ struct Staged<'s> {
     staging: Staging<'s>,
     layer: StagedLayer,
     partial: Option<Partial>,
+    /// The media type the blob's bytes have (sniffed: tar, gzip or zstd).
+    sniffed: String,
 }
 
 /// Fetch (or take from the store's blobs) and stage one layer.
@@ -433,7 +448,9 @@ fn fetch_layer<'s>(
             Err(e) => return Err(store.err(&format!("opening blob {d}"), e)),
         }
     };
+    let sniffed = std::cell::RefCell::new(String::new());
     let check = |mut layer: StagedLayer| {
+        sniffed.replace(layer.blob.media_type.clone());
         if layer.blob.size != desc.size {
             return Err(Error::invalid(format!(
                 "layer {d}: {} bytes, the manifest says {}",
@@ -460,6 +477,7 @@ fn fetch_layer<'s>(
             staging,
             layer,
             partial: None,
+            sniffed: sniffed.take(),
         });
     }
     let bar = download(
@@ -481,6 +499,7 @@ fn fetch_layer<'s>(
             staging,
             layer,
             partial: Some(part),
+            sniffed: sniffed.take(),
         }),
         Err(e) => {
             // A complete download that cannot be used is not kept.
@@ -488,6 +507,82 @@ fn fetch_layer<'s>(
             Err(e)
         }
     }
+}
+
+/// What [`pull_layer`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerPulled {
+    /// The blob had to be downloaded (else the store had it).
+    pub fetched: bool,
+    /// Bytes downloaded.
+    pub bytes: u64,
+}
+
+/// Pull one layer into the store (the build cache's import): the blob `desc` names, whose
+/// bytes must be of its (OCI layer) media type, whose diffID must be `diff_id` and whose
+/// uncompressed size must be `tar_size` when given.
+/// Downloaded, verified and extracted as `pull` does for an image's layers (resumable,
+/// digest and size checked, hardened import), then published under the store lock; the
+/// repository is recorded as a source of the blob. Nothing is stored when a check fails.
+pub fn pull_layer(
+    store: &Store,
+    client: &Client,
+    desc: &Descriptor,
+    diff_id: &Digest,
+    tar_size: Option<u64>,
+    limits: Limits,
+    progress: &dyn Progress,
+) -> Result<LayerPulled> {
+    let blob = desc.digest()?;
+    if desc.media_type.contains("nondistributable") || desc.media_type.contains("foreign") {
+        return Err(Error::invalid(format!(
+            "layer {blob}: non-distributable layers are not supported"
+        )));
+    }
+    let have = {
+        let _lock = store.lock(LockKind::Shared)?;
+        layers::exists(store, diff_id)? && blob_exists(store, &blob)?
+    };
+    if have {
+        return Ok(LayerPulled::default());
+    }
+    let downloaded = AtomicU64::new(0);
+    let staged = fetch_layer(store, client, desc, diff_id, limits, progress, &downloaded)?;
+    let refuse = |why: String| {
+        if let Some(p) = &staged.partial {
+            p.remove(store);
+        }
+        Err(Error::invalid(format!(
+            "layer {blob}: {why}; nothing was stored"
+        )))
+    };
+    if let Some(want) = tar_size {
+        if staged.layer.tar_size != want {
+            return refuse(format!(
+                "{} bytes uncompressed, {want} expected",
+                staged.layer.tar_size
+            ));
+        }
+    }
+    if staged.sniffed != desc.media_type {
+        return refuse(format!(
+            "its bytes are {}, the descriptor says {}",
+            staged.sniffed, desc.media_type
+        ));
+    }
+    let lock = store.lock(LockKind::Exclusive)?;
+    layers::publish(store, &staged.staging, &staged.layer)?;
+    if let Err(e) = state::record_sources(store, &client.reference.repo_key(), &[blob]) {
+        log::warn!("not recording where the blob came from: {e}");
+    }
+    drop(lock);
+    if let Some(p) = staged.partial {
+        p.remove(store);
+    }
+    Ok(LayerPulled {
+        fetched: true,
+        bytes: downloaded.load(Ordering::Relaxed),
+    })
 }
 
 /// Choose the manifest of `platform` in an index.

@@ -11,6 +11,9 @@
 //!
 //! The store is only read (blobs are opened under the shared lock, then read without it:
 //! an open blob survives a concurrent `gc`), except `registry/sources.json` at the end.
+//!
+//! [`push_manifest_with_blobs`] is the general form (any blobs, stored or in memory, and a
+//! manifest under a tag): `push` of an image and the build cache's export both use it.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -44,11 +47,54 @@ pub struct Pushed {
     pub bytes: u64,
 }
 
-/// A blob to push: digest, size and an open descriptor of the stored file.
-struct Blob {
-    digest: Digest,
-    size: u64,
-    file: File,
+/// Where a blob's bytes are.
+pub enum BlobData {
+    /// An open descriptor of a stored blob file.
+    Stored(File),
+    /// Bytes made for this push (a cache entry's config, a source listing).
+    Bytes(Vec<u8>),
+}
+
+/// A blob to push: digest, size and its bytes.
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+    pub data: BlobData,
+}
+
+impl Blob {
+    /// A blob of bytes in memory.
+    pub fn bytes(data: Vec<u8>) -> Blob {
+        Blob {
+            digest: Digest::of(&data),
+            size: data.len() as u64,
+            data: BlobData::Bytes(data),
+        }
+    }
+
+    /// The stored blob `desc` names, opened (call under the store lock; reading needs no
+    /// lock: an open blob survives a concurrent `gc`). Its size must be the descriptor's.
+    pub fn stored(store: &Store, desc: &model::Descriptor) -> Result<Blob> {
+        let d = desc.digest()?;
+        let dir = store.dir(b"blobs/sha256")?;
+        let fd = sys::open_at(dir.as_fd(), d.hex().as_bytes(), libc::O_RDONLY, 0)
+            .map_err(|e| store.err(&format!("opening blob {d}"), e))?;
+        let size = sys::fstat(fd.as_fd())
+            .map_err(|e| store.err(&format!("stat blob {d}"), e))?
+            .size;
+        if size != desc.size {
+            return Err(Error::invalid(format!(
+                "stored blob {d} has {size} bytes, the manifest says {} \
+                 (layerfs fsck --store)",
+                desc.size
+            )));
+        }
+        Ok(Blob {
+            digest: d,
+            size,
+            data: BlobData::Stored(File::from(fd)),
+        })
+    }
 }
 
 enum Outcome {
@@ -90,11 +136,20 @@ fn session_location(client: &Client, resp: &ureq::http::Response<ureq::Body>) ->
 }
 
 fn read_at(blob: &Blob, off: u64, len: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    blob.file
-        .read_exact_at(&mut buf, off)
-        .map_err(|e| Error::io(format!("reading blob {}", blob.digest), e))?;
-    Ok(buf)
+    match &blob.data {
+        BlobData::Stored(file) => {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, off)
+                .map_err(|e| Error::io(format!("reading blob {}", blob.digest), e))?;
+            Ok(buf)
+        }
+        BlobData::Bytes(b) => usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(off + len).ok())
+            .and_then(|(start, end)| b.get(start..end))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::invalid(format!("blob {}: short", blob.digest))),
+    }
 }
 
 fn corrupt(d: &Digest, got: Digest) -> Failed {
@@ -263,6 +318,130 @@ fn push_blob(
     }
 }
 
+/// What pushing a set of blobs did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlobsPushed {
+    pub uploaded: usize,
+    pub mounted: usize,
+    pub existed: usize,
+    /// Bytes uploaded.
+    pub bytes: u64,
+}
+
+/// Push `blobs` to `client.reference`'s repository, `jobs` at a time: each one skipped when
+/// the registry has it, mounted from a repository `sources` names, or uploaded.
+pub fn push_blobs(
+    client: &Client,
+    blobs: &[Blob],
+    sources: &Sources,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<BlobsPushed> {
+    let sent = AtomicU64::new(0);
+    let queue = Mutex::new(blobs.iter().collect::<VecDeque<&Blob>>());
+    let failed = AtomicBool::new(false);
+    let outcomes: Mutex<Vec<Result<Outcome>>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, 8).min(blobs.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Some(blob) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+                    else {
+                        break;
+                    };
+                    let r = push_blob(client, blob, sources, progress, &sent);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                }
+            });
+        }
+    });
+    let mut pushed = BlobsPushed::default();
+    for o in outcomes.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match o? {
+            Outcome::Existed => pushed.existed += 1,
+            Outcome::Mounted => pushed.mounted += 1,
+            Outcome::Uploaded => pushed.uploaded += 1,
+        }
+    }
+    pushed.bytes = sent.load(Ordering::Relaxed);
+    Ok(pushed)
+}
+
+/// `PUT` manifest `bytes` (of `media_type`) under `target` (a tag or its digest) in
+/// `client.reference`'s repository; the registry's digest for it must be `Digest::of(bytes)`.
+pub fn put_manifest(
+    client: &Client,
+    target: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<Digest> {
+    let digest = Digest::of(bytes);
+    let what = format!("manifest {}:{target}", client.reference.repo_key());
+    let req = Req::new("PUT", client.url(&format!("manifests/{target}")))
+        .header("content-type", media_type.to_string())
+        .body(bytes);
+    let mut resp = client.send(&req)?;
+    if resp.status().as_u16() != 201 {
+        return Err(status_error(&what, &mut resp));
+    }
+    if let Some(h) = client::header(&resp, "docker-content-digest") {
+        if h != digest.to_string() {
+            return Err(Error::invalid(format!(
+                "{what}: the registry stored it as {h}, not {digest}"
+            )));
+        }
+    }
+    Ok(digest)
+}
+
+/// The digest of the manifest `target` (a tag) names in `client.reference`'s repository
+/// (`HEAD`), or `None` when there is none. A registry that sends no digest answers `None`.
+pub fn manifest_digest(client: &Client, target: &str) -> Result<Option<Digest>> {
+    let what = format!("manifest {}:{target}", client.reference.repo_key());
+    let req = Req::new("HEAD", client.url(&format!("manifests/{target}")))
+        .header("accept", super::pull::ACCEPT);
+    let mut resp = client.send(&req)?;
+    match resp.status().as_u16() {
+        200 => {
+            Ok(client::header(&resp, "docker-content-digest").and_then(|h| Digest::parse(h).ok()))
+        }
+        404 => Ok(None),
+        _ => Err(status_error(&what, &mut resp)),
+    }
+}
+
+/// Push `blobs`, then manifest `bytes` (of `media_type`) under `target`: what `push` does for
+/// an image, and the build cache for its entries. The blobs are the manifest's; `sources`
+/// offers cross-repository mounts. `registry/sources.json` is not updated (the caller
+/// records what went where).
+#[allow(clippy::too_many_arguments)]
+pub fn push_manifest_with_blobs(
+    client: &Client,
+    blobs: &[Blob],
+    sources: &Sources,
+    target: &str,
+    media_type: &str,
+    bytes: &[u8],
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Pushed> {
+    let b = push_blobs(client, blobs, sources, jobs, progress)?;
+    let manifest = put_manifest(client, target, media_type, bytes)?;
+    Ok(Pushed {
+        manifest,
+        uploaded: b.uploaded,
+        mounted: b.mounted,
+        existed: b.existed,
+        bytes: b.bytes,
+    })
+}
+
 /// Push the stored image `image` to `client.reference`.
 pub fn push(
     store: &Store,
@@ -287,30 +466,13 @@ pub fn push(
             .clone()
             .or(index_type)
             .unwrap_or_else(|| model::MT_MANIFEST.to_string());
-        let dir = store.dir(b"blobs/sha256")?;
         let mut blobs: Vec<Blob> = Vec::new();
         for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
             let d = desc.digest()?;
             if blobs.iter().any(|b| b.digest == d) {
                 continue;
             }
-            let fd = sys::open_at(dir.as_fd(), d.hex().as_bytes(), libc::O_RDONLY, 0)
-                .map_err(|e| store.err(&format!("opening blob {d}"), e))?;
-            let size = sys::fstat(fd.as_fd())
-                .map_err(|e| store.err(&format!("stat blob {d}"), e))?
-                .size;
-            if size != desc.size {
-                return Err(Error::invalid(format!(
-                    "stored blob {d} has {size} bytes, the manifest says {} \
-                     (layerfs fsck --store)",
-                    desc.size
-                )));
-            }
-            blobs.push(Blob {
-                digest: d,
-                size,
-                file: File::from(fd),
-            });
+            blobs.push(Blob::stored(store, desc)?);
         }
         (
             bytes,
@@ -327,65 +489,21 @@ pub fn push(
             )));
         }
     }
-    let sent = AtomicU64::new(0);
-    let queue = Mutex::new(blobs.iter().collect::<VecDeque<&Blob>>());
-    let failed = AtomicBool::new(false);
-    let outcomes: Mutex<Vec<Result<Outcome>>> = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, 8) {
-            s.spawn(|| {
-                loop {
-                    if failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Some(blob) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
-                    else {
-                        break;
-                    };
-                    let r = push_blob(client, blob, &sources, progress, &sent);
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    outcomes.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-                }
-            });
-        }
-    });
-    let mut pushed = Pushed {
-        manifest: digest,
-        uploaded: 0,
-        mounted: 0,
-        existed: 0,
-        bytes: 0,
-    };
-    for o in outcomes.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        match o? {
-            Outcome::Existed => pushed.existed += 1,
-            Outcome::Mounted => pushed.mounted += 1,
-            Outcome::Uploaded => pushed.uploaded += 1,
-        }
-    }
-    pushed.bytes = sent.load(Ordering::Relaxed);
     let target = match (&dest.digest, &dest.tag) {
         (Some(d), _) => d.to_string(),
         (None, Some(t)) => t.clone(),
         (None, None) => "latest".to_string(),
     };
-    let what = format!("manifest {dest}");
-    let req = Req::new("PUT", client.url(&format!("manifests/{target}")))
-        .header("content-type", media_type.clone())
-        .body(&manifest_bytes);
-    let mut resp = client.send(&req)?;
-    if resp.status().as_u16() != 201 {
-        return Err(status_error(&what, &mut resp));
-    }
-    if let Some(h) = client::header(&resp, "docker-content-digest") {
-        if h != digest.to_string() {
-            return Err(Error::invalid(format!(
-                "{what}: the registry stored it as {h}, not {digest}"
-            )));
-        }
-    }
+    let pushed = push_manifest_with_blobs(
+        client,
+        &blobs,
+        &sources,
+        &target,
+        &media_type,
+        &manifest_bytes,
+        jobs,
+        progress,
+    )?;
     let lock = store.lock(LockKind::Exclusive)?;
     let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
     if let Err(e) = state::record_sources(store, &dest.repo_key(), &digests) {

@@ -734,6 +734,17 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: u16, bytes_per_sec: usize, fail_first: usize) -> Proxy {
+        Proxy::start_both(upstream, bytes_per_sec, usize::MAX, fail_first)
+    }
+
+    /// Throttling both ways: `bytes_per_sec` of what the registry sends, `up_per_sec` of what
+    /// the client sends.
+    fn start_both(
+        upstream: u16,
+        bytes_per_sec: usize,
+        up_per_sec: usize,
+        fail_first: usize,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -764,7 +775,25 @@ impl Proxy {
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let mut buf = vec![0u8; 64 << 10];
+                    let started = Instant::now();
+                    let mut sent = 0usize;
+                    loop {
+                        let n = match c_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                        if up_per_sec != usize::MAX {
+                            let due = Duration::from_secs_f64(sent as f64 / up_per_sec as f64);
+                            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                    }
                     let _ = s_out.shutdown(Shutdown::Write);
                 });
                 let (mut s_in, mut c_out) = (server, client);
@@ -1304,4 +1333,95 @@ fn bearer_token_auth() {
         digest
     );
     fsck_clean(&b);
+}
+
+#[test]
+fn killed_registry_mid_push_is_retried() {
+    if !ready() {
+        return;
+    }
+    let a = Env::new();
+    let mut reg = Registry::start(a.dir.path(), None);
+    // Noise does not compress: a 24 MiB layer is a 24 MiB blob, sent in PATCH chunks.
+    make_image(&a, "big", 24 << 20, 7);
+    let (digest, ids) = image_of(&a, "big");
+    // Through a proxy that lets the upload through at 8 MB/s, so it can be cut in the middle.
+    let proxy = Proxy::start_both(reg.port, 1 << 30, 8 << 20, 0);
+    let via = format!("localhost:{}/big/pushed:1", proxy.port);
+    let child = Command::new(bin())
+        .args([
+            "--root",
+            a.store().to_str().unwrap(),
+            "-v",
+            "push",
+            "big",
+            &via,
+            "--tls-verify=false",
+        ])
+        .env("HOME", a.path("home"))
+        .env("REGISTRY_AUTH_FILE", a.path("run/auth.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the registry holds part of an upload, then kill it and start it again.
+    let uploads = reg
+        .storage
+        .join("docker/registry/v2/repositories/big/pushed/_uploads");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let received: u64 = walk_sizes(&uploads);
+        if received >= 2 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = a.store_state();
+    reg.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    reg.restart();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("again in"),
+        "the upload was not retried: {err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), digest);
+    // The store is as it was (a push only reads it), but for where its blobs now live.
+    let after: Vec<String> = a
+        .store_state()
+        .into_iter()
+        .filter(|l| !l.starts_with("registry/"))
+        .collect();
+    let before: Vec<String> = before
+        .into_iter()
+        .filter(|l| !l.starts_with("registry/"))
+        .collect();
+    assert_eq!(before, after);
+    // What the registry holds is the whole image: a fresh store pulls it, verified.
+    let b = Env::new();
+    let src = format!("{}/big/pushed:1", reg.host());
+    assert_eq!(ok(&b, &["pull", &src, "--tls-verify=false"]).trim(), digest);
+    assert_eq!(image_of(&b, &src).1, ids);
+    fsck_clean(&b);
+    drop(proxy);
+}
+
+/// Bytes of every file under `dir` (0 when it does not exist).
+fn walk_sizes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            match e.metadata() {
+                Ok(m) if m.is_dir() => walk_sizes(&p),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        })
+        .sum()
 }

@@ -39,47 +39,12 @@ fn ready() -> bool {
     true
 }
 
-fn busybox() -> PathBuf {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("command -v busybox")
-        .output()
-        .unwrap();
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 impl Bench {
     fn new() -> Bench {
         let b = Bench {
             dir: tempfile::tempdir().unwrap(),
         };
-        let base = b.p("base");
-        for d in ["bin", "etc", "tmp", "root", "home/app"] {
-            mkdirp(base.join(d));
-        }
-        fs::copy(busybox(), base.join("bin/busybox")).unwrap();
-        for tool in [
-            "sh", "ls", "cat", "echo", "mkdir", "touch", "id", "sleep", "wc", "sed", "ip", "stat",
-            "true", "false", "test", "hostname", "head", "sort",
-        ] {
-            symlink("busybox", base.join("bin").join(tool)).unwrap();
-        }
-        wfile(
-            base.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-        );
-        wfile(base.join("etc/group"), "root:x:0:\napp:x:1000:\n");
-        common::chmod(base.join("tmp"), 0o1777);
-        let tar = b.p("base.tar");
-        let st = Command::new("tar")
-            .args(["--numeric-owner", "--mtime=@1700000000", "-C"])
-            .arg(&base)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let tar = common::busybox_base_tar(b.dir.path());
         // A fixed creation time: two benches hold the same base image, as two machines that
         // pulled it.
         let out = b.layerfs(&[

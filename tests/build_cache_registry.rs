@@ -15,12 +15,11 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{can_mount, mkdirp, wfile};
+use common::{can_mount, wfile};
 use layerfs::build::remote;
 use layerfs::digest::Digest;
 
@@ -219,43 +218,12 @@ struct Lab {
     dir: tempfile::TempDir,
 }
 
-fn busybox() -> PathBuf {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("command -v busybox")
-        .output()
-        .unwrap();
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 impl Lab {
     fn new() -> Lab {
         let lab = Lab {
             dir: tempfile::tempdir().unwrap(),
         };
-        let base = lab.p("base");
-        for d in ["bin", "etc", "tmp", "root", "home/app"] {
-            mkdirp(base.join(d));
-        }
-        fs::copy(busybox(), base.join("bin/busybox")).unwrap();
-        for tool in ["sh", "ls", "cat", "echo", "id", "true"] {
-            symlink("busybox", base.join("bin").join(tool)).unwrap();
-        }
-        wfile(
-            base.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-        );
-        wfile(base.join("etc/group"), "root:x:0:\napp:x:1000:\n");
-        common::chmod(base.join("tmp"), 0o1777);
-        let st = Command::new("tar")
-            .args(["--numeric-owner", "--mtime=@1700000000", "-C"])
-            .arg(&base)
-            .arg("-cf")
-            .arg(lab.p("base.tar"))
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        common::busybox_base_tar(lab.dir.path());
         lab
     }
 

@@ -724,6 +724,30 @@ fn tls_private_ca_and_basic_auth() {
     fails(&b, &["logout", "other:1"], "not logged in");
 }
 
+/// Copy `from` to `to` at most `per_sec` bytes a second (`usize::MAX`: as fast as it comes)
+/// until either side ends.
+fn pump(from: &mut TcpStream, to: &mut TcpStream, per_sec: usize) {
+    let mut buf = vec![0u8; 64 << 10];
+    let started = Instant::now();
+    let mut sent = 0usize;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n;
+        if per_sec != usize::MAX {
+            let due = Duration::from_secs_f64(sent as f64 / per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
 /// A loopback proxy in front of the registry: passes bytes both ways, throttling what the
 /// registry sends, and answers the first `fail_first` connections with a 503.
 struct Proxy {
@@ -775,46 +799,12 @@ impl Proxy {
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    let started = Instant::now();
-                    let mut sent = 0usize;
-                    loop {
-                        let n = match c_in.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if s_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        sent += n;
-                        if up_per_sec != usize::MAX {
-                            let due = Duration::from_secs_f64(sent as f64 / up_per_sec as f64);
-                            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                                std::thread::sleep(wait);
-                            }
-                        }
-                    }
+                    pump(&mut c_in, &mut s_out, up_per_sec);
                     let _ = s_out.shutdown(Shutdown::Write);
                 });
                 let (mut s_in, mut c_out) = (server, client);
                 std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    let started = Instant::now();
-                    let mut sent = 0usize;
-                    loop {
-                        let n = match s_in.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if c_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        sent += n;
-                        let due = Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
+                    pump(&mut s_in, &mut c_out, bytes_per_sec);
                     let _ = c_out.shutdown(Shutdown::Both);
                 });
             }

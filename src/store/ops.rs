@@ -520,6 +520,18 @@ pub struct Committed {
     pub new_layer: bool,
 }
 
+/// A new `STAGED_BLOB` in `staging`, for a layer blob to be written to.
+fn staged_blob_writer(staging: &Staging<'_>) -> Result<BufWriter<File>> {
+    let fd = sys::open_at(
+        staging.fd(),
+        layers::STAGED_BLOB,
+        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+        0o644,
+    )
+    .map_err(|e| Error::io("staging the blob", e))?;
+    Ok(BufWriter::with_capacity(1 << 20, File::from(fd)))
+}
+
 /// Diff `upper` into `staging`: the blob (compressed with `codec`) as `STAGED_BLOB` and the
 /// same tar extracted as `STAGED_LAYER` (in parallel, through a pipe: extraction from the
 /// produced tar guarantees the layer directory is exactly what the blob says), synced.
@@ -540,14 +552,7 @@ fn stage_upper(
     )
     .map_err(|e| Error::io("staging the layer", e))?;
     let formats = import::probe_formats(layer_fd.as_fd());
-    let blob_fd = sys::open_at(
-        staging.fd(),
-        layers::STAGED_BLOB,
-        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-        0o644,
-    )
-    .map_err(|e| Error::io("staging the blob", e))?;
-    let blob = BufWriter::with_capacity(1 << 20, File::from(blob_fd));
+    let blob = staged_blob_writer(staging)?;
     let to = ExtractTo {
         dir: layer_fd,
         formats,
@@ -639,14 +644,7 @@ pub fn layer_from_staged_upper(
     progress: &dyn Fn(u64),
 ) -> Result<PublishedLayer> {
     let upper = staging.path().join(std::ffi::OsStr::from_bytes(name));
-    let blob_fd = sys::open_at(
-        staging.fd(),
-        layers::STAGED_BLOB,
-        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-        0o644,
-    )
-    .map_err(|e| Error::io("staging the blob", e))?;
-    let blob = BufWriter::with_capacity(1 << 20, File::from(blob_fd));
+    let blob = staged_blob_writer(staging)?;
     let (diffed, blob, _) = pipeline(
         &upper,
         codec,

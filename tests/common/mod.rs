@@ -478,3 +478,46 @@ pub fn assert_same(a: &Tree, b: &Tree, what: &str) {
     }
     panic!("{what}: trees differ\n{msg}");
 }
+
+// ---- a busybox base image ---------------------------------------------------------------------
+
+/// Where the static busybox is (`busybox-static`).
+pub fn busybox() -> PathBuf {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("command -v busybox")
+        .output()
+        .expect("sh");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A busybox root filesystem made in `dir/base` (root and `app` 1000:1000 in /etc/passwd,
+/// a sticky /tmp), as the layer tar `dir/base.tar` with fixed times: every test that makes it
+/// gets the same bytes, so the same diffID. Returns the tar's path.
+pub fn busybox_base_tar(dir: &Path) -> PathBuf {
+    let base = dir.join("base");
+    for d in ["bin", "etc", "tmp", "root", "home/app"] {
+        mkdirp(base.join(d));
+    }
+    fs::copy(busybox(), base.join("bin/busybox")).expect("copy busybox");
+    for tool in [
+        "sh", "ls", "cat", "echo", "mkdir", "touch", "id", "sleep", "wc", "sed", "ip", "stat",
+        "true", "false", "test", "hostname", "head", "sort",
+    ] {
+        symlink("busybox", base.join("bin").join(tool));
+    }
+    wfile(
+        base.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    );
+    wfile(base.join("etc/group"), "root:x:0:\napp:x:1000:\n");
+    chmod(base.join("tmp"), 0o1777);
+    let tar = dir.join("base.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--mtime=@1700000000", "-C"])
+        .arg(&base)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    tar
+}

@@ -1787,6 +1787,11 @@ impl FuseRing {
         self.slots.len()
     }
 
+    /// Bytes of an entry's payload buffer: the largest reply it can carry.
+    pub fn payload_len(&self) -> usize {
+        self.slots.first().map_or(0, |s| s.payload_len)
+    }
+
     fn command(&self, slot: usize, cmd_op: u32, commit_id: u64) -> io_uring::squeue::Entry128 {
         // struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 padding[6]; }
         let mut cmd = [0u8; 80];
@@ -1908,6 +1913,42 @@ impl FuseRing {
         buf.extend_from_slice(&header[RING_OP_IN..RING_OP_IN + op_len]);
         buf.extend_from_slice(payload);
         (id, Ok(()))
+    }
+
+    /// Answer the request in entry `slot` with data written straight into the entry's payload
+    /// buffer by `fill` (at most `want` bytes; it returns how many it wrote, or an errno), and
+    /// give the entry back to the kernel. Saves the copy `commit` makes of a reply built
+    /// elsewhere: for a large READ, that copy is most of what the daemon spends.
+    pub fn commit_filled(
+        &self,
+        slot: usize,
+        commit_id: u64,
+        unique: u64,
+        want: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, i32>,
+        submit: bool,
+    ) -> io::Result<()> {
+        let s = &self.slots[slot];
+        let want = want.min(s.payload_len);
+        // SAFETY: the daemon owns the entry between its completion and this commit, and the
+        // ring thread that calls this holds no reply object for it (see FuseRing).
+        let payload = unsafe { std::slice::from_raw_parts_mut(s.payload, want) };
+        let (len, errno) = match fill(payload) {
+            Ok(n) if n <= want => (n, 0),
+            Ok(_) => (0, libc::EIO),
+            Err(e) => (0, e),
+        };
+        // SAFETY: as above; the header block is RING_HEADER_LEN bytes.
+        let header = unsafe { std::slice::from_raw_parts_mut(s.header, RING_HEADER_LEN) };
+        header[0..4].copy_from_slice(&((FUSE_OUT_HEADER_LEN + len) as u32).to_ne_bytes());
+        header[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+        header[8..16].copy_from_slice(&unique.to_ne_bytes());
+        header[RING_ENT_IN_OUT + 16..RING_ENT_IN_OUT + 20]
+            .copy_from_slice(&(len as u32).to_ne_bytes());
+        self.push(
+            &self.command(slot, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, commit_id),
+            submit,
+        )
     }
 
     /// Write a reply (fuse_out_header then the reply's arguments, as for `write()` on the

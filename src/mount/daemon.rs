@@ -180,6 +180,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     let fs = LayerFs::new(union.clone(), plan.fuse.clone());
     let io_uring_granted = fs.io_uring_granted();
     let notifier_slot = fs.notifier_slot();
+    let reader = fs.reader();
     let session = if sys::geteuid() == 0 {
         mount_dev_fuse(&union, plan).and_then(|fd| {
             let acl = config.acl;
@@ -209,7 +210,7 @@ fn serve(union: Arc<Union>, plan: &MountPlan, notify: Option<OwnedFd>) -> Result
     // With FUSE-over-io_uring granted, requests go to the rings once every queue is registered.
     // If that fails, they keep coming through /dev/fuse, served as before.
     let rings = if io_uring_granted.load(Ordering::Relaxed) {
-        match uring::Rings::start(&session, uring::DEFAULT_DEPTH, uring::PAYLOAD_LEN) {
+        match uring::Rings::start(&session, uring::DEFAULT_DEPTH, uring::PAYLOAD_LEN, reader) {
             Ok(rings) => {
                 busypoll::turn_off();
                 log::info!("io_uring on");

@@ -291,6 +291,11 @@ impl LayerFs {
         self.notifier.clone()
     }
 
+    /// What the ring threads read files with (READ answered straight into their buffers).
+    pub fn reader(&self) -> Arc<dyn crate::mount::uring::ReadInto> {
+        self.0.clone()
+    }
+
     /// Set once FUSE_INIT granted FUSE-over-io_uring: the daemon then starts the rings.
     pub fn io_uring_granted(&self) -> Arc<AtomicBool> {
         self.io_uring.clone()
@@ -647,10 +652,6 @@ impl Core {
         thread_local! {
             static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let fd = match self.file_fd(fh) {
-            Ok(fd) => fd,
-            Err(e) => return reply(Err(e)),
-        };
         READ_BUF.with(|cell| {
             let Ok(mut buf) = cell.try_borrow_mut() else {
                 return reply(Err(Error::os(libc::EIO)));
@@ -659,16 +660,24 @@ impl Core {
             if buf.len() < want {
                 buf.resize(want, 0);
             }
-            let mut done = 0;
-            while done < want {
-                match sys::pread(fd.as_fd(), &mut buf[done..want], offset + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) => return reply(Err(e.into())),
-                }
+            match self.read_file(fh, offset, &mut buf[..want]) {
+                Ok(done) => reply(Ok(&buf[..done])),
+                Err(e) => reply(Err(e)),
             }
-            reply(Ok(&buf[..done]))
         })
+    }
+
+    /// Fill `buf` from the open file `fh` at `offset`; short only at the end of the file.
+    fn read_file(&self, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        let fd = self.file_fd(fh)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
     }
 
     fn check_access(&self, req: &Request, ino: u64, mask: AccessFlags) -> Result<(), Error> {
@@ -702,6 +711,19 @@ impl Core {
         } else {
             Err(Error::os(libc::EACCES))
         }
+    }
+}
+
+impl crate::mount::uring::ReadInto for Core {
+    fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize, i32> {
+        crate::mount::busypoll::note_request();
+        let mut result = Err(libc::EIO);
+        unwind_to_eio("read", || {
+            result = self
+                .read_file(FileHandle(fh), offset, buf)
+                .map_err(|e| e.errno());
+        });
+        result
     }
 }
 

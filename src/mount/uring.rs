@@ -12,7 +12,9 @@
 //! thread is still running on its own. So a ring thread enters the SCHED_IDLE class before it
 //! commits its replies and waits: its CPU then counts as idle, and the caller stays. While a
 //! normal-class helper (prefetch, copy-up worker) runs a job, it serves requests in the normal
-//! class: they share locks, and an idle-class thread on either side of a lock starves.
+//! class: they share locks, and an idle-class thread on either side of a lock starves. So it
+//! does while other work on the host competes for the CPUs (`cpu_pressure`): an idle-class
+//! thread then gets a CPU only when that work leaves one free.
 //!
 //! Invariants:
 //! * One queue per possible CPU, `qid` = CPU number; the kernel uses the ring only once every
@@ -23,7 +25,10 @@
 //!   error if a handler drops them, requests without a reply (FORGET, BATCH_FORGET) and
 //!   malformed ones are answered here, so no entry is ever lost to the kernel.
 //! * The requests run through fuser's own dispatcher (`Session::raw_dispatcher`), so access
-//!   checks and parsing are the same as for `/dev/fuse`.
+//!   checks and parsing are the same as for `/dev/fuse`; the one exception is READ, which
+//!   needs no check (the kernel checked at open, and the handle is ours) and whose data goes
+//!   straight from the file into the entry's payload buffer ([`ReadInto`]), not through a
+//!   reply buffer that would then be copied there.
 
 #![deny(unsafe_code)]
 
@@ -32,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{JoinHandle, ThreadId};
 
+use crate::mount::cpu_pressure::CpuPressure;
 use crate::mount::workers;
 use crate::sys::{self, FuseRing};
 
@@ -45,7 +51,24 @@ pub const DEFAULT_DEPTH: usize = 8;
 pub const PAYLOAD_LEN: usize = 1 << 20;
 
 const FUSE_FORGET: u32 = 2;
+const FUSE_READ: u32 = 15;
 const FUSE_BATCH_FORGET: u32 = 42;
+
+/// Reads an open file's bytes into a buffer the caller owns: how ring threads answer READ
+/// without a copy.
+pub trait ReadInto: Send + Sync {
+    /// Fill `buf` from the file behind handle `fh` at `offset`, short only at its end; the
+    /// byte count, or the errno to answer.
+    fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize, i32>;
+}
+
+/// The arguments of a READ request as `take_request` laid it out (fuse_in_header, then
+/// fuse_read_in: fh, offset, size, ...): `(fh, offset, size)`.
+fn read_args(request: &[u8]) -> Option<(u64, u64, u32)> {
+    let word64 = |o: usize| Some(u64::from_ne_bytes(request.get(o..o + 8)?.try_into().ok()?));
+    let size = u32::from_ne_bytes(request.get(56..60)?.try_into().ok()?);
+    Some((word64(40)?, word64(48)?, size))
+}
 
 /// Size of the per-operation header the kernel puts in an entry's `op_in` area, for requests
 /// whose header size is fixed by the protocol (7.31+ layouts). The kernel does not transmit it.
@@ -170,6 +193,7 @@ impl Rings {
         session: &fuser::Session<FS>,
         depth: usize,
         payload_len: usize,
+        reader: Arc<dyn ReadInto>,
     ) -> io::Result<Rings> {
         use std::os::fd::AsFd;
         let cpus = possible_cpus()?;
@@ -183,11 +207,14 @@ impl Rings {
                 payload_len,
             )?));
         }
+        let pressure = Arc::new(CpuPressure::open());
         let mut threads = Vec::with_capacity(cpus);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for (qid, ring) in rings.into_iter().enumerate() {
             let dispatcher = session.raw_dispatcher(&format!("ring-{qid}"));
             let ready = ready_tx.clone();
+            let reader = reader.clone();
+            let pressure = pressure.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("layerfs-ring-{qid}"))
                 .spawn(move || {
@@ -202,7 +229,7 @@ impl Rings {
                     let _ = ready.send(registered);
                     drop(ready);
                     if !failed {
-                        serve(qid, &ring, &dispatcher);
+                        serve(qid, &ring, &dispatcher, &*reader, &pressure);
                     }
                 })?;
             threads.push(thread);
@@ -238,26 +265,38 @@ fn serve<FS: fuser::Filesystem>(
     qid: usize,
     ring: &Arc<FuseRing>,
     dispatcher: &fuser::RawDispatcher<FS>,
+    reader: &dyn ReadInto,
+    pressure: &CpuPressure,
 ) {
     let ring_thread = std::thread::current().id();
     let mut completions = Vec::with_capacity(ring.depth());
     let mut request = Vec::with_capacity(64 * 1024);
     let mut live = ring.depth();
-    let mut normal_class = false;
+    let mut idle_class = true;
     while live > 0 {
         completions.clear();
-        // SCHED_IDLE while waiting: the replies this thread queued are committed inside this
-        // wait, and the wakeup of their callers is what must see an idle CPU.
-        if normal_class && sys::set_idle_class(true).is_ok() {
-            normal_class = false;
+        // SCHED_IDLE while waiting, when nothing else wants the CPUs: the replies this thread
+        // queued are committed inside this wait, and the wakeup of their callers is what must
+        // see an idle CPU.
+        if !idle_class
+            && !workers::helpers_busy()
+            && !pressure.contended()
+            && sys::set_idle_class(true).is_ok()
+        {
+            idle_class = true;
         }
         let waited = ring.wait(&mut completions);
-        // Normal class while serving, if a normal-class helper (prefetch, copy-up worker)
-        // runs: requests share locks with them, and an idle-class holder or waiter of a lock
-        // starves behind them (cold `find`: 23 s instead of 0.9 s). Otherwise nothing
-        // competes, and staying idle-class saves two system calls per wakeup.
-        if workers::helpers_busy() && sys::set_idle_class(false).is_ok() {
-            normal_class = true;
+        // Normal class while serving, and until the CPUs are free again, when anything else
+        // runs: a normal-class helper (prefetch, copy-up worker) shares locks with requests,
+        // and an idle-class holder or waiter of a lock starves behind it (cold `find`: 23 s
+        // instead of 0.9 s); any other work on the host starves an idle-class thread outright
+        // (see `cpu_pressure`). Otherwise staying idle-class saves two system calls (6 us)
+        // per wakeup.
+        if idle_class
+            && (workers::helpers_busy() || pressure.contended())
+            && sys::set_idle_class(false).is_ok()
+        {
+            idle_class = false;
         }
         if let Err(e) = waited {
             log::error!("ring {qid}: {e}");
@@ -283,6 +322,32 @@ fn serve<FS: fuser::Filesystem>(
                 continue;
             }
             let (req, taken) = ring.take_request(slot, &mut request, op_header_len);
+            if req.opcode == FUSE_READ && taken.is_ok() {
+                if let Some((fh, offset, size)) = read_args(&request) {
+                    let want = size as usize;
+                    if want <= ring.payload_len() {
+                        // Logged as fuser logs the requests it dispatches, so one debug log
+                        // still lists every request.
+                        log::debug!(
+                            target: "fuser::request",
+                            "FUSE({:4}) READ fh {fh}, offset {offset}, size {size} ring-{qid}, direct",
+                            req.unique
+                        );
+                        let filled = ring.commit_filled(
+                            slot,
+                            req.commit_id,
+                            req.unique,
+                            want,
+                            |buf| reader.read_into(fh, offset, buf),
+                            false,
+                        );
+                        if let Err(e) = filled {
+                            log::error!("ring {qid}: {e}");
+                        }
+                        continue;
+                    }
+                }
+            }
             let reply = Arc::new(EntryReply {
                 ring: ring.clone(),
                 slot,

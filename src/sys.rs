@@ -770,6 +770,117 @@ pub struct FsStat {
     pub fsid: u64,
 }
 
+/// A pipe through which file data is spliced into FUSE replies.
+struct SplicePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl SplicePipe {
+    /// Non-blocking both ways, so a pipe left full by a failure can never block the thread;
+    /// as large as an unprivileged process may make it (`fs.pipe-max-size`, 1 MiB by default).
+    fn new() -> io::Result<SplicePipe> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(1 << 20))
+            .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))?;
+        Ok(SplicePipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(0),
+        })
+    }
+
+    /// Throw away whatever a failed reply left in the pipe.
+    fn drain(&self) {
+        let mut scratch = [0u8; 16 * 1024];
+        while matches!(nix::unistd::read(&self.read, &mut scratch), Ok(n) if n > 0) {}
+    }
+}
+
+/// Answer the FUSE READ request `unique` on the FUSE device `dev` with up to `want` bytes of
+/// `file` at `offset`, moved by splice (the file's page-cache pages into a pipe, the pipe into
+/// the device) rather than copied into a buffer and out again. `Ok(false)`: nothing was sent
+/// (at end of file, a reply too large for the pipe, the file shrinking meanwhile, or the device
+/// refusing a splice); answer the request another way.
+pub fn splice_read_reply(
+    file: BorrowedFd<'_>,
+    offset: u64,
+    want: usize,
+    dev: BorrowedFd<'_>,
+    unique: u64,
+) -> io::Result<bool> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    thread_local! {
+        static PIPE: std::cell::OnceCell<Option<SplicePipe>> = const { std::cell::OnceCell::new() };
+    }
+    const PAGE: u64 = 4096;
+    const OUT_HEADER: usize = 16;
+    let size = fstat(file)?.size;
+    let len = size.saturating_sub(offset).min(want as u64);
+    if len == 0 {
+        return Ok(false);
+    }
+    // Pipe slots hold at most a page each: the header takes one, the data its pages.
+    let pages = (offset % PAGE + len).div_ceil(PAGE) + 1;
+    PIPE.with(|cell| {
+        let Some(pipe) = cell.get_or_init(|| {
+            SplicePipe::new()
+                .map_err(|e| log::warn!("no splice pipe, file data is copied: {e}"))
+                .ok()
+        }) else {
+            return Ok(false);
+        };
+        if pages * PAGE > pipe.capacity as u64 {
+            return Ok(false);
+        }
+        let len = len as usize;
+        let mut header = [0u8; OUT_HEADER];
+        header[0..4].copy_from_slice(&((OUT_HEADER + len) as u32).to_ne_bytes());
+        header[8..16].copy_from_slice(&unique.to_ne_bytes());
+        if nix::unistd::write(&pipe.write, &header) != Ok(OUT_HEADER) {
+            pipe.drain();
+            return Ok(false);
+        }
+        let mut at =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut moved = 0;
+        while moved < len {
+            match splice(
+                file,
+                Some(&mut at),
+                &pipe.write,
+                None,
+                len - moved,
+                SpliceFFlags::empty(),
+            ) {
+                Ok(0) => break,
+                Ok(n) => moved += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if moved < len {
+            pipe.drain();
+            return Ok(false);
+        }
+        let total = OUT_HEADER + len;
+        match splice(&pipe.read, None, dev, None, total, SpliceFFlags::empty()) {
+            Ok(n) if n == total => Ok(true),
+            // The request is gone (interrupted, or the connection aborted): nothing to answer.
+            Err(nix::errno::Errno::ENOENT) => {
+                pipe.drain();
+                Ok(true)
+            }
+            _ => {
+                pipe.drain();
+                Ok(false)
+            }
+        }
+    })
+}
+
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<FsStat> {
     let mut st = MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: valid fd and out-pointer.

@@ -114,6 +114,14 @@ impl std::fmt::Debug for ChannelSender {
 }
 
 impl ChannelSender {
+    /// The FUSE device, when replies are written to it (no `ReplyTarget`).
+    pub(crate) fn device(&self) -> Option<BorrowedFd<'_>> {
+        match self.target {
+            Some(_) => None,
+            None => Some(self.dev.as_fd()),
+        }
+    }
+
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
         if let Some(target) = &self.target {
             return target.send(bufs);

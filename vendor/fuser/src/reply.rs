@@ -45,6 +45,15 @@ pub(crate) enum ReplySender {
 }
 
 impl ReplySender {
+    /// The FUSE device this sender writes replies to, unless they go to a `ReplyTarget`.
+    pub(crate) fn device(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            ReplySender::Channel(sender) => sender.device(),
+            #[cfg(test)]
+            _ => None,
+        }
+    }
+
     /// Send data.
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()> {
         match self {
@@ -207,6 +216,24 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// Reply by writing to the FUSE device directly, in a way a byte slice cannot express
+    /// (splice from a file). Only when replies go to the device (not to a `ReplyTarget`):
+    /// `write` gets the device and the request's unique id, and either writes one whole reply
+    /// (fuse_out_header, then the data) and returns true, or writes nothing and returns
+    /// false. Gives the reply back (`Some`) when it was not sent, to be answered otherwise.
+    pub fn write_direct(mut self, write: impl FnOnce(BorrowedFd<'_>, u64) -> bool) -> Option<Self> {
+        let sent = match self.reply.sender.as_ref().and_then(|s| s.device()) {
+            Some(dev) => write(dev, self.reply.unique.0),
+            None => false,
+        };
+        if sent {
+            self.reply.sender = None;
+            None
+        } else {
+            Some(self)
+        }
     }
 
     /// Reply to a request with the given error code

@@ -16,8 +16,25 @@
 //! `<ns>.layerfs.origin`, the inode number itself as 8 little-endian bytes; it is still read
 //! (never written), so uppers made before keep their numbers.
 //!
-//! Everything here is pure: values in, decisions out. A value comes from disk and may be
-//! anything; every length is checked and garbage reads as [`Origin::Invalid`].
+//! What layerfs writes and when, as the kernel (without `index=on`) does: an origin for every
+//! copied-up directory and every other object whose lower has one link (a copy of a hard-linked
+//! lower breaks the link, so the lower number is not its own), empty when the lower filesystem
+//! gives no handles. One difference: the kernel writes the empty value when the mounter lacks
+//! `CAP_DAC_READ_SEARCH`; layerfs writes the handle anyway (`name_to_handle_at` needs no
+//! privilege), so a later privileged mount, layerfs or kernel, can use it.
+//!
+//! Which number an upper object shows (`Union::origin_ino`): the lower object the origin
+//! names, found at the same path in the layers below (handles compared: cheap, unprivileged),
+//! else decoded with `open_by_handle_at` when the daemon may (`O_PATH`, only `fstat`ed: a
+//! handle may name any object of its filesystem); for an empty origin, the lower object at the
+//! same path if it is of the same type (the kernel does so for directories and shows a file's
+//! own number; layerfs keeps the lower number, stable across copy-up and remount unless the
+//! object is renamed). A non-directory origin with more than one link gives no number, as in
+//! the kernel. Without a number from its origin an object shows its own.
+//!
+//! [`encode`], [`parse`] and [`parse_legacy`] are pure: values in, decisions out. A value
+//! comes from disk and may be anything; every length is checked and garbage reads as
+//! [`Origin::Invalid`], which gives no number and never an error.
 
 /// `OVL_FH_VERSION`.
 pub const FH_VERSION: u8 = 0;

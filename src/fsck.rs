@@ -20,7 +20,13 @@
 //! And in the work directory: leftovers in `WORK/work` of an interrupted operation (a crash
 //! mid copy-up) — repaired by removing them, as a mount does.
 //!
-//! Kernel bookkeeping xattrs (`overlay.origin`, `overlay.nlink`, `overlay.protattr`,
+//! * copy-up origins that are not one: an `overlay.origin` that is not empty and not a file
+//!   handle in the kernel's format (the kernel refuses to look such an object up), a
+//!   `*.layerfs.origin` (what layerfs wrote before it wrote the kernel's format) that is not
+//!   an inode number of 8 bytes — repaired by removing the xattr (both mounts ignore it:
+//!   what users see does not change);
+//!
+//! Kernel bookkeeping xattrs (valid `overlay.origin`, `overlay.nlink`, `overlay.protattr`,
 //! `overlay.uuid`, `overlay.upper`, `overlay.impure` on directories, `overlay.whiteouts`) and
 //! layerfs's own (`*.layerfs.*`) are fine anywhere the kernel puts them.
 //!
@@ -73,6 +79,8 @@ pub enum Problem {
     StrayXattr { name: Vec<u8>, repairable: bool },
     /// An overlay feature layerfs does not implement (redirect, metacopy).
     Unsupported(Vec<u8>),
+    /// An origin xattr whose value is not an origin (kernel or older layerfs form).
+    BadOrigin(Vec<u8>),
     /// A `.wh.`-prefixed name; `shadows` when the name it would delete exists beside it.
     AufsName { shadows: bool },
     /// lstat, readdir or listxattr failed.
@@ -122,6 +130,11 @@ impl fmt::Display for Problem {
                 f,
                 "AUFS-style whiteout name in an upper (a layer made from it would read it as a \
                  deletion)"
+            ),
+            Problem::BadOrigin(x) => write!(
+                f,
+                "{} does not hold an origin (ignored by layerfs, refused by the kernel)",
+                x.escape_ascii()
             ),
             Problem::Unreadable(e) => write!(f, "unreadable: {e}"),
             Problem::DanglingImage(why) => write!(f, "image cannot be used: {why}"),
@@ -192,8 +205,20 @@ fn overlay_suffix(name: &[u8]) -> Option<&[u8]> {
     rest.strip_prefix(b"overlay.")
 }
 
-/// Kernel bookkeeping that may sit on any object.
-const BOOKKEEPING: &[&[u8]] = &[b"origin", b"nlink", b"protattr", b"uuid", b"upper"];
+/// Kernel bookkeeping that may sit on any object (`origin` is checked by [`origin_xattr`]).
+const BOOKKEEPING: &[&[u8]] = &[b"nlink", b"protattr", b"uuid", b"upper"];
+
+/// For an origin xattr name (the kernel's or older layerfs's), the check its value must pass.
+fn origin_xattr(name: &[u8]) -> Option<fn(&[u8]) -> bool> {
+    use crate::union::origin::{Origin, parse, parse_legacy};
+    if name == whiteout::TRUSTED_ORIGIN || name == whiteout::USER_ORIGIN {
+        return Some(|v| parse(v) != Origin::Invalid);
+    }
+    if name == b"trusted.layerfs.origin" || name == b"user.layerfs.origin" {
+        return Some(|v| parse_legacy(v).is_some());
+    }
+    None
+}
 
 /// The merged view of the lowers, to tell whether a whiteout hides anything.
 struct LowerView {
@@ -428,6 +453,17 @@ impl Checker {
             whiteout::AufsName::Plain => {}
         }
         for attr in xattrs {
+            if let Some(valid) = origin_xattr(attr) {
+                let value = sys::xattr_get(target, attr)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                if !valid(&value) {
+                    let r = self.fix(|| sys::xattr_remove(target, attr));
+                    self.found(shown(path), Problem::BadOrigin(attr.clone()), r);
+                }
+                continue;
+            }
             let Some(suffix) = overlay_suffix(attr) else {
                 continue;
             };

@@ -1286,6 +1286,99 @@ pub fn xattr_remove(target: XTarget<'_>, attr: &[u8]) -> io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// File handles and filesystem uuids
+
+/// Longest file handle the kernel hands out (`MAX_HANDLE_SZ`).
+pub const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the longest handle.
+#[repr(C)]
+struct HandleBuf {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// `name_to_handle_at`: the file handle (type and bytes) of an object, never following a
+/// final symlink. `EOPNOTSUPP` when its filesystem gives no handles.
+pub fn name_to_handle(target: XTarget<'_>) -> io::Result<(i32, Vec<u8>)> {
+    let (dir, name, flags) = match target {
+        XTarget::Fd(fd) => (fd, &b""[..], libc::AT_EMPTY_PATH),
+        XTarget::At(dir, name) => {
+            check_component(name)?;
+            (dir, name, 0)
+        }
+    };
+    with_cstr(name, |c| {
+        let mut buf = HandleBuf {
+            handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
+            handle_type: 0,
+            f_handle: [0; MAX_HANDLE_SZ],
+        };
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: valid dirfd and C string; `buf` is a `struct file_handle` whose
+        // `handle_bytes` says how much room follows it, and `mount_id` is a valid out-pointer.
+        cvt(unsafe {
+            libc::name_to_handle_at(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                (&mut buf as *mut HandleBuf).cast::<libc::file_handle>(),
+                &mut mount_id,
+                flags,
+            )
+        })?;
+        let n = (buf.handle_bytes as usize).min(MAX_HANDLE_SZ);
+        Ok((buf.handle_type, buf.f_handle[..n].to_vec()))
+    })
+}
+
+/// `open_by_handle_at(mount_fd, handle, O_PATH)`: the object a file handle names on the
+/// filesystem of `mount_fd`. Needs `CAP_DAC_READ_SEARCH` (`EPERM` otherwise).
+pub fn open_by_handle(mount_fd: BorrowedFd<'_>, kind: i32, bytes: &[u8]) -> io::Result<OwnedFd> {
+    if bytes.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = HandleBuf {
+        handle_bytes: bytes.len() as libc::c_uint,
+        handle_type: kind,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    buf.f_handle[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: valid fd; `buf` is a `struct file_handle` whose `handle_bytes` bytes follow it.
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            (&mut buf as *mut HandleBuf).cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by open_by_handle_at and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct fsuuid2` of `FS_IOC_GETFSUUID`.
+#[repr(C)]
+struct FsUuid2 {
+    len: u8,
+    uuid: [u8; 16],
+}
+
+/// `FS_IOC_GETFSUUID` = `_IOR(0x15, 0, struct fsuuid2)`.
+const FS_IOC_GETFSUUID: libc::c_ulong = (2 << 30) | (17 << 16) | (0x15 << 8);
+
+/// The uuid of the filesystem holding `fd` as the kernel keeps it (`FS_IOC_GETFSUUID`, Linux
+/// 6.8); `None` when the filesystem has none or the kernel does not say.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    let mut out = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: valid fd; FS_IOC_GETFSUUID writes one `struct fsuuid2` (17 bytes) to `out`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSUUID as _, &mut out) };
+    (r == 0 && out.len == 16).then_some(out.uuid)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Processes, signals, mounts
 
 /// Real and effective ids of this process.

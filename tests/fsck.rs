@@ -139,7 +139,7 @@ fn overlay_markers_on_the_wrong_objects() {
     setxattr(u.join("dir"), "trusted.overlay.whiteout", b"y");
     // Kernel bookkeeping is fine.
     wfile(u.join("copied"), "c");
-    setxattr(u.join("copied"), "trusted.overlay.origin", b"\x00\xfb");
+    setxattr(u.join("copied"), "trusted.overlay.origin", KERNEL_ORIGIN);
     setxattr(u.join("dir"), "trusted.overlay.impure", b"y");
     let out = found_then_repaired(&u, &[], "upper/file-opaque: opaque marker");
     for needle in [
@@ -162,6 +162,59 @@ fn overlay_markers_on_the_wrong_objects() {
     assert!(u.join("empty-marked").is_file(), "the file itself stays");
     assert!(getxattr(u.join("copied"), "trusted.overlay.origin").is_some());
     assert!(getxattr(u.join("dir"), "trusted.overlay.impure").is_some());
+}
+
+/// An origin as kernel overlayfs writes it (a lower file on an ext4 with a null uuid).
+const KERNEL_ORIGIN: &[u8] = b"\x00\xfb\x1d\x00\x01\
+    \x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\
+    \xf3\x1f\x9e\x00\xd6\x38\xaa\xb9";
+
+#[test]
+fn origins_that_are_not_one_are_removed() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let u = d.path().join("u");
+    let fine: &[(&str, &str, &[u8])] = &[
+        ("kernel", "trusted.overlay.origin", KERNEL_ORIGIN),
+        ("unknown", "trusted.overlay.origin", b""),
+        ("user", "user.overlay.origin", KERNEL_ORIGIN),
+        ("older", "trusted.layerfs.origin", &12345u64.to_le_bytes()),
+    ];
+    let bad: &[(&str, &str, &[u8])] = &[
+        ("short", "trusted.overlay.origin", b"\x00\xfb"),
+        ("magic", "trusted.overlay.origin", &[0x00, 0xfa, 0x1d, 0, 1]),
+        ("legacy-size", "trusted.layerfs.origin", b"123"),
+        ("legacy-zero", "user.layerfs.origin", &[0; 8]),
+    ];
+    for (name, attr, value) in fine.iter().chain(bad) {
+        wfile(u.join(name), "x");
+        setxattr(u.join(name), attr, value);
+    }
+    mkdirp(u.join("dir"));
+    setxattr(
+        u.join("dir"),
+        "trusted.overlay.origin",
+        &KERNEL_ORIGIN[..20],
+    );
+    let out = found_then_repaired(
+        &u,
+        &[],
+        "upper/short: trusted.overlay.origin does not hold an origin",
+    );
+    for (name, attr, _) in bad {
+        assert!(
+            out.contains(&format!("upper/{name}: {attr}")),
+            "{name}:\n{out}"
+        );
+        assert_eq!(getxattr(u.join(name), attr), None, "{name}");
+    }
+    assert!(out.contains("upper/dir: trusted.overlay.origin"), "{out}");
+    for (name, attr, value) in fine {
+        assert!(!out.contains(&format!("upper/{name}:")), "{name}:\n{out}");
+        assert_eq!(getxattr(u.join(name), attr).as_deref(), Some(*value));
+    }
 }
 
 #[test]

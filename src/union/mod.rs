@@ -17,6 +17,7 @@
 pub mod dirindex;
 pub mod idmap;
 pub mod inode;
+pub mod origin;
 pub mod whiteout;
 mod write;
 
@@ -25,7 +26,7 @@ pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, co
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -54,6 +55,9 @@ pub struct Layer {
     pub root: OwnedFd,
     pub dev: u64,
     pub path: PathBuf,
+    /// The uuid of the layer's filesystem, as recorded in origins (`None`: it has none, or
+    /// the kernel does not say).
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// Attributes of a node as the mount shows them.
@@ -100,6 +104,9 @@ pub struct Union {
     index_clock: AtomicU64,
     /// Directories opened for name operations and lookups, kept between requests.
     dir_fds: DirFds,
+    /// Origins may be looked up by file handle (`open_by_handle_at`); cleared at the first
+    /// `EPERM` (the daemon lacks `CAP_DAC_READ_SEARCH`).
+    handle_decode: AtomicBool,
 }
 
 /// Open directory fds by (layer, path), so a request on a name (a lookup, a stat, a setattr)
@@ -283,10 +290,12 @@ impl Union {
                 .map_err(|e| Error::io(format!("{what} directory {}", path.display()), e))?;
             let st = sys::fstat(root.as_fd())
                 .map_err(|e| Error::io(format!("{what} directory {}", path.display()), e))?;
+            let uuid = sys::fs_uuid(root.as_fd());
             Ok(Layer {
                 root,
                 dev: st.dev,
                 path: path.to_path_buf(),
+                uuid,
             })
         };
         if let Some((up, wk)) = &config.upper {
@@ -384,6 +393,7 @@ impl Union {
             index_lru: Mutex::new(IndexLru::default()),
             index_clock: AtomicU64::new(1),
             dir_fds: DirFds::new(),
+            handle_decode: AtomicBool::new(true),
         })
     }
 
@@ -750,12 +760,6 @@ impl Union {
         Ok(merge)
     }
 
-    /// Stable number recorded on a copied-up upper object.
-    fn read_origin(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Option<u64> {
-        let v = sys::xattr_get(Self::xtarget(dir, name), self.xattr_ns.origin()).ok()??;
-        Some(u64::from_le_bytes(v.as_slice().try_into().ok()?))
-    }
-
     /// Turn a visible name into a node: stat it in its layer, find or make its node and count
     /// one kernel lookup.
     fn materialize(
@@ -769,7 +773,7 @@ impl Union {
         let dfd = self
             .dir_fd(top.layer, parent_path)
             .map_err(|e| Error::io(format!("lookup {}", ShowPath(parent_path)), e))?;
-        self.materialize_in(dfd.as_fd(), parent, name, top, dir_layers)
+        self.materialize_in(dfd.as_fd(), parent, parent_path, name, top, dir_layers)
     }
 
     /// [`Self::materialize`] with the parent's copy in `top.layer` already open as `dfd`.
@@ -777,13 +781,14 @@ impl Union {
         &self,
         dfd: BorrowedFd<'_>,
         parent: u64,
+        parent_path: &[u8],
         name: &[u8],
         top: Top,
         dir_layers: &[u16],
     ) -> Result<Attr> {
         let st = sys::stat_at(dfd, name)?;
         let origin = if Some(top.layer) == self.upper {
-            self.read_origin(dfd, name)
+            self.origin_ino(dfd, parent, parent_path, name, &st)
         } else {
             None
         };
@@ -904,7 +909,8 @@ impl Union {
                 let Some(dfd) = dirs.get(top.layer) else {
                     continue;
                 };
-                let Ok(attr) = self.materialize_in(dfd, parent, &entry.name, top, &dir_layers)
+                let Ok(attr) =
+                    self.materialize_in(dfd, parent, &ppath, &entry.name, top, &dir_layers)
                 else {
                     continue;
                 };
@@ -1013,7 +1019,7 @@ impl Union {
         }
         let _ns = self.read_ns();
         let ppath = self.table().path(parent).ok_or_else(enoent)?;
-        self.entry_ino_upper(&ppath, entry)
+        self.entry_ino_upper(parent, &ppath, entry)
     }
 
     /// [`Union::entry_ino`] with the namespace lock held by the caller; `ppath` is the path
@@ -1021,7 +1027,7 @@ impl Union {
     fn entry_ino_in(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
         match self.entry_ino_known(parent, entry) {
             Some(ino) => Ok(ino),
-            None => self.entry_ino_upper(ppath, entry),
+            None => self.entry_ino_upper(parent, ppath, entry),
         }
     }
 
@@ -1042,10 +1048,10 @@ impl Union {
     }
 
     /// The number of an upper entry: its recorded origin, else its own.
-    fn entry_ino_upper(&self, ppath: &[u8], entry: &Listed) -> Result<u64> {
+    fn entry_ino_upper(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
         let dfd = self.dir_fd(entry.top.layer, ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
-        let origin = self.read_origin(dfd.as_fd(), &entry.name);
+        let origin = self.origin_ino(dfd.as_fd(), parent, ppath, &entry.name, &st);
         Ok(origin
             .or_else(|| self.table().inos.map(st.dev, st.ino))
             .unwrap_or(st.ino))

@@ -9,7 +9,8 @@
 //! * a directory is opaque when `{trusted,user}.overlay.opaque=y` or
 //!   `user.fuseoverlayfs.opaque=y`.
 //!
-//! Written to the upper: char 0/0 whiteouts and `<ns>.overlay.opaque=y`, where `<ns>` is
+//! Written to the upper: char 0/0 whiteouts, `<ns>.overlay.opaque=y`, and on copied-up
+//! objects `<ns>.overlay.origin` (see [`super::origin`]), where `<ns>` is
 //! `trusted` when we may write trusted xattrs, `user` otherwise (the kernel's `userxattr` mode,
 //! where whiteouts are zero-size files with `user.overlay.whiteout`).
 //!
@@ -26,6 +27,8 @@ pub const USER_OPAQUE: &[u8] = b"user.overlay.opaque";
 pub const FUSEOVERLAYFS_OPAQUE: &[u8] = b"user.fuseoverlayfs.opaque";
 pub const TRUSTED_WHITEOUT: &[u8] = b"trusted.overlay.whiteout";
 pub const USER_WHITEOUT: &[u8] = b"user.overlay.whiteout";
+pub const TRUSTED_ORIGIN: &[u8] = b"trusted.overlay.origin";
+pub const USER_ORIGIN: &[u8] = b"user.overlay.origin";
 
 /// Which xattr namespace layerfs writes its markers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +50,28 @@ impl XattrNs {
             XattrNs::User => USER_WHITEOUT,
         }
     }
-    /// Where the stable inode number of a copied-up object is recorded.
+    /// Where a copied-up object records the lower object it came from (kernel format, see
+    /// [`super::origin`]).
     pub fn origin(self) -> &'static [u8] {
+        match self {
+            XattrNs::Trusted => TRUSTED_ORIGIN,
+            XattrNs::User => USER_ORIGIN,
+        }
+    }
+    /// Where layerfs before the kernel format recorded a copied-up object's inode number
+    /// (read, never written).
+    pub fn legacy_origin(self) -> &'static [u8] {
         match self {
             XattrNs::Trusted => b"trusted.layerfs.origin",
             XattrNs::User => b"user.layerfs.origin",
+        }
+    }
+    /// The kernel's mark on a directory that may hold copied-up objects (so its plain
+    /// listings show their origin numbers).
+    pub fn impure(self) -> &'static [u8] {
+        match self {
+            XattrNs::Trusted => b"trusted.overlay.impure",
+            XattrNs::User => b"user.overlay.impure",
         }
     }
 }

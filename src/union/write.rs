@@ -10,6 +10,8 @@
 //! * Renaming a directory that is not purely upper first copies its whole tree up and marks it
 //!   opaque, so the upper never depends on lower paths (no redirects) and stays a valid
 //!   kernel-overlayfs upper; nodes keep their inode numbers through the copy (origin xattr).
+//! * A copy of a lower object records its origin as the kernel does (`<ns>.overlay.origin`,
+//!   see [`super::origin`]), so the kernel and layerfs show it with the lower object's number.
 //! * Copying file data happens without the namespace lock; every other step holds it
 //!   exclusively for a few system calls.
 
@@ -21,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use super::dirindex::Top;
 use super::idmap::IdMap;
 use super::inode::{Node, PassthroughSlot, ROOT_INO};
-use super::whiteout::{self, WhiteoutFormat};
+use super::whiteout::{self, WhiteoutFormat, XattrNs};
 use super::{Attr, Union, dtype_of, join_path, split_path};
 use crate::error::{Error, Result};
 use crate::sys::{self, FileStat, SetTime, XTarget};
@@ -161,12 +163,13 @@ impl Union {
     // -----------------------------------------------------------------------------------------
     // Metadata and data copying
 
-    /// Copy the user-visible xattrs of `src` onto `dst`, then record the origin inode number.
+    /// Copy the user-visible xattrs of `src` onto `dst`, then record the origin (an xattr name
+    /// and value).
     fn copy_xattrs(
         &self,
         src: XTarget<'_>,
         dst: XTarget<'_>,
-        origin: u64,
+        origin: Option<(&[u8], &[u8])>,
         symlink: bool,
     ) -> Result<()> {
         let names = match sys::xattr_list(src) {
@@ -192,8 +195,11 @@ impl Union {
                 Err(e) => return Err(e.into()),
             }
         }
-        if !(symlink && self.xattr_ns == whiteout::XattrNs::User) {
-            let _ = sys::xattr_set(dst, self.xattr_ns.origin(), &origin.to_le_bytes(), 0);
+        // user.* xattrs cannot be set on symlinks; an origin that cannot be written costs a
+        // copied-up object its lower inode number, not its copy (the kernel does the same).
+        if let Some((name, value)) = origin.filter(|_| !(symlink && self.xattr_ns == XattrNs::User))
+        {
+            let _ = sys::xattr_set(dst, name, value, 0);
         }
         Ok(())
     }
@@ -206,7 +212,7 @@ impl Union {
         name: &[u8],
         st: &FileStat,
         src: XTarget<'_>,
-        origin: u64,
+        origin: Option<(&[u8], &[u8])>,
     ) -> Result<()> {
         sys::chown_at(dir, name, Some(st.uid), Some(st.gid))?;
         if !st.is_symlink() {
@@ -222,7 +228,7 @@ impl Union {
         fd: BorrowedFd<'_>,
         st: &FileStat,
         src: XTarget<'_>,
-        origin: u64,
+        origin: Option<(&[u8], &[u8])>,
     ) -> Result<()> {
         sys::fchown(fd, Some(st.uid), Some(st.gid))?;
         sys::fchmod(fd, st.perm())?;
@@ -231,25 +237,20 @@ impl Union {
         Ok(())
     }
 
-    /// Stable number to record for an object copied up from `st`.
-    fn origin_for(&self, known: Option<u64>, st: &FileStat) -> u64 {
-        known.unwrap_or_else(|| self.table().inos.map(st.dev, st.ino).unwrap_or(st.ino))
-    }
-
     /// Fill an unnamed copy `tmp` with the data (unless `with_data` is false) and the
     /// metadata of the regular file `src`.
     fn fill_copy(
         &self,
         src: BorrowedFd<'_>,
         tmp: BorrowedFd<'_>,
-        origin: Option<u64>,
         with_data: bool,
     ) -> Result<FileStat> {
         let st = sys::fstat(src)?;
         if with_data {
             copy_data(src, tmp, st.size)?;
         }
-        let origin = self.origin_for(origin, &st);
+        let origin = self.origin_value(XTarget::Fd(src), &st);
+        let origin = origin.as_deref().map(|v| (self.xattr_ns.origin(), v));
         self.apply_meta_fd(tmp, &st, XTarget::Fd(src), origin)?;
         Ok(st)
     }
@@ -261,11 +262,10 @@ impl Union {
         src_dir: BorrowedFd<'_>,
         name: &[u8],
         dst_dir: BorrowedFd<'_>,
-        origin: Option<u64>,
     ) -> Result<OwnedFd> {
         let src = sys::open_at(src_dir, name, libc::O_RDONLY, 0)?;
         let tmp = sys::open_tmpfile(dst_dir, libc::O_RDWR, 0o600)?;
-        self.fill_copy(src.as_fd(), tmp.as_fd(), origin, true)?;
+        self.fill_copy(src.as_fd(), tmp.as_fd(), true)?;
         Ok(tmp)
     }
 
@@ -292,7 +292,6 @@ impl Union {
         src_dir: BorrowedFd<'_>,
         name: &[u8],
         dst_dir: BorrowedFd<'_>,
-        origin: Option<u64>,
     ) -> Result<FileStat> {
         let work = self.work_fd()?;
         let st = sys::stat_at(src_dir, name)?;
@@ -303,7 +302,8 @@ impl Union {
         } else {
             sys::mknod_at(work, &tmp, st.file_type() | 0o600, st.rdev)?;
         }
-        let origin = self.origin_for(origin, &st);
+        let origin = self.origin_value(XTarget::At(src_dir, name), &st);
+        let origin = origin.as_deref().map(|v| (self.xattr_ns.origin(), v));
         let res = self
             .apply_meta_at(work, &tmp, &st, XTarget::At(src_dir, name), origin)
             .and_then(|()| {
@@ -327,14 +327,14 @@ impl Union {
         src_dir: BorrowedFd<'_>,
         name: &[u8],
         dst_dir: BorrowedFd<'_>,
-        origin: Option<u64>,
         opaque: bool,
     ) -> Result<FileStat> {
         let work = self.work_fd()?;
         let st = sys::stat_at(src_dir, name)?;
         let tmp = self.tmp_name();
         sys::mkdir_at(work, &tmp, 0o700)?;
-        let origin = self.origin_for(origin, &st);
+        let origin = self.origin_value(XTarget::At(src_dir, name), &st);
+        let origin = origin.as_deref().map(|v| (self.xattr_ns.origin(), v));
         let res = (|| -> Result<()> {
             self.apply_meta_at(work, &tmp, &st, XTarget::At(src_dir, name), origin)?;
             if opaque {
@@ -347,6 +347,16 @@ impl Union {
             let _ = sys::unlink_at(work, &tmp, true);
         }
         res.map(|()| st)
+    }
+
+    /// Mark an upper directory that now holds a copied-up object `impure`, as the kernel does
+    /// (its plain listings then give such entries their origin numbers). Best effort: without
+    /// the mark only the kernel's `d_ino` in a directory that merges nothing differs.
+    fn mark_impure(&self, dir: BorrowedFd<'_>) {
+        let attr = self.xattr_ns.impure();
+        if let Ok(None) = sys::xattr_get(XTarget::Fd(dir), attr) {
+            let _ = sys::xattr_set(XTarget::Fd(dir), attr, b"y", 0);
+        }
     }
 
     fn set_opaque(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
@@ -423,18 +433,13 @@ impl Union {
         let layer = node.lock().layer;
         let src_dir = self.open_dir_in(layer, ppath)?;
         let dst_dir = self.upper_dir(ppath)?;
+        self.mark_impure(dst_dir.as_fd());
         self.keep_times(dst_dir.as_fd(), || {
             if kind == sys::S_IFDIR {
-                self.copy_dir_shell(
-                    src_dir.as_fd(),
-                    name,
-                    dst_dir.as_fd(),
-                    Some(node.ino),
-                    false,
-                )
-                .map(drop)
+                self.copy_dir_shell(src_dir.as_fd(), name, dst_dir.as_fd(), false)
+                    .map(drop)
             } else {
-                self.copy_special(src_dir.as_fd(), name, dst_dir.as_fd(), Some(node.ino))
+                self.copy_special(src_dir.as_fd(), name, dst_dir.as_fd())
                     .map(drop)
             }
         })?;
@@ -488,7 +493,7 @@ impl Union {
             ((src, tmp), layer)
         };
         let (src, tmp) = tmp;
-        self.fill_copy(src.as_fd(), tmp.as_fd(), Some(node.ino), with_data)?;
+        self.fill_copy(src.as_fd(), tmp.as_fd(), with_data)?;
         if self.fsync {
             sys::fsync(tmp.as_fd(), false)?;
         }
@@ -509,6 +514,7 @@ impl Union {
         // lost in a crash, the file shows its lower content again, as the unsynced change that
         // caused the copy-up is lost too; an fsync of the file commits the journal holding the
         // link. (Syncing the directory here cost a third of each small copy-up.)
+        self.mark_impure(dst_dir.as_fd());
         self.keep_times(dst_dir.as_fd(), || {
             Ok(sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), name)?)
         })?;
@@ -609,7 +615,11 @@ impl Union {
         for name in index.upper_whiteouts() {
             stale_whiteouts.push((dst_dir.clone(), name.to_vec()));
         }
-        for (name, top) in index.listing() {
+        let listing = index.listing();
+        if listing.iter().any(|(_, top)| top.layer != upper) {
+            self.mark_impure(dst_dir.as_fd());
+        }
+        for (name, top) in listing {
             let child_path = join_path(path, &name);
             let child_ino = dir_ino.and_then(|d| self.table().child(d, &name));
             let dir_layers: Vec<u16> = index
@@ -619,9 +629,8 @@ impl Union {
             if top.layer != upper {
                 let src_dir = self.open_dir_in(top.layer, path)?;
                 let st = sys::stat_at(src_dir.as_fd(), &name)?;
-                let origin = child_ino.or_else(|| self.table().inos.map(st.dev, st.ino));
                 if top.is_dir() {
-                    self.copy_dir_shell(src_dir.as_fd(), &name, dst_dir.as_fd(), origin, false)?;
+                    self.copy_dir_shell(src_dir.as_fd(), &name, dst_dir.as_fd(), false)?;
                 } else if st.is_reg() {
                     match links.get(&(st.dev, st.ino)) {
                         Some(first) if st.nlink > 1 => {
@@ -632,12 +641,8 @@ impl Union {
                             sys::link_at(fdir.as_fd(), fname, dst_dir.as_fd(), &name)?;
                         }
                         _ => {
-                            let tmp = self.copy_file_data(
-                                src_dir.as_fd(),
-                                &name,
-                                dst_dir.as_fd(),
-                                origin,
-                            )?;
+                            let tmp =
+                                self.copy_file_data(src_dir.as_fd(), &name, dst_dir.as_fd())?;
                             pending.push(PendingCopy {
                                 file: tmp,
                                 dir: dst_dir.clone(),
@@ -652,7 +657,7 @@ impl Union {
                         }
                     }
                 } else {
-                    self.copy_special(src_dir.as_fd(), &name, dst_dir.as_fd(), origin)?;
+                    self.copy_special(src_dir.as_fd(), &name, dst_dir.as_fd())?;
                 }
             }
             if top.is_dir() {
@@ -777,9 +782,9 @@ impl Union {
         let st = sys::stat_at(dir, name)?;
         let tmp = self.tmp_name();
         sys::mkdir_at(work, &tmp, 0o700)?;
-        let origin = self
-            .read_origin(dir, name)
-            .unwrap_or_else(|| self.origin_for(None, &st));
+        // The new copy stands for the same object: it keeps the recorded origin as it is.
+        let origin = self.recorded_origin(dir, name);
+        let origin = origin.as_ref().map(|o| (o.name, &o.value[..]));
         let swap = (|| -> Result<()> {
             self.apply_meta_at(work, &tmp, &st, XTarget::At(dir, name), origin)?;
             self.set_opaque(work, &tmp)?;

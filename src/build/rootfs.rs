@@ -159,6 +159,7 @@ impl MountedRoot {
             return Ok(());
         };
         let mut result = Ok(());
+        let started = Instant::now();
         if fsutil::is_mounted(&self.path) {
             let mut tries = 0;
             loop {
@@ -176,6 +177,7 @@ impl MountedRoot {
                 }
             }
         }
+        let unmounted = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(if forced { 2 } else { 20 });
         loop {
             match child.try_wait() {
@@ -190,6 +192,11 @@ impl MountedRoot {
                 }
             }
         }
+        log::debug!(
+            "unmount {:?}, daemon exit {:?}",
+            unmounted - started,
+            unmounted.elapsed()
+        );
         let _ = std::fs::remove_file(&self.log);
         if let Some(lease) = self.lease.take() {
             match Store::open(&self.store_root) {

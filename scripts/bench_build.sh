@@ -16,7 +16,8 @@
 #   1 cold build: an empty store or cache (layerfs: a new --root; buildah: a new storage root;
 #     BuildKit: a new dockerd data root), with only the base image loaded (untimed)
 #   2 no-op rebuild   3 one source line changed   4 package.json changed   5 --no-cache build
-# The time is the wall time of the build command alone (the page cache is not dropped: the
+# The time is the wall time of the build command alone, started after an untimed `sync` (so no
+# builder writes back another one's data) (the page cache is not dropped: the
 # context was just written, as in an edit-build loop; timing starts at least 60 s after the last
 # mass deletion, which slows file creation on ext4 for about that long), with the CPU share that
 # anything outside the run used meanwhile (a busy machine shows). Reported: medians, ratios to
@@ -501,6 +502,9 @@ run_build() { # SCENARIO SUBJECT REP
 	[[ $scen == nocache ]] && mode=nocache
 	out=$BLOGS/r$rep-$scen-$subj.log
 	NDONE=$((NDONE + 1))
+	# Untimed: write back what the previous builds left dirty, so no builder pays for another
+	# one's data (a builder that syncs, like layerfs, would otherwise flush it in its time).
+	sync
 	cpu_sample
 	b0=$BUSY_ALL t0=$TOTAL_ALL o0=$OWN
 	if t_cmd "build_$subj" "$mode" "$out"; then

@@ -34,17 +34,24 @@ fn rings_available() -> bool {
     enabled && !forced_off
 }
 
+/// The `/proc` directories of the daemon's ring threads.
+fn ring_threads(pid: u32) -> Vec<std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| task.unwrap().path())
+        .filter(|dir| {
+            fs::read_to_string(dir.join("comm"))
+                .unwrap_or_default()
+                .starts_with("layerfs-ring-")
+        })
+        .collect()
+}
+
 /// Voluntary context switches of the daemon's ring threads, and how many there are.
 fn ring_switches(pid: u32) -> (u64, usize) {
+    let threads = ring_threads(pid);
     let mut total = 0;
-    let mut threads = 0;
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("layerfs-ring-") {
-            continue;
-        }
-        threads += 1;
+    for dir in &threads {
         let status = fs::read_to_string(dir.join("status")).unwrap_or_default();
         for line in status.lines() {
             if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
@@ -52,7 +59,7 @@ fn ring_switches(pid: u32) -> (u64, usize) {
             }
         }
     }
-    (total, threads)
+    (total, threads.len())
 }
 
 fn possible_cpus() -> usize {
@@ -118,19 +125,15 @@ fn io_uring_off_starts_no_rings() {
 
 /// Scheduling policy (0 normal, 5 SCHED_IDLE) of each of the daemon's ring threads.
 fn ring_policies(pid: u32) -> Vec<u32> {
-    let mut policies = Vec::new();
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("layerfs-ring-") {
-            continue;
-        }
-        let stat = fs::read_to_string(dir.join("stat")).unwrap();
-        // Fields after the command name start with field 3 (state); policy is field 41.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        policies.push(rest.split(' ').nth(41 - 3).unwrap().parse().unwrap());
-    }
-    policies
+    ring_threads(pid)
+        .iter()
+        .map(|dir| {
+            let stat = fs::read_to_string(dir.join("stat")).unwrap();
+            // Fields after the command name start with field 3 (state); policy is field 41.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        })
+        .collect()
 }
 
 /// Busy loops that compete for every CPU, ended (by pid) when dropped.

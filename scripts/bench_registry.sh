@@ -20,12 +20,16 @@
 #   push again  of the image the registry already holds (to the same repository)
 # Before every timed command: sync and drop the page cache. The time is the command's wall
 # time; the `sync` right after it is timed too (what it left unwritten), as "+sync". The
-# registry's access log gives the requests of every command (method and kind of path).
+# registry's access log gives the requests of every command (method and kind of path). The
+# pulled copies and the registry's data are removed between repetitions, and the next one
+# waits until 45 s after that (ext4 with online discard creates files slowly for a while after
+# a mass deletion).
 #
 # Everything lives under a mktemp directory in PARENT (default /var/tmp), in a private mount
-# namespace where skopeo's blob-info cache (/var/lib/containers/cache) is a directory of the
-# run (empty at the start: no cross-repository mounts learnt elsewhere; the host's is not
-# touched). At exit (even on failure) the registry is killed by its pid, anything mounted
+# namespace where skopeo's blob-info cache (/var/lib/containers/cache, when the host has one)
+# is a directory of the run (empty at the start: no cross-repository mounts learnt elsewhere;
+# the host's is not touched). Every repetition's registry has a new port, so neither tool
+# mounts blobs from the repositories of an earlier one. At exit (even on failure) the registry is killed by its pid, anything mounted
 # under the directory is unmounted and the directory is removed (unless --keep).
 #
 # Benchmarks are not tests: nothing here asserts a time.

@@ -85,8 +85,10 @@ while (($#)); do
 	shift
 done
 
-die() { echo "bench_registry.sh: $*" >&2; exit 1; }
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+# fd 4: the script's stderr, also from a trap that runs while a command's output is redirected
+exec 4>&2
+die() { echo "bench_registry.sh: $*" >&4; exit 1; }
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&4; }
 
 for n in "$REPS" "$SIZE" "$LAYERS" "$TIMEOUT"; do
 	[[ $n =~ ^[0-9]+$ ]] || die "--reps, --size, --layers and --timeout take numbers"

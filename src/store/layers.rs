@@ -47,7 +47,9 @@ pub struct StagedLayer {
 struct TeeState {
     /// Where the blob is copied; none when it is already in the staging directory.
     file: Option<BufWriter<File>>,
-    hasher: Hasher,
+    /// Hashes the blob; none when its digest was checked as it was written (a download).
+    hasher: Option<Hasher>,
+    bytes: u64,
     error: Option<io::Error>,
 }
 
@@ -61,7 +63,10 @@ impl<R: Read> Read for Tee<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.hasher.update(&buf[..n]);
+        st.bytes += n as u64;
+        if let Some(h) = st.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
         if let Some(Err(e)) = st.file.as_mut().map(|f| f.write_all(&buf[..n])) {
             let kind = e.kind();
             st.error = Some(e);
@@ -89,30 +94,33 @@ pub fn stage(
     .map_err(|e| Error::io("staging the blob", e))?;
     let state = Arc::new(Mutex::new(TeeState {
         file: Some(BufWriter::with_capacity(1 << 20, File::from(blob_fd))),
-        hasher: Hasher::default(),
+        hasher: Some(Hasher::default()),
+        bytes: 0,
         error: None,
     }));
     extract_blob(staging, input, state, limits, expect, progress)
 }
 
-/// Stage a layer whose blob is already in `staging` as `blob` (a verified download linked
-/// there): extract it as `layer`, hashing the blob again on the way (`expect`), then flush.
+/// Stage a layer whose blob is already in `staging` as `blob`: a download whose bytes were
+/// hashed as they were written and matched `checked` (and which sits in the store, where only
+/// the store's owner writes), so it is not hashed again: extract it as `layer`, then flush.
 /// Nothing is copied.
 pub fn stage_linked(
     staging: &Staging<'_>,
     limits: Limits,
-    expect: Digest,
+    checked: Digest,
     progress: &dyn Fn(u64),
 ) -> Result<StagedLayer> {
     let fd = sys::open_at(staging.fd(), STAGED_BLOB, libc::O_RDONLY, 0)
         .map_err(|e| Error::io("opening the staged blob", e))?;
     let state = Arc::new(Mutex::new(TeeState {
         file: None,
-        hasher: Hasher::default(),
+        hasher: None,
+        bytes: 0,
         error: None,
     }));
     let input = io::BufReader::with_capacity(1 << 20, File::from(fd));
-    extract_blob(staging, input, state, limits, Some(expect), progress)
+    extract_blob(staging, input, state, limits, Some(checked), progress)
 }
 
 fn extract_blob(
@@ -158,9 +166,11 @@ fn extract_blob(
             f.flush()
                 .map_err(|e| Error::io("writing the staged blob", e))?;
         }
-        let h = std::mem::take(&mut st.hasher);
-        let size = h.bytes;
-        (h.finish(), size)
+        match (st.hasher.take(), expect) {
+            (Some(h), _) => (h.finish(), st.bytes),
+            (None, Some(checked)) => (checked, st.bytes),
+            (None, None) => return Err(Error::invalid("a staged blob with no digest")),
+        }
     };
     if let Some(want) = expect {
         if want != blob_digest {

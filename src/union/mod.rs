@@ -2,7 +2,10 @@
 //! writable upper, seen as one tree.
 //!
 //! Layers are numbered top first: the upper (when present) is layer 0, then the lowers in the
-//! order given. Every access to a layer goes through that layer's root directory fd with
+//! order given. A directory's copies are where its parent's copies are plus its name, unless a
+//! redirect on some copy sends the layers below elsewhere ([`redirect`]); such a directory's
+//! node records its lower paths and [`Union::lpath`] finds any node's path in a lower layer
+//! through its nearest such ancestor. Every access to a layer goes through that layer's root directory fd with
 //! `openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS)` or a `*_at` call on a single name, so nothing a
 //! layer contains can lead layerfs outside it.
 //!

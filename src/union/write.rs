@@ -10,6 +10,11 @@
 //! * Renaming a directory that is not purely upper first copies its whole tree up and marks it
 //!   opaque, so the upper never depends on lower paths (no redirects) and stays a valid
 //!   kernel-overlayfs upper; nodes keep their inode numbers through the copy (origin xattr).
+//!   With `redirect_dir=on` it copies the directory alone and records the kernel's redirect
+//!   (see [`super::redirect`]; `Union::plan_redirect`, `Union::redirect_value`), falling back
+//!   to the tree copy when the value would be longer than the kernel writes; the node keeps
+//!   its lower copies' paths (`lpaths`) so nothing below it has to be looked up again. New
+//!   directories in merged parents are then made opaque, as the kernel does in that mode.
 //! * A copy of a lower object records its origin as the kernel does (`<ns>.overlay.origin`,
 //!   see [`super::origin`]), so the kernel and layerfs show it with the lower object's number.
 //! * Copying file data happens without the namespace lock; every other step holds it

@@ -20,7 +20,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 HELPER=$SCRIPT_DIR/bench_helper.py
 
-ALL_WORKLOADS=(find lsR stat readdir grep seqread randread create copyup-big copyup-small rename unlink untar build depth rsswalk)
+ALL_WORKLOADS=(find lsR stat readdir grep seqread randread create copyup-big copyup-small rename unlink untar build depth rename-dir rename-dir-redirect rsswalk)
 ALL_SUBJECTS=(native kernel fuse-overlayfs layerfs)
 [[ " $* " == *" --rootless "* ]] && ALL_SUBJECTS=(native fuse-overlayfs layerfs)
 
@@ -56,7 +56,10 @@ workloads: ${ALL_WORKLOADS[*]}
   create (10,000 small files), copyup-big (O_RDWR + 1 byte on the 1 GiB file), copyup-small,
   rename, unlink (1,000 lower files each), untar (~200 MB), build (cp -a of tree/src, then grep -r),
   depth (stat of the same 10,000 files with 2, 20 and 100 lower layers; also depth2, depth20,
-  depth100), rsswalk (daemon RSS over repeated ls -lR walks, caches dropped between walks)
+  depth100), rename-dir (mv of the merged 10,000-file directory \`wide\` to a new name: the kernel
+  answers EXDEV and mv copies the tree, layerfs copies it up itself), rename-dir-redirect (the
+  same with -o redirect_dir=on for the kernel and layerfs: a redirect is recorded),
+  rsswalk (daemon RSS over repeated ls -lR walks, caches dropped between walks)
 Needs root (mount, drop_caches, mknod). Results: a markdown table on stdout and in PREFIX.md.
 EOF
 }
@@ -75,6 +78,7 @@ BUILD=1
 TIMEOUT=600
 IO_URING=keep
 LAYERFS_OPTS=""
+EXTRA_OPTS=""
 ROOTLESS=0
 ORIG_ARGS=("$@")
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
@@ -367,6 +371,7 @@ mount_subject() {
 		for l in "${lowers[@]}"; do rel+=("${l##*/}"); done
 		opts="lowerdir=$(IFS=:; echo "${rel[*]}")"
 		[[ $upper != - ]] && opts+=",upperdir=$upper,workdir=$work"
+		[[ -n $EXTRA_OPTS ]] && opts+=",$EXTRA_OPTS"
 		(cd "${lowers[0]%/*}" && timeout 60 mount -t overlay overlay -o "$opts" "$mnt") 2>"$err" || rc=$?
 		;;
 	fuse-overlayfs)
@@ -375,6 +380,8 @@ mount_subject() {
 		timeout 60 fuse-overlayfs -o "$opts" "$mnt" 2>"$err" || rc=$?
 		;;
 	layerfs)
+		local lopts=$LAYERFS_OPTS
+		[[ -n $EXTRA_OPTS ]] && lopts=${lopts:+$lopts,}$EXTRA_OPTS
 		if [[ -n $LAYERFS_NOTE ]]; then
 			MFAIL=$LAYERFS_NOTE
 			rm -f "$err"
@@ -382,7 +389,7 @@ mount_subject() {
 		fi
 		for l in "${lowers[@]}"; do args+=(--lower "$l"); done
 		[[ $upper != - ]] && args+=(--upper "$upper" --work "$work")
-		[[ -n $LAYERFS_OPTS ]] && args+=(-o "$LAYERFS_OPTS")
+		[[ -n $lopts ]] && args+=(-o "$lopts")
 		timeout 60 "$LAYERFS" mount "${args[@]}" "$mnt" 2>"$err" || rc=$?
 		;;
 	esac
@@ -597,6 +604,8 @@ rows_of() {
 	untar) echo "untar $(human "$TAR_BYTES")" ;;
 	build) echo "build: cp -a src|build: grep -r copy" ;;
 	depth*) echo "${1} stat $(human "$DEPTH_FILES") cold|${1} stat $(human "$DEPTH_FILES") warm" ;;
+	rename-dir) echo "rename dir of $(human "$WIDE") files (copy)" ;;
+	rename-dir-redirect) echo "rename dir of $(human "$WIDE") files (redirect_dir=on)" ;;
 	esac
 }
 row() { # N-th row name of a workload
@@ -638,6 +647,11 @@ wl_create() { t_helper "$(row create 0)" create "$MNT/bench-create" "$NCREATE"; 
 wl_copyup_big() { t_helper "$(row copyup-big 0)" copyup --file "$MNT/big/blob.bin"; }
 wl_copyup_small() { t_helper "$(row copyup-small 0)" copyup --list "$LISTS/copyup" "$MNT"; }
 wl_rename() { t_helper "$(row rename 0)" rename "$LISTS/rename" "$MNT"; }
+wl_rename_dir() {
+	# mv(1) renames, or on EXDEV (kernel overlayfs without redirect_dir) copies and removes
+	if t_cmd mv "$MNT/wide" "$MNT/bench-wide-moved"; then emit "$(row "$WL" 0)" "$ELAPSED"; else emit "$(row "$WL" 0)" FAIL "$(failmsg)"; fi
+}
+wl_rename_dir_redirect() { wl_rename_dir; }
 wl_unlink() { t_helper "$(row unlink 0)" unlink "$LISTS/unlink" "$MNT"; }
 wl_untar() {
 	if ! mkdir "$MNT/bench-untar"; then
@@ -659,7 +673,7 @@ wl_build() {
 wl_depth() { t_helper "$(row "$WL" 0)" stat "$LISTS/depth" "$MNT" && t_helper "$(row "$WL" 1)" stat "$LISTS/depth" "$MNT"; }
 
 # native is the merged copy itself: undo what a write workload did to it, without deleting data
-WRITE_WORKLOADS=" create copyup-big copyup-small rename unlink untar build "
+WRITE_WORKLOADS=" create copyup-big copyup-small rename unlink untar build rename-dir rename-dir-redirect "
 native_pre() {
 	[[ $WRITE_WORKLOADS == *" $1 "* ]] && touch "$STACK/.native-dirty"
 	case $1 in
@@ -671,6 +685,7 @@ native_post() {
 	case $wl in
 	unlink) "$PY" "$HELPER" restore "$LISTS/unlink" "$NATIVE" "$c/keep" ;;
 	rename) "$PY" "$HELPER" rename --back "$LISTS/rename" "$NATIVE" ;;
+	rename-dir*) mv "$NATIVE/bench-wide-moved" "$NATIVE/wide" ;;
 	esac
 	for d in "$NATIVE"/bench-*; do
 		mkdir -p "$c/moved"
@@ -705,6 +720,8 @@ run_cell() { # WORKLOAD SUBJECT REP
 	esac
 	IFS='|' read -r -a rows <<<"$(rows_of "$wl")"
 	out=""
+	EXTRA_OPTS=""
+	[[ $wl == rename-dir-redirect && $subj != native ]] && EXTRA_OPTS=redirect_dir=on
 	if mount_subject "$subj" "$c/m" "$upper" "$work" "${lowers[@]}"; then
 		local pid=$MPID
 		if [[ $subj == native ]]; then native_pre "$wl" "$c" 2>>"$CELLERR"; fi

@@ -9,9 +9,12 @@
 //!   an xattr-whiteout marker on something its directory does not read as a whiteout (the mount
 //!   shows an ordinary file there), `overlay.impure` on a non-directory — repaired by removing
 //!   the xattr (what users see does not change);
-//! * overlay xattrs layerfs cannot honour (`overlay.redirect`, `overlay.metacopy`: the data or
-//!   the directory contents would come from elsewhere) and unknown `*.overlay.*` names on
-//!   non-directories — reported, never repaired (removing them could lose data);
+//! * overlay xattrs layerfs cannot honour (`overlay.metacopy`, `overlay.redirect` on a
+//!   non-directory: the data would come from elsewhere), a directory's `overlay.redirect` that
+//!   is not a valid redirect (see `union::redirect`; a mount answers EIO for that directory)
+//!   and unknown `*.overlay.*` names on non-directories — reported, never repaired (removing
+//!   them could lose data). A valid redirect on a directory is fine: its lower counterpart is
+//!   elsewhere, so whiteouts in and below it are never judged redundant;
 //! * `.wh.*` names (the AUFS/OCI whiteout dialect): an upper never holds them, and a layer made
 //!   from this upper would turn them into deletions — reported, not repaired (they may be user
 //!   files: rename or remove them by hand);
@@ -77,8 +80,10 @@ pub enum Problem {
     /// An overlay xattr that does not belong on this object; `repairable` when removing it
     /// cannot change what users see.
     StrayXattr { name: Vec<u8>, repairable: bool },
-    /// An overlay feature layerfs does not implement (redirect, metacopy).
+    /// An overlay feature layerfs does not implement (metacopy, a file's data redirect).
     Unsupported(Vec<u8>),
+    /// A directory's redirect xattr whose value is not a redirect.
+    BadRedirect(Vec<u8>, String),
     /// An origin xattr whose value is not an origin (kernel or older layerfs form).
     BadOrigin(Vec<u8>),
     /// A `.wh.`-prefixed name; `shadows` when the name it would delete exists beside it.
@@ -115,6 +120,9 @@ impl fmt::Display for Problem {
                     "overlay xattr {} does not belong here",
                     name.escape_ascii()
                 )
+            }
+            Problem::BadRedirect(x, why) => {
+                write!(f, "{} is not a valid redirect ({why})", x.escape_ascii())
             }
             Problem::Unsupported(x) => write!(
                 f,
@@ -235,6 +243,7 @@ impl LowerView {
             lowers: lowers.to_vec(),
             upper: None,
             fsync: false,
+            redirect_dir: false,
         })?;
         Ok(Some(LowerView {
             union,
@@ -368,8 +377,13 @@ impl Checker {
                 }
             };
             self.check_entry(dir.as_fd(), &e.name, &child, &st, &cx, marks, lower, &names);
+            let redirected = cx
+                .iter()
+                .any(|x| overlay_suffix(x) == Some(&b"redirect"[..]));
             if st.is_dir() {
                 let sub_lower = match (&mut self.lower, lower) {
+                    // Its lower copies are elsewhere: no whiteout below it is judged.
+                    (Some(_), _) if redirected => LowerAt::Unknown,
                     (Some(lv), LowerAt::Dir(ino)) => match lv.child_dir(ino, &e.name) {
                         Ok(Some(sub)) => LowerAt::Dir(sub),
                         Ok(None) => LowerAt::Nothing,
@@ -471,6 +485,16 @@ impl Checker {
                 continue;
             }
             match suffix {
+                b"redirect" if st.is_dir() => {
+                    let value = sys::xattr_get(target, attr)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    if let Err(bad) = crate::union::redirect::parse(&value) {
+                        let p = Problem::BadRedirect(attr.clone(), bad.to_string());
+                        self.found(shown(path), p, None);
+                    }
+                }
                 b"redirect" | b"metacopy" => {
                     self.found(shown(path), Problem::Unsupported(attr.clone()), None)
                 }

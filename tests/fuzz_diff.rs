@@ -29,11 +29,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::can_mount;
-use fuzz::check::{self, Case, Stats};
+use fuzz::check::{self, Case, Mode, Stats};
 use fuzz::watchdog::Watchdog;
 
 /// Seeds CI runs (about two minutes on the 2-core CI machine).
 const CI_SEEDS: u64 = 400;
+/// Seeds CI runs with `-o redirect_dir=on` (the same seeds' first part: the generated
+/// operations rename lower and merged directories often).
+const CI_SEEDS_REDIRECT: u64 = 150;
 const DEFAULT_OPS: usize = 60;
 
 /// `layerfs fsck` must find nothing in the upper layerfs left behind.
@@ -60,6 +63,18 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn fuzz_against_kernel_overlayfs() {
+    fuzz(Mode::CopyTree, CI_SEEDS);
+}
+
+/// The same with layerfs renaming directories by redirect (`-o redirect_dir=on`), as the
+/// kernel reference does: the upper layerfs leaves is mounted by the kernel with
+/// `redirect_dir=on`.
+#[test]
+fn fuzz_against_kernel_overlayfs_redirect_dir() {
+    fuzz(Mode::Redirect, CI_SEEDS_REDIRECT);
+}
+
+fn fuzz(mode: Mode, ci_seeds: u64) {
     if !can_mount() {
         return;
     }
@@ -70,7 +85,7 @@ fn fuzz_against_kernel_overlayfs() {
         (Some(s), _) => (s, 1),
         (None, Some(n)) => (start, n),
         (None, None) if secs.is_some() => (start, u64::MAX),
-        (None, None) => (start, CI_SEEDS),
+        (None, None) => (start, ci_seeds),
     };
     let deadline = secs.map(|s| Instant::now() + Duration::from_secs(s));
     let shrink_budget = Duration::from_secs(env_u64("LAYERFS_FUZZ_SHRINK_SECS").unwrap_or(300));
@@ -82,7 +97,14 @@ fn fuzz_against_kernel_overlayfs() {
     let mut seed = first;
     while seed - first < count && deadline.is_none_or(|d| Instant::now() < d) {
         let case = Case::generate(seed, n_ops);
-        if let Err(f) = check::run_case(&case.stack, &case.ops, &wd, &mut stats, Some(fsck_clean)) {
+        if let Err(f) = check::run_case(
+            &case.stack,
+            &case.ops,
+            &wd,
+            &mut stats,
+            Some(fsck_clean),
+            mode,
+        ) {
             if f.sig.starts_with("known: ") {
                 eprintln!("seed {seed}: {} ({})", f.sig, f.detail);
                 known += 1;
@@ -91,15 +113,21 @@ fn fuzz_against_kernel_overlayfs() {
             }
             eprintln!("seed {seed} failed ({}): {}\nshrinking...", f.sig, f.detail);
             let (small, trials) =
-                check::shrink(&case, &f.sig, &wd, shrink_budget, Some(fsck_clean));
+                check::shrink(&case, &f.sig, &wd, shrink_budget, Some(fsck_clean), mode);
             let mut st = Stats::default();
-            let detail =
-                match check::run_case(&small.stack, &small.ops, &wd, &mut st, Some(fsck_clean)) {
-                    Err(f2) => f2.detail,
-                    Ok(()) => "(the shrunk case passed when rerun: flaky)".into(),
-                };
+            let detail = match check::run_case(
+                &small.stack,
+                &small.ops,
+                &wd,
+                &mut st,
+                Some(fsck_clean),
+                mode,
+            ) {
+                Err(f2) => f2.detail,
+                Ok(()) => "(the shrunk case passed when rerun: flaky)".into(),
+            };
             let text = format!(
-                "==== seed {seed}: {} ({} ops -> {} ops, {} lower entries, {trials} trials)\n{detail}\n{}",
+                "==== {mode:?} seed {seed}: {} ({} ops -> {} ops, {} lower entries, {trials} trials)\n{detail}\n{}",
                 f.sig,
                 case.ops.len(),
                 small.ops.len(),
@@ -115,7 +143,7 @@ fn fuzz_against_kernel_overlayfs() {
         seed += 1;
     }
     eprintln!(
-        "fuzz: seeds {first}..{seed}: {} sequences passed, {} operations run ({} answered the same error on both) in {:.0} s; {known} stopped at a known bug; {} failed",
+        "fuzz ({mode:?}): seeds {first}..{seed}: {} sequences passed, {} operations run ({} answered the same error on both) in {:.0} s; {known} stopped at a known bug; {} failed",
         stats.cases,
         stats.ops,
         stats.errors_equal,

@@ -25,6 +25,7 @@ fn writable_union(root: &Path) -> Union {
         lowers: vec![root.join("low")],
         upper: Some((up, work)),
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap()
 }
@@ -94,6 +95,7 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
         lowers: vec![mid, low],
         upper: Some((up, work)),
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -162,6 +164,7 @@ fn warming_a_directory_builds_its_index_once() {
         lowers: vec![d.path().join("low")],
         upper: None,
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -200,6 +203,7 @@ fn a_deep_stack_merges_the_same_when_listed_in_parallel() {
         lowers,
         upper: None,
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"d").unwrap().ino;
@@ -235,6 +239,7 @@ fn a_moved_or_replaced_parent_is_not_used_through_a_kept_descriptor() {
         lowers: vec![low],
         upper: Some((up.clone(), work)),
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap();
     let caller = Caller::root();
@@ -291,6 +296,7 @@ fn a_long_listing_is_looked_up_across_chunks() {
         lowers: vec![mid, low],
         upper: None,
         fsync: false,
+        redirect_dir: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;

@@ -1609,6 +1609,7 @@ impl ImageView {
                     .collect(),
                 upper: None,
                 fsync: false,
+                redirect_dir: false,
             })?)
         };
         Ok(ImageView {

@@ -53,6 +53,8 @@ pub struct MountOptions {
     pub upperdir: Option<PathBuf>,
     pub workdir: Option<PathBuf>,
     pub fsync: Option<bool>,
+    /// `redirect_dir=on`: rename lower and merged directories with a redirect.
+    pub redirect_dir: Option<bool>,
     pub read_only: bool,
     pub allow_other: bool,
     pub allow_root: bool,
@@ -151,7 +153,6 @@ const IGNORED_OPTIONS: &[&str] = &[
     "acl",
     "max_idle_threads",
     "plugins",
-    "redirect_dir",
     "index",
     "xino",
     "metacopy",
@@ -236,6 +237,18 @@ impl MountOptions {
                     ("debug", None) => o.debug = true,
                     ("passthrough", Some(v)) => o.passthrough = Some(parse_switch(key, v)?),
                     ("io_uring", Some(v)) => o.io_uring = Some(parse_switch(key, v)?),
+                    // The kernel's values: `on` writes redirects; `off`, `follow` and
+                    // `nofollow` do not. Redirects on disk are followed in every case (as the
+                    // kernel does by default, `redirect_always_follow`).
+                    ("redirect_dir", Some(v)) => {
+                        o.redirect_dir = Some(match v {
+                            "on" => true,
+                            "off" | "follow" | "nofollow" => false,
+                            _ => bail!(
+                                "bad value for mount option redirect_dir: {v:?} (on, off, follow, nofollow)"
+                            ),
+                        })
+                    }
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
                     ("cache_small_files", Some(v)) => {
@@ -373,6 +386,7 @@ pub fn plan_mount(
             lowers,
             upper,
             fsync: opts.fsync.unwrap_or(true),
+            redirect_dir: opts.redirect_dir.unwrap_or(false),
         },
         mountpoint: mnt,
         fuse,
@@ -629,6 +643,20 @@ mod tests {
                 .cache_small_files,
             Some(128 << 10)
         );
+    }
+    #[test]
+    fn redirect_dir_values() {
+        for (v, want) in [
+            ("on", Some(true)),
+            ("off", Some(false)),
+            ("follow", Some(false)),
+            ("nofollow", Some(false)),
+        ] {
+            let o = MountOptions::parse(&[format!("redirect_dir={v}")]).unwrap();
+            assert_eq!(o.redirect_dir, want, "{v}");
+        }
+        assert_eq!(MountOptions::parse(&[]).unwrap().redirect_dir, None);
+        assert!(MountOptions::parse(&["redirect_dir=yes".into()]).is_err());
     }
     #[test]
     fn compat_form_detection() {

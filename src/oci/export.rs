@@ -1,7 +1,9 @@
 //! `layerfs diff`: the canonical OCI layer tar of an upper directory.
 //!
-//! Only the upper is read (uppers written by layerfs never hold redirects or metacopy files:
-//! the mount copies whole objects up), through directory fds and `*_at` calls that never follow
+//! Only the upper is read (uppers written by layerfs in its default mode never hold redirects
+//! or metacopy files: the mount copies whole objects up; an upper with redirects, from
+//! `-o redirect_dir=on` or the kernel, is refused with the directory named: resolving them
+//! against the lowers is not done yet), through directory fds and `*_at` calls that never follow
 //! a symlink. The output depends only on the upper's content, never on readdir order, inode
 //! numbers or the time of the run, so the same upper (or a `cp -a` copy of it) always gives
 //! byte-identical output and the same diffID.
@@ -278,8 +280,8 @@ impl<W: Write> Writer<'_, W> {
             if is_redirect_or_metacopy(&name) {
                 return Err(Error::invalid(format!(
                     "{}: the upper uses overlayfs redirects or metacopy ({}), whose content \
-                     lives in lower layers; diff needs uppers made with redirect_dir=off and \
-                     metacopy=off (as layerfs makes them)",
+                     lives in lower layers; diff cannot resolve them yet and needs uppers made \
+                     with redirect_dir=off and metacopy=off (layerfs' default)",
                     ShowPath(path),
                     ShowPath(&name)
                 )));

@@ -26,6 +26,9 @@ pub const ROOT_INO: u64 = 1;
 /// Identity of the object backing a node: `(st_dev, st_ino)` of its topmost copy.
 pub type Backing = (u64, u64);
 
+/// A lower layer and a directory's path in it.
+pub type LowerPath = (u16, Box<[u8]>);
+
 /// Mutable state of a node, kept behind the node's own mutex.
 #[derive(Debug)]
 pub struct NodeState {
@@ -58,6 +61,11 @@ pub struct NodeState {
     pub xattr_epoch: u32,
     /// When the index was last used (for dropping the least used indexes).
     pub index_stamp: u64,
+    /// Directories whose lower copies are not at their parent's lower paths plus their name
+    /// (a redirect was followed, or the directory was renamed with one): the path of each
+    /// lower layer's copy. Lower paths of other nodes follow from their nearest ancestor that
+    /// has these (see `Union::lpath`). The upper copy is always at the union path.
+    pub lpaths: Option<Box<[LowerPath]>>,
 }
 
 /// One union inode.
@@ -245,6 +253,15 @@ impl Table {
             out.extend_from_slice(p);
         }
         Some(out)
+    }
+
+    /// The parent and name of a node's primary name.
+    pub fn first_link(&self, ino: u64) -> Option<(u64, &[u8])> {
+        self.entries
+            .get(&ino)?
+            .links
+            .first()
+            .map(|(p, n)| (*p, &**n))
     }
 
     /// The parent of a node's primary name.
@@ -534,6 +551,7 @@ mod tests {
             no_caps: false,
             xattr_epoch: 0,
             index_stamp: 0,
+            lpaths: None,
         }
     }
 

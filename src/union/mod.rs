@@ -2,7 +2,10 @@
 //! writable upper, seen as one tree.
 //!
 //! Layers are numbered top first: the upper (when present) is layer 0, then the lowers in the
-//! order given. Every access to a layer goes through that layer's root directory fd with
+//! order given. A directory's copies are where its parent's copies are plus its name, unless a
+//! redirect on some copy sends the layers below elsewhere ([`redirect`]); such a directory's
+//! node records its lower paths and [`Union::lpath`] finds any node's path in a lower layer
+//! through its nearest such ancestor. Every access to a layer goes through that layer's root directory fd with
 //! `openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS)` or a `*_at` call on a single name, so nothing a
 //! layer contains can lead layerfs outside it.
 //!
@@ -18,6 +21,7 @@ pub mod dirindex;
 pub mod idmap;
 pub mod inode;
 pub mod origin;
+pub mod redirect;
 pub mod whiteout;
 mod write;
 
@@ -47,6 +51,9 @@ pub struct UnionConfig {
     pub upper: Option<(PathBuf, PathBuf)>,
     /// Sync copied-up data and metadata before making it visible (off with `volatile`/`fsync=0`).
     pub fsync: bool,
+    /// Rename lower and merged directories by recording a redirect (`-o redirect_dir=on`)
+    /// instead of copying their trees up. Redirects found on disk are followed either way.
+    pub redirect_dir: bool,
 }
 
 /// One layer of the stack.
@@ -107,6 +114,12 @@ pub struct Union {
     /// Origins may be looked up by file handle (`open_by_handle_at`); cleared at the first
     /// `EPERM` (the daemon lacks `CAP_DAC_READ_SEARCH`).
     handle_decode: AtomicBool,
+    /// Write redirects when renaming lower and merged directories.
+    redirect_dir: bool,
+    /// Some node's lower copies are not at its path (a redirect was followed, or a directory
+    /// renamed with a redirect): paths in lower layers must be found through the table
+    /// ([`Union::lpath`]) instead of being the union path.
+    redirects: AtomicBool,
 }
 
 /// Open directory fds by (layer, path), so a request on a name (a lookup, a stat, a setattr)
@@ -189,23 +202,37 @@ const PARALLEL_LISTING_MIN_LAYERS: usize = 8;
 /// Threads listing one directory's copies (I/O bound: more than the CPUs is fine).
 const PARALLEL_LISTING_THREADS: usize = 8;
 
-/// One layer's copy of a directory: its listing and whether it is opaque, or `None` when the
-/// layer has no such directory.
-type ListedLayer = std::io::Result<Option<(LayerListing, bool)>>;
+/// One layer's copy of a directory: its listing, whether it is opaque and its redirect xattr,
+/// or `None` when the layer has no such directory.
+type ListedLayer = std::io::Result<Option<(LayerListing, bool, Option<Vec<u8>>)>>;
+
+/// What a layer holds under a name, for following a redirect.
+enum Probe {
+    Missing,
+    Dir,
+    /// A whiteout or a non-directory: the layers below are hidden.
+    End,
+}
+
+/// The copies of a directory: (layer, its path in that layer), top first.
+pub(crate) type Stack = Vec<(u16, Vec<u8>)>;
 
 /// The copies of one directory in its layers, each opened on first use: a batch of names
 /// (a readdirplus reply, a prefetch) opens every layer's copy once instead of once per name.
 struct LayerDirs<'a> {
     union: &'a Union,
+    /// The directory and its union path.
+    ino: u64,
     path: &'a [u8],
     /// Layer, and its copy (`None`: it could not be opened; not tried again).
     open: Vec<(u16, Option<Arc<OwnedFd>>)>,
 }
 
 impl<'a> LayerDirs<'a> {
-    fn new(union: &'a Union, path: &'a [u8]) -> Self {
+    fn new(union: &'a Union, ino: u64, path: &'a [u8]) -> Self {
         LayerDirs {
             union,
+            ino,
             path,
             open: Vec::new(),
         }
@@ -215,7 +242,8 @@ impl<'a> LayerDirs<'a> {
         let at = match self.open.iter().position(|(l, _)| *l == layer) {
             Some(at) => at,
             None => {
-                let fd = self.union.dir_fd(layer, self.path).ok();
+                let lpath = self.union.lpath(self.ino, layer, self.path);
+                let fd = self.union.dir_fd(layer, &lpath).ok();
                 self.open.push((layer, fd));
                 self.open.len() - 1
             }
@@ -365,6 +393,7 @@ impl Union {
                 no_caps: false,
                 xattr_epoch: 0,
                 index_stamp: 0,
+                lpaths: None,
             },
         );
         let mut table = Table::new(root, (root_st.dev, root_st.ino));
@@ -394,6 +423,8 @@ impl Union {
             index_clock: AtomicU64::new(1),
             dir_fds: DirFds::new(),
             handle_decode: AtomicBool::new(true),
+            redirect_dir: config.redirect_dir,
+            redirects: AtomicBool::new(false),
         })
     }
 
@@ -484,10 +515,18 @@ impl Union {
         }
     }
 
-    /// Opaque/xwhiteout markers of an open directory, in every dialect.
-    fn dir_marks(dir: BorrowedFd<'_>) -> std::io::Result<DirMarks> {
+    /// Opaque/xwhiteout markers of an open directory, in every dialect, and its redirect xattr
+    /// as it is (trusted first, then user: the kernel reads the one of its mode; a layer
+    /// carries one or the other).
+    fn dir_marks_redirect(dir: BorrowedFd<'_>) -> std::io::Result<(DirMarks, Option<Vec<u8>>)> {
         let mut marks = DirMarks::default();
         let names = sys::xattr_list(XTarget::Fd(dir))?;
+        let mut redirect = None;
+        for attr in [redirect::TRUSTED_REDIRECT, redirect::USER_REDIRECT] {
+            if redirect.is_none() && names.iter().any(|n| n == attr) {
+                redirect = sys::xattr_get(XTarget::Fd(dir), attr)?;
+            }
+        }
         for attr in [
             whiteout::TRUSTED_OPAQUE,
             whiteout::USER_OPAQUE,
@@ -501,19 +540,7 @@ impl Union {
                 }
             }
         }
-        Ok(marks)
-    }
-
-    /// Whether the directory `path` of `layer` hides the layers below it.
-    fn is_opaque_dir(&self, layer: u16, path: &[u8]) -> std::io::Result<bool> {
-        let fd = self.open_dir_in(layer, path)?;
-        if Self::dir_marks(fd.as_fd())?.opaque {
-            return Ok(true);
-        }
-        if Some(layer) != self.upper {
-            return Ok(sys::stat_at_opt(fd.as_fd(), whiteout::WH_OPAQUE)?.is_some());
-        }
-        Ok(false)
+        Ok((marks, redirect))
     }
 
     /// A zero-size regular file carrying an overlay whiteout xattr.
@@ -539,7 +566,7 @@ impl Union {
             Err(e) => return Err(e),
         };
         let is_upper = Some(layer) == self.upper;
-        let marks = Self::dir_marks(fd.as_fd())?;
+        let (marks, redirect) = Self::dir_marks_redirect(fd.as_fd())?;
         let mut opaque = marks.opaque;
         let mut reader = sys::DirReader::new(fd)?;
         let mut real: Vec<(Box<[u8]>, Found)> = Vec::new();
@@ -594,37 +621,230 @@ impl Union {
                 entries: real,
             },
             opaque,
+            redirect,
         )))
     }
 
-    /// Build the merged index of a directory from the layers in `merge`.
-    fn build_index(&self, merge: &[u16], path: &[u8]) -> Result<DirIndex> {
-        Ok(self.build_index_cut(merge, path)?.0)
-    }
-
-    /// Build the index and also return how many layers of `merge` it merged: the first opaque
-    /// copy of the directory ends the stack.
-    fn build_index_cut(&self, merge: &[u16], path: &[u8]) -> Result<(DirIndex, usize)> {
+    /// Build the merged index of a directory from its copies in `stack` (top first), as the
+    /// kernel's lookup finds them: the first opaque copy ends the stack, and a copy carrying a
+    /// redirect replaces the copies below it by those the redirect names ([`Self::resolve`];
+    /// `parent` gives the parent directory's copies, for a relative one). Returns the index and
+    /// the copies it merged, and whether a redirect was followed.
+    fn build_index_stack(
+        &self,
+        stack: Stack,
+        parent: &dyn Fn() -> Result<Stack>,
+    ) -> Result<(DirIndex, Stack, bool)> {
         let mut builder = IndexBuilder::new(self.upper);
-        let mut used = merge.len();
-        let mut listings = self.list_layers(merge, path).into_iter();
-        for (i, &layer) in merge.iter().enumerate() {
+        let mut used: Stack = Vec::with_capacity(stack.len());
+        let mut listings = self.list_layers(&stack).into_iter();
+        let mut pending: std::collections::VecDeque<(u16, Vec<u8>)> = stack.into();
+        let mut followed = false;
+        let last_layer = (self.layers.len() - 1) as u16;
+        while let Some((layer, path)) = pending.pop_front() {
             let listed = match listings.next() {
                 Some(l) => l,
-                None => self.list_layer(layer, path),
+                None => self.list_layer(layer, &path),
             };
-            let Some((listing, opaque)) = listed
-                .map_err(|e| Error::io(format!("reading directory {}", ShowPath(path)), e))?
+            let Some((listing, opaque, redirect)) = listed
+                .map_err(|e| Error::io(format!("reading directory {}", ShowPath(&path)), e))?
             else {
                 continue;
             };
             builder.add_layer(listing);
+            used.push((layer, path));
             if opaque {
-                used = i + 1;
                 break;
             }
+            let Some(value) = redirect.filter(|_| layer < last_layer) else {
+                continue;
+            };
+            let (_, path) = &used[used.len() - 1];
+            let target = redirect::parse(&value).map_err(|bad| {
+                log::warn!(
+                    "layer {}: directory {}: bad overlay.redirect \"{}\": {bad}",
+                    self.layers[layer as usize].path.display(),
+                    ShowPath(path),
+                    ShowPath(&value)
+                );
+                Error::os(libc::EIO)
+            })?;
+            pending = self.resolve(layer, &target, parent)?.into();
+            // Listings made ahead were of the copies the redirect replaces.
+            listings = Vec::new().into_iter();
+            followed = true;
+            self.redirects.store(true, Ordering::Release);
         }
-        Ok((builder.finish(), used))
+        Ok((builder.finish(), used, followed))
+    }
+
+    /// The copies of a directory below `layer` that redirect `target` (found on its copy in
+    /// `layer`) names: for a relative one, the name in each of the parent's copies below
+    /// `layer`; for an absolute one, the path walked from the root of every layer below, one
+    /// component at a time (a whiteout or non-directory on the way ends the stack, an opaque
+    /// directory ends it after this layer, a redirect on the way changes the path for the
+    /// layers below). A non-directory or whiteout at the end ends the stack too; a layer
+    /// without the path is skipped.
+    fn resolve(
+        &self,
+        layer: u16,
+        target: &redirect::Redirect,
+        parent: &dyn Fn() -> Result<Stack>,
+    ) -> Result<Stack> {
+        let mut out = Stack::new();
+        match target {
+            redirect::Redirect::Relative(name) => {
+                for (l, ppath) in parent()?.into_iter().filter(|(l, _)| *l > layer) {
+                    let Ok(dfd) = self.dir_fd(l, &ppath) else {
+                        continue;
+                    };
+                    match self.probe(l, dfd.as_fd(), name)? {
+                        Probe::Missing => {}
+                        Probe::Dir => out.push((l, join_path(&ppath, name))),
+                        Probe::End => break,
+                    }
+                }
+            }
+            redirect::Redirect::Absolute(parts) => {
+                let mut parts = parts.clone();
+                'layers: for l in layer + 1..self.layers.len() as u16 {
+                    let walk = parts.clone();
+                    let mut dir = self.layers[l as usize].root.try_clone()?;
+                    let mut stop_after = false;
+                    for (k, comp) in walk.iter().enumerate() {
+                        match self.probe(l, dir.as_fd(), comp)? {
+                            Probe::Missing => continue 'layers,
+                            Probe::End => break 'layers,
+                            Probe::Dir => {}
+                        }
+                        if k + 1 == walk.len() {
+                            out.push((l, redirect::absolute_path(&walk)));
+                            break;
+                        }
+                        dir = sys::open_dir_beneath(dir.as_fd(), comp)?;
+                        let (marks, inner) = Self::dir_marks_redirect(dir.as_fd())?;
+                        if marks.opaque
+                            || (l != self.upper.unwrap_or(u16::MAX)
+                                && sys::stat_at_opt(dir.as_fd(), whiteout::WH_OPAQUE)?.is_some())
+                        {
+                            stop_after = true;
+                        }
+                        if let Some(value) = inner {
+                            let rest = walk[k + 1..].to_vec();
+                            parts = match redirect::parse(&value) {
+                                Ok(redirect::Redirect::Absolute(p)) => p,
+                                Ok(redirect::Redirect::Relative(n)) => {
+                                    let mut p = walk[..k].to_vec();
+                                    p.push(n);
+                                    p
+                                }
+                                Err(bad) => {
+                                    log::warn!(
+                                        "layer {}: bad overlay.redirect \"{}\": {bad}",
+                                        self.layers[l as usize].path.display(),
+                                        ShowPath(&value)
+                                    );
+                                    return Err(Error::os(libc::EIO));
+                                }
+                            };
+                            parts.extend(rest);
+                            if parts.iter().map(|p| p.len() + 1).sum::<usize>() > redirect::MAX_LEN
+                            {
+                                return Err(Error::os(libc::EIO));
+                            }
+                        }
+                    }
+                    if stop_after {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What layer `layer`'s directory `dir` holds under `name`, for following a redirect.
+    fn probe(&self, layer: u16, dir: BorrowedFd<'_>, name: &[u8]) -> Result<Probe> {
+        if Some(layer) != self.upper {
+            let mut wh = whiteout::WH_PREFIX.to_vec();
+            wh.extend_from_slice(name);
+            if name.len() + whiteout::WH_PREFIX.len() <= sys::NAME_MAX
+                && sys::stat_at_opt(dir, &wh)?.is_some()
+            {
+                return Ok(Probe::End);
+            }
+        }
+        let Some(st) = sys::stat_at_opt(dir, name)? else {
+            return Ok(Probe::Missing);
+        };
+        if st.is_dir() {
+            return Ok(Probe::Dir);
+        }
+        Ok(Probe::End)
+    }
+
+    /// The copies of directory `ino` (union path `path`) in the layers of `merge`.
+    fn node_stack(&self, ino: u64, merge: &[u16], path: &[u8]) -> Stack {
+        merge
+            .iter()
+            .map(|&l| (l, self.lpath(ino, l, path)))
+            .collect()
+    }
+
+    /// The copies of the parent of `ino` (for a relative redirect on `ino`).
+    fn parent_stack(&self, ino: u64) -> Result<Stack> {
+        let (parent, pnode, ppath) = {
+            let t = self.table();
+            let parent = t.parent(ino).ok_or_else(enoent)?;
+            let pnode = t.get(parent).cloned().ok_or_else(enoent)?;
+            (parent, pnode, t.path(parent).ok_or_else(enoent)?)
+        };
+        let merge = pnode.lock().merge.clone();
+        Ok(self.node_stack(parent, &merge, &ppath))
+    }
+
+    /// The path of node `ino` (union path `path`) in `layer`: the union path itself in the
+    /// upper and while no redirect is in play; otherwise the path recorded on the nearest
+    /// ancestor (or the node) whose copies were redirected, followed by the names below it.
+    fn lpath(&self, ino: u64, layer: u16, path: &[u8]) -> Vec<u8> {
+        if Some(layer) == self.upper || !self.redirects.load(Ordering::Acquire) {
+            return path.to_vec();
+        }
+        let nodes: Vec<(Arc<Node>, Vec<u8>)> = {
+            let t = self.table();
+            let mut nodes = Vec::new();
+            let mut cur = ino;
+            while cur != ROOT_INO {
+                let (Some(node), Some((parent, name))) = (t.get(cur), t.first_link(cur)) else {
+                    return path.to_vec();
+                };
+                nodes.push((node.clone(), name.to_vec()));
+                cur = parent;
+                if nodes.len() > 4096 {
+                    return path.to_vec();
+                }
+            }
+            nodes
+        };
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut base: Vec<u8> = Vec::new();
+        for (node, name) in &nodes {
+            let s = node.lock();
+            if let Some(p) = s
+                .lpaths
+                .as_ref()
+                .and_then(|p| p.iter().find(|(l, _)| *l == layer))
+            {
+                base = p.1.to_vec();
+                break;
+            }
+            drop(s);
+            names.push(name);
+        }
+        for n in names.iter().rev() {
+            base = join_path(&base, n);
+        }
+        base
     }
 
     /// For a deep stack, list the copies of a directory in every layer of `merge` at once, on
@@ -633,7 +853,7 @@ impl Union {
     /// deep image slow. Returns the listings in `merge` order, or nothing for a shallow stack
     /// (the caller lists those itself: threads would cost more than they save). Listings below
     /// an opaque copy are read for nothing and dropped by the caller.
-    fn list_layers(&self, merge: &[u16], path: &[u8]) -> Vec<ListedLayer> {
+    fn list_layers(&self, merge: &[(u16, Vec<u8>)]) -> Vec<ListedLayer> {
         if merge.len() < PARALLEL_LISTING_MIN_LAYERS {
             return Vec::new();
         }
@@ -645,8 +865,10 @@ impl Union {
             let work = || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&layer) = merge.get(i) else { break };
-                    let listed = self.list_layer(layer, path);
+                    let Some((layer, path)) = merge.get(i) else {
+                        break;
+                    };
+                    let listed = self.list_layer(*layer, path);
                     *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(listed);
                 }
             };
@@ -665,7 +887,7 @@ impl Union {
         log::trace!(
             "listed {} layers of {} on {} threads",
             merge.len(),
-            ShowPath(path),
+            ShowPath(&merge[0].1),
             spawned + 1
         );
         slots
@@ -683,17 +905,36 @@ impl Union {
     ) -> Result<T> {
         let stamp = self.index_clock.fetch_add(1, Ordering::Relaxed);
         let mut built = None;
-        let out = {
-            let mut st = node.lock();
+        // Built without the node's lock: finding the copies' paths locks the node's ancestors
+        // and the node itself. Changes of `merge` run under the exclusive namespace lock, which
+        // every caller excludes.
+        let merge = {
+            let st = node.lock();
             if st.kind != sys::S_IFDIR {
                 return Err(Error::os(libc::ENOTDIR));
             }
-            if st.index.is_none() {
-                let (idx, used) = self.build_index_cut(&st.merge, path)?;
+            st.index.is_none().then(|| st.merge.clone())
+        };
+        let fresh = match merge {
+            Some(merge) => {
+                let stack = self.node_stack(node.ino, &merge, path);
+                Some(self.build_index_stack(stack, &|| self.parent_stack(node.ino))?)
+            }
+            None => None,
+        };
+        let out = {
+            let mut st = node.lock();
+            if let (Some((idx, used, followed)), true) = (fresh, st.index.is_none()) {
                 built = Some(idx.entry_count());
                 st.index = Some(Box::new(idx));
-                if used < st.merge.len() {
-                    st.merge = st.merge[..used].into();
+                st.merge = used.iter().map(|(l, _)| *l).collect();
+                if followed {
+                    st.lpaths = Some(
+                        used.into_iter()
+                            .filter(|(l, _)| Some(*l) != self.upper)
+                            .map(|(l, p)| (l, p.into_boxed_slice()))
+                            .collect(),
+                    );
                 }
                 st.merge_cut = true;
             }
@@ -748,18 +989,6 @@ impl Union {
         }
     }
 
-    /// The layers a directory found at `path` merges, applying opaque markers.
-    fn cut_opaque(&self, path: &[u8], dir_layers: &[u16]) -> std::io::Result<Vec<u16>> {
-        let mut merge = Vec::with_capacity(dir_layers.len());
-        for (i, &layer) in dir_layers.iter().enumerate() {
-            merge.push(layer);
-            if i + 1 < dir_layers.len() && self.is_opaque_dir(layer, path)? {
-                break;
-            }
-        }
-        Ok(merge)
-    }
-
     /// Turn a visible name into a node: stat it in its layer, find or make its node and count
     /// one kernel lookup.
     fn materialize(
@@ -771,7 +1000,7 @@ impl Union {
         dir_layers: &[u16],
     ) -> Result<Attr> {
         let dfd = self
-            .dir_fd(top.layer, parent_path)
+            .dir_fd(top.layer, &self.lpath(parent, top.layer, parent_path))
             .map_err(|e| Error::io(format!("lookup {}", ShowPath(parent_path)), e))?;
         self.materialize_in(dfd.as_fd(), parent, parent_path, name, top, dir_layers)
     }
@@ -819,6 +1048,7 @@ impl Union {
                         no_caps: false,
                         xattr_epoch: 0,
                         index_stamp: 0,
+                        lpaths: None,
                     },
                 )
             })
@@ -881,7 +1111,7 @@ impl Union {
     ) -> Result<()> {
         let _ns = self.read_ns();
         let (pnode, ppath) = self.node_path(parent)?;
-        let mut dirs = LayerDirs::new(self, &ppath);
+        let mut dirs = LayerDirs::new(self, parent, &ppath);
         let mut in_time = true;
         // A reply holds a few hundred entries while `entries` runs to the end of the listing:
         // checked against the index a chunk at a time, so a listing read in many batches
@@ -947,7 +1177,7 @@ impl Union {
         };
         // Outside the namespace lock: only caches are touched, and a rename in between only
         // makes a stat miss.
-        let mut dirs = LayerDirs::new(self, &path);
+        let mut dirs = LayerDirs::new(self, ino, &path);
         for entry in listed.iter().take(max_entries) {
             if let Some(dfd) = dirs.get(entry.top.layer) {
                 let _ = sys::stat_at(dfd, &entry.name);
@@ -978,7 +1208,7 @@ impl Union {
             }
         };
         let layer = node.lock().layer;
-        let st = self.at(layer, &path, sys::stat_at)?;
+        let st = self.at(layer, &self.lpath(ino, layer, &path), sys::stat_at)?;
         Ok(self.attr_of(&node, st))
     }
 
@@ -993,7 +1223,7 @@ impl Union {
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let layer = node.lock().layer;
-        Ok(self.at(layer, &path, sys::readlink_at)?)
+        Ok(self.at(layer, &self.lpath(ino, layer, &path), sys::readlink_at)?)
     }
 
     /// The directory's entries in readdir order and the position of the first one after
@@ -1085,7 +1315,7 @@ impl Union {
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let layer = node.lock().layer;
-        let (value, none) = self.at(layer, &path, |d, n| {
+        let (value, none) = self.at(layer, &self.lpath(ino, layer, &path), |d, n| {
             let target = Self::xtarget(d, n);
             Ok(match sys::xattr_get(target, attr)? {
                 Some(v) => (Some(v), false),
@@ -1113,7 +1343,8 @@ impl Union {
         let _ns = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let layer = node.lock().layer;
-        let names = self.at(layer, &path, |d, n| sys::xattr_list(Self::xtarget(d, n)))?;
+        let lpath = self.lpath(ino, layer, &path);
+        let names = self.at(layer, &lpath, |d, n| sys::xattr_list(Self::xtarget(d, n)))?;
         Ok(names
             .into_iter()
             .filter(|n| !whiteout::is_private_xattr(n))

@@ -254,7 +254,7 @@ impl Union {
         let pnode = self.table().get(parent).cloned()?;
         let merge = pnode.lock().merge.clone();
         for &layer in merge.iter().filter(|&&l| Some(l) != self.upper) {
-            let Ok(dfd) = self.dir_fd(layer, parent_path) else {
+            let Ok(dfd) = self.dir_fd(layer, &self.lpath(parent, layer, parent_path)) else {
                 continue;
             };
             if let Some(fh) = fh {

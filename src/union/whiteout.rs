@@ -66,6 +66,14 @@ impl XattrNs {
             XattrNs::User => b"user.layerfs.origin",
         }
     }
+    /// Where a renamed directory records where its lower copies are (see
+    /// [`super::redirect`]).
+    pub fn redirect(self) -> &'static [u8] {
+        match self {
+            XattrNs::Trusted => super::redirect::TRUSTED_REDIRECT,
+            XattrNs::User => super::redirect::USER_REDIRECT,
+        }
+    }
     /// The kernel's mark on a directory that may hold copied-up objects (so its plain
     /// listings show their origin numbers).
     pub fn impure(self) -> &'static [u8] {

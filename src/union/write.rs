@@ -10,6 +10,11 @@
 //! * Renaming a directory that is not purely upper first copies its whole tree up and marks it
 //!   opaque, so the upper never depends on lower paths (no redirects) and stays a valid
 //!   kernel-overlayfs upper; nodes keep their inode numbers through the copy (origin xattr).
+//!   With `redirect_dir=on` it copies the directory alone and records the kernel's redirect
+//!   (see [`super::redirect`]; `Union::plan_redirect`, `Union::redirect_value`), falling back
+//!   to the tree copy when the value would be longer than the kernel writes; the node keeps
+//!   its lower copies' paths (`lpaths`) so nothing below it has to be looked up again. New
+//!   directories in merged parents are then made opaque, as the kernel does in that mode.
 //! * A copy of a lower object records its origin as the kernel does (`<ns>.overlay.origin`,
 //!   see [`super::origin`]), so the kernel and layerfs show it with the lower object's number.
 //! * Copying file data happens without the namespace lock; every other step holds it
@@ -22,9 +27,10 @@ use std::sync::{Arc, RwLock};
 
 use super::dirindex::Top;
 use super::idmap::IdMap;
-use super::inode::{Node, PassthroughSlot, ROOT_INO};
+use super::inode::{LowerPath, Node, PassthroughSlot, ROOT_INO};
+use super::redirect;
 use super::whiteout::{self, WhiteoutFormat, XattrNs};
-use super::{Attr, Union, dtype_of, join_path, split_path};
+use super::{Attr, Stack, Union, dtype_of, join_path, split_path};
 use crate::error::{Error, Result};
 use crate::sys::{self, FileStat, SetTime, XTarget};
 
@@ -72,6 +78,17 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+}
+
+/// How a directory about to be renamed is moved.
+enum Planned {
+    /// Not a directory, or its tree was copied up (copy-tree mode).
+    Nothing,
+    /// A pure upper directory, under `redirect_dir=on`.
+    PureUpper,
+    /// A lower or merged directory under `redirect_dir=on`: the redirect to write (`None`:
+    /// keep the one it has).
+    Redirect(Option<Vec<u8>>),
 }
 
 /// Copies made during a tree copy wait unnamed in batches of this size for one `syncfs`.
@@ -431,7 +448,7 @@ impl Union {
         };
         let (ppath, name) = split_path(&path);
         let layer = node.lock().layer;
-        let src_dir = self.open_dir_in(layer, ppath)?;
+        let src_dir = self.open_dir_in(layer, &self.lpath(parent, layer, ppath))?;
         let dst_dir = self.upper_dir(ppath)?;
         self.mark_impure(dst_dir.as_fd());
         self.keep_times(dst_dir.as_fd(), || {
@@ -486,7 +503,7 @@ impl Union {
                 .ok_or_else(|| Error::os(libc::ENOENT))?;
             let (ppath, name) = split_path(&path);
             let layer = node.lock().layer;
-            let src_dir = self.open_dir_in(layer, ppath)?;
+            let src_dir = self.open_dir_in(layer, &self.lpath(parent, layer, ppath))?;
             let dst_dir = self.upper_dir(ppath)?;
             let src = sys::open_at(src_dir.as_fd(), name, libc::O_RDONLY, 0)?;
             let tmp = sys::open_tmpfile(dst_dir.as_fd(), libc::O_RDWR, 0o600)?;
@@ -559,6 +576,12 @@ impl Union {
     /// what the lowers hold at its path (before renaming it). Runs under the exclusive lock.
     fn copy_up_tree(&self, ino: u64) -> Result<()> {
         let node = self.node(ino)?;
+        {
+            // Its stack as its index finds it: a redirect it carries adds lower copies.
+            let _r = self.read_ns();
+            let (node, path) = self.node_path(ino)?;
+            self.with_index(&node, &path, |_| ())?;
+        }
         let merged = {
             let s = node.lock();
             s.merge.len() > 1 || Some(s.layer) != self.upper
@@ -573,12 +596,14 @@ impl Union {
             .path(ino)
             .ok_or_else(|| Error::os(libc::ENOENT))?;
         let merge = node.lock().merge.to_vec();
+        let stack = self.node_stack(ino, &merge, &path);
         let mut links = HashMap::new();
         let mut pending = Vec::new();
         let mut stale_whiteouts = Vec::new();
         self.copy_tree_locked(
             &path,
-            &merge,
+            stack,
+            &|| self.parent_stack(ino),
             Some(ino),
             &mut links,
             &mut pending,
@@ -587,6 +612,12 @@ impl Union {
         self.link_pending(&mut pending)?;
         let dir = self.upper_dir(&path)?;
         self.set_opaque(dir.as_fd(), b"")?;
+        // An opaque directory's redirect is never followed (kernel and layerfs): drop it.
+        match sys::xattr_remove(XTarget::Fd(dir.as_fd()), self.xattr_ns.redirect()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(e.into()),
+        }
         for (wdir, name) in stale_whiteouts {
             let _ = sys::unlink_at(wdir.as_fd(), &name, false);
         }
@@ -598,17 +629,24 @@ impl Union {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn copy_tree_locked(
         &self,
         path: &[u8],
-        merge: &[u16],
+        stack: Stack,
+        parent_stack: &dyn Fn() -> Result<Stack>,
         dir_ino: Option<u64>,
         links: &mut HashMap<(u64, u64), Vec<u8>>,
         pending: &mut Vec<PendingCopy>,
         stale_whiteouts: &mut Vec<(Arc<OwnedFd>, Vec<u8>)>,
     ) -> Result<()> {
         let upper = self.upper_layer()?;
-        let index = self.build_index(merge, path)?;
+        let (index, used, _) = self.build_index_stack(stack, parent_stack)?;
+        let lpath_of = |layer: u16| -> Vec<u8> {
+            used.iter()
+                .find(|(l, _)| *l == layer)
+                .map_or_else(|| path.to_vec(), |(_, p)| p.clone())
+        };
         let dst_dir = Arc::new(self.upper_dir(path)?);
         // Once the tree's root is opaque its whiteouts hide nothing; they are removed only
         // then, so a crash in between never uncovers a deleted lower file.
@@ -627,7 +665,7 @@ impl Union {
                 .map(|(_, d)| d.to_vec())
                 .unwrap_or_default();
             if top.layer != upper {
-                let src_dir = self.open_dir_in(top.layer, path)?;
+                let src_dir = self.open_dir_in(top.layer, &lpath_of(top.layer))?;
                 let st = sys::stat_at(src_dir.as_fd(), &name)?;
                 if top.is_dir() {
                     self.copy_dir_shell(src_dir.as_fd(), &name, dst_dir.as_fd(), false)?;
@@ -661,15 +699,20 @@ impl Union {
                 }
             }
             if top.is_dir() {
-                let mut sub = vec![upper];
-                if dir_layers.len() > 1 || top.layer != upper {
-                    let cut = self.cut_opaque(&child_path, &dir_layers)?;
-                    sub.extend(cut.into_iter().filter(|&l| l != upper));
-                }
+                // Opaque copies and redirects below are applied when the child's index is
+                // built.
+                let mut sub = vec![(upper, child_path.clone())];
+                sub.extend(
+                    dir_layers
+                        .iter()
+                        .filter(|&&l| l != upper)
+                        .map(|&l| (l, join_path(&lpath_of(l), &name))),
+                );
                 if sub.len() > 1 {
                     self.copy_tree_locked(
                         &child_path,
-                        &sub,
+                        sub,
+                        &|| Ok(used.clone()),
                         child_ino,
                         links,
                         pending,
@@ -837,7 +880,11 @@ impl Union {
             return Err(Error::os(libc::EEXIST));
         }
         let over_whiteout = entry.as_ref().is_some_and(|e| e.upper_whiteout);
-        let lower_below = entry.as_ref().is_some_and(|e| e.lower_visible);
+        // With redirect_dir=on the kernel marks every new directory in a merged parent opaque
+        // (`ovl_create_upper`: lower layers may then not change offline), and so does layerfs,
+        // so both write the same upper.
+        let lower_below = entry.as_ref().is_some_and(|e| e.lower_visible)
+            || (self.redirect_dir && pnode.lock().merge.iter().any(|&l| Some(l) != self.upper));
         let dir = self.upper_dir(&ppath)?;
         let pst = sys::fstat(dir.as_fd())?;
         let (uid, gid, sgid_dir) = self.new_owner(caller, &pst);
@@ -950,6 +997,7 @@ impl Union {
                         no_caps: kind == sys::S_IFREG,
                         xattr_epoch: 0,
                         index_stamp: 0,
+                        lpaths: None,
                     },
                 )
             })
@@ -1116,7 +1164,8 @@ impl Union {
             let dir = if top.layer == upper {
                 None
             } else {
-                self.open_dir_in(top.layer, &ppath).ok()
+                self.open_dir_in(top.layer, &self.lpath(parent, top.layer, &ppath))
+                    .ok()
             };
             let dir = dir.as_ref().map_or(udir.as_fd(), |d| d.as_fd());
             sys::open_at(dir, name, libc::O_PATH, 0).ok().map(Arc::new)
@@ -1134,7 +1183,7 @@ impl Union {
             }
         } else {
             if !dir {
-                let src = self.open_dir_in(top.layer, &ppath)?;
+                let src = self.open_dir_in(top.layer, &self.lpath(parent, top.layer, &ppath))?;
                 last_link = sys::stat_at(src.as_fd(), name)?.nlink <= 1;
             }
             self.whiteout_at(udir.as_fd(), name)?;
@@ -1230,20 +1279,32 @@ impl Union {
         // Everything that moves must live in the upper first.
         self.ensure_upper_dir(parent)?;
         self.ensure_upper_dir(newparent)?;
-        if src_dir {
-            self.copy_up_tree(src.ino)?;
+        let samedir = parent == newparent;
+        // With redirect_dir=on a lower or merged directory moves as its upper copy with a
+        // redirect to its lower copies; otherwise (or when the redirect would be too long, as
+        // the kernel then answers EXDEV and `mv` copies) its tree is copied up first.
+        let src_redirect = if src_dir {
+            self.plan_redirect(&src, samedir)?
         } else {
             self.copy_up(src.ino)?;
-        }
+            Planned::Nothing
+        };
+        let mut dst_redirect = Planned::Nothing;
         if exchange {
             if let Some(d) = &dst {
                 if dst_dir == Some(true) {
-                    self.copy_up_tree(d.ino)?;
+                    dst_redirect = self.plan_redirect(d, samedir)?;
                 } else {
                     self.copy_up(d.ino)?;
                 }
             }
         }
+        // Where the moving directories' lower copies are, before their paths change.
+        let src_lower = self.lower_stack(&src, &src_redirect)?;
+        let dst_lower = match &dst {
+            Some(d) => self.lower_stack(d, &dst_redirect)?,
+            None => None,
+        };
         let _w = self.write_ns();
         let (pnode, ppath) = self.node_path(parent)?;
         let (npnode, nppath) = self.node_path(newparent)?;
@@ -1261,11 +1322,23 @@ impl Union {
                 .and_then(|e| e.top)
                 .ok_or_else(|| Error::os(libc::ENOENT))?;
             // A pure-upper directory moving where lower entries exist must hide them.
-            if src_top.is_dir() && dst_entry.as_ref().is_some_and(|e| e.lower_visible) {
-                self.set_opaque(sdir.as_fd(), name)?;
-            }
-            if dst_top.is_dir() && src_entry.lower_visible {
-                self.set_opaque(ddir.as_fd(), newname)?;
+            self.mark_moved_dir(
+                &src_redirect,
+                sdir.as_fd(),
+                name,
+                src_top.is_dir() && dst_entry.as_ref().is_some_and(|e| e.lower_visible),
+                &npnode,
+            )?;
+            self.mark_moved_dir(
+                &dst_redirect,
+                ddir.as_fd(),
+                newname,
+                dst_top.is_dir() && src_entry.lower_visible,
+                &pnode,
+            )?;
+            if !samedir {
+                self.mark_impure_for_move(sdir.as_fd(), name, &src_redirect, ddir.as_fd());
+                self.mark_impure_for_move(ddir.as_fd(), newname, &dst_redirect, sdir.as_fd());
             }
             sys::rename_at(
                 sdir.as_fd(),
@@ -1281,14 +1354,25 @@ impl Union {
                 idx.created(newname, src_top.dtype);
             }
             self.table().exchange((parent, name), (newparent, newname));
+            self.set_lower_stack(&src, src_lower);
+            if let Some(d) = &dst {
+                self.set_lower_stack(d, dst_lower);
+            }
             return Ok(());
         }
         let src_needs_wh = src_entry.lower_visible;
         let dst_visible = dst_entry.as_ref().and_then(|e| e.top);
         let dst_whiteout = dst_entry.as_ref().is_some_and(|e| e.upper_whiteout);
         let dst_lower = dst_entry.as_ref().is_some_and(|e| e.lower_visible);
-        if src_top.is_dir() && dst_lower {
-            self.set_opaque(sdir.as_fd(), name)?;
+        self.mark_moved_dir(
+            &src_redirect,
+            sdir.as_fd(),
+            name,
+            src_top.is_dir() && dst_lower,
+            &npnode,
+        )?;
+        if !samedir {
+            self.mark_impure_for_move(sdir.as_fd(), name, &src_redirect, ddir.as_fd());
         }
         let mut replaced_last_link = false;
         let replaced_orphan = dst.as_ref().and_then(|_| {
@@ -1296,7 +1380,8 @@ impl Union {
             let dir = if layer == upper {
                 None
             } else {
-                self.open_dir_in(layer, &nppath).ok()
+                self.open_dir_in(layer, &self.lpath(newparent, layer, &nppath))
+                    .ok()
             };
             let dir = dir.as_ref().map_or(ddir.as_fd(), |d| d.as_fd());
             sys::open_at(dir, newname, libc::O_PATH, 0)
@@ -1364,7 +1449,162 @@ impl Union {
             }
         }
         t.rename(src.ino, parent, name, newparent, newname);
+        drop(t);
+        self.set_lower_stack(&src, src_lower);
         Ok(())
+    }
+
+    /// Get directory `node` ready to move: with `redirect_dir=on`, when it is lower or merged,
+    /// copy it (alone) up and work out its redirect; otherwise copy its tree up.
+    fn plan_redirect(&self, node: &Arc<Node>, samedir: bool) -> Result<Planned> {
+        if self.redirect_dir {
+            {
+                // Its stack with opaque copies applied: a directory whose lower copies an
+                // opaque upper copy hides is pure upper.
+                let _r = self.read_ns();
+                let (node, path) = self.node_path(node.ino)?;
+                self.with_index(&node, &path, |_| ())?;
+            }
+            let merged = {
+                let s = node.lock();
+                Some(s.layer) != self.upper || s.merge.iter().any(|&l| Some(l) != self.upper)
+            };
+            if !merged {
+                return Ok(Planned::PureUpper);
+            }
+            self.copy_up(node.ino)?;
+            let _r = self.read_ns();
+            if let Some(value) = self.redirect_value(node.ino, samedir)? {
+                return Ok(Planned::Redirect(value));
+            }
+            log::debug!("redirect too long: copying the directory's tree instead");
+        }
+        self.copy_up_tree(node.ino)?;
+        Ok(Planned::Nothing)
+    }
+
+    /// The redirect to record on directory `ino` (in the upper) before it moves, as the
+    /// kernel's `ovl_set_redirect`: `Some(None)` keeps the one it has (any, within its parent;
+    /// an absolute one, anywhere), else its name within its parent, else the absolute path of
+    /// its lower copy; `None` when that is longer than [`redirect::MAX_WRITE`].
+    fn redirect_value(&self, ino: u64, samedir: bool) -> Result<Option<Option<Vec<u8>>>> {
+        let upper = self.upper_layer()?;
+        let attr = self.xattr_ns.redirect();
+        let redirect_of = |path: &[u8]| -> Result<Option<Vec<u8>>> {
+            Ok(self.at(upper, path, |d, n| {
+                sys::xattr_get(Self::xtarget(d, n), attr)
+            })?)
+        };
+        let path = self
+            .table()
+            .path(ino)
+            .ok_or_else(|| Error::os(libc::ENOENT))?;
+        let own = redirect_of(&path)?;
+        if own.as_ref().is_some_and(|v| samedir || v.starts_with(b"/")) {
+            return Ok(Some(None));
+        }
+        let (_, name) = split_path(&path);
+        if samedir {
+            return Ok(Some(Some(name.to_vec())));
+        }
+        // Innermost first: each directory's own redirect stands for its name.
+        let mut chain: Vec<Vec<u8>> = Vec::new();
+        let mut cur = path.as_slice();
+        while !cur.is_empty() {
+            let (up, name) = split_path(cur);
+            let component = if cur.len() == path.len() {
+                own.clone()
+            } else {
+                redirect_of(cur)?
+            };
+            let absolute = component.as_ref().is_some_and(|c| c.starts_with(b"/"));
+            chain.push(component.unwrap_or_else(|| name.to_vec()));
+            if absolute {
+                break;
+            }
+            cur = up;
+        }
+        Ok(redirect::absolute_value(chain.iter().map(Vec::as_slice)).map(Some))
+    }
+
+    /// The lower copies of directory `node` that will move with it (redirect planned): where
+    /// they are now, for [`Self::set_lower_stack`] once the move is done.
+    fn lower_stack(&self, node: &Arc<Node>, planned: &Planned) -> Result<Option<Box<[LowerPath]>>> {
+        if !matches!(planned, Planned::Redirect(_)) {
+            return Ok(None);
+        }
+        let _r = self.read_ns();
+        let (node, path) = self.node_path(node.ino)?;
+        let merge = node.lock().merge.clone();
+        Ok(Some(
+            self.node_stack(node.ino, &merge, &path)
+                .into_iter()
+                .filter(|(l, _)| Some(*l) != self.upper)
+                .map(|(l, p)| (l, p.into_boxed_slice()))
+                .collect(),
+        ))
+    }
+
+    /// After a move with a redirect: the node's lower copies stay where they were.
+    fn set_lower_stack(&self, node: &Arc<Node>, stack: Option<Box<[LowerPath]>>) {
+        if let Some(stack) = stack {
+            self.redirects.store(true, Ordering::Release);
+            node.lock().lpaths = Some(stack);
+        }
+    }
+
+    /// Mark a directory about to move to its new place (`dir`/`name` is where it is now): its
+    /// redirect when one was planned; a pure upper directory is made opaque where it would
+    /// show lower entries (`hides`; with `redirect_dir=on`, as the kernel: whenever its new
+    /// parent `newparent` merges lower layers and it is not opaque yet).
+    fn mark_moved_dir(
+        &self,
+        planned: &Planned,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        hides: bool,
+        newparent: &Node,
+    ) -> Result<()> {
+        match planned {
+            Planned::Redirect(Some(value)) => {
+                sys::xattr_set(XTarget::At(dir, name), self.xattr_ns.redirect(), value, 0)?;
+            }
+            Planned::Redirect(None) => {}
+            Planned::PureUpper => {
+                let merged_parent = newparent
+                    .lock()
+                    .merge
+                    .iter()
+                    .any(|&l| Some(l) != self.upper);
+                let opaque = sys::xattr_get(XTarget::At(dir, name), self.xattr_ns.opaque())?
+                    .is_some_and(|v| v == b"y");
+                if (hides || merged_parent) && !opaque {
+                    self.set_opaque(dir, name)?;
+                }
+            }
+            Planned::Nothing => {
+                if hides {
+                    self.set_opaque(dir, name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// As the kernel: a directory that receives a moved object with a lower origin (a lower
+    /// or merged directory, or a copied-up object) is marked impure.
+    fn mark_impure_for_move(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        planned: &Planned,
+        newdir: BorrowedFd<'_>,
+    ) {
+        let has_origin =
+            matches!(planned, Planned::Redirect(_)) || self.recorded_origin(dir, name).is_some();
+        if has_origin {
+            self.mark_impure(newdir);
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1478,7 +1718,8 @@ impl Union {
         }
         let acc = flags & libc::O_ACCMODE;
         let pass = acc | (flags & (super::PASSED_OPEN_FLAGS | libc::O_TRUNC));
-        let fd = sys::open_beneath(self.root_fd(layer), &path, pass, 0)?;
+        let lpath = self.lpath(ino, layer, &path);
+        let fd = sys::open_beneath(self.root_fd(layer), &lpath, pass, 0)?;
         Ok(OpenFile {
             ino,
             node,

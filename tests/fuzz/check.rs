@@ -29,9 +29,37 @@ use super::watchdog::{Watchdog, procinfo};
 /// uppers and its on-disk result is compared below.
 pub const KERNEL_OPTS: &str = "redirect_dir=on,index=on,metacopy=off";
 
-/// Kernel options to mount layerfs's upper: layerfs writes no redirects, so the kernel must
-/// not need to follow any (`nofollow` makes a stray one show as a difference).
+/// Kernel options to mount layerfs's upper in copy-tree mode: layerfs then writes no
+/// redirects, so the kernel must not need to follow any (`nofollow` makes a stray one show as
+/// a difference).
 pub const KERNEL_UPPER_OPTS: &str = "redirect_dir=nofollow,index=off,metacopy=off";
+
+/// Kernel options to mount layerfs's upper written with `redirect_dir=on`.
+pub const KERNEL_UPPER_REDIRECT_OPTS: &str = "redirect_dir=on,index=off,metacopy=off";
+
+/// How layerfs renames lower and merged directories in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The default: the tree is copied up.
+    CopyTree,
+    /// `-o redirect_dir=on`: a redirect is recorded, as the kernel reference does.
+    Redirect,
+}
+
+impl Mode {
+    fn layerfs_opts(self) -> &'static [&'static str] {
+        match self {
+            Mode::CopyTree => &[],
+            Mode::Redirect => &["-o", "redirect_dir=on"],
+        }
+    }
+    fn kernel_upper_opts(self) -> &'static str {
+        match self {
+            Mode::CopyTree => KERNEL_UPPER_OPTS,
+            Mode::Redirect => KERNEL_UPPER_REDIRECT_OPTS,
+        }
+    }
+}
 
 /// One fuzz case.
 #[derive(Clone, Debug)]
@@ -79,6 +107,7 @@ fn mount_layerfs(
     upper: &Path,
     work: &Path,
     mnt: &Path,
+    mode: Mode,
 ) -> Result<Mount, String> {
     common::mkdirp(upper);
     common::mkdirp(work);
@@ -88,6 +117,7 @@ fn mount_layerfs(
         args.push("--lower".into());
         args.push(l.into());
     }
+    args.extend(mode.layerfs_opts().iter().map(OsString::from));
     args.extend([
         "--upper".into(),
         upper.into(),
@@ -174,6 +204,7 @@ pub fn run_case(
     wd: &Watchdog,
     stats: &mut Stats,
     upper_check: Option<UpperCheck>,
+    mode: Mode,
 ) -> Result<(), Failure> {
     let d = tempfile::Builder::new()
         .prefix("lfs-fuzz.")
@@ -183,7 +214,8 @@ pub fn run_case(
     let la = stack.build(&a);
     let lb = stack.build(&b);
     let (ua, wa) = (a.join("u"), a.join("w"));
-    let mut ours = mount_layerfs(&la, &ua, &wa, &a.join("m")).map_err(|e| fail("mount", e))?;
+    let mut ours =
+        mount_layerfs(&la, &ua, &wa, &a.join("m"), mode).map_err(|e| fail("mount", e))?;
     wd.watch_mount(&ours.path, ours.daemon);
     let lbr: Vec<&Path> = lb.iter().map(PathBuf::as_path).collect();
     let theirs = common::kernel(
@@ -241,7 +273,8 @@ pub fn run_case(
     unmount_layerfs(&mut ours)?;
     drop(ours);
     // What layerfs left on disk must read back the same, by layerfs and by the kernel.
-    let mut again = mount_layerfs(&la, &ua, &wa, &a.join("m")).map_err(|e| fail("remount", e))?;
+    let mut again =
+        mount_layerfs(&la, &ua, &wa, &a.join("m"), mode).map_err(|e| fail("remount", e))?;
     let r = snap(&again.path, "layerfs remounted")
         .and_then(|t| compare(&view, &t, ("before:", "after:"), "after a layerfs remount"));
     unmount_layerfs(&mut again)?;
@@ -251,7 +284,7 @@ pub fn run_case(
         &lar,
         Some((&ua, &a.join("w2"))),
         &a.join("km"),
-        KERNEL_UPPER_OPTS,
+        mode.kernel_upper_opts(),
     );
     let kt = snap(&k.path, "kernel over layerfs's upper")?;
     drop(k);
@@ -327,10 +360,11 @@ fn fails_same(
     sig: &str,
     wd: &Watchdog,
     check: Option<UpperCheck>,
+    mode: Mode,
 ) -> bool {
     let mut st = Stats::default();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_case(stack, ops, wd, &mut st, check)
+        run_case(stack, ops, wd, &mut st, check, mode)
     }));
     matches!(r, Ok(Err(f)) if f.sig == sig)
 }
@@ -343,6 +377,7 @@ pub fn shrink(
     wd: &Watchdog,
     budget: Duration,
     check: Option<UpperCheck>,
+    mode: Mode,
 ) -> (Case, usize) {
     let start = Instant::now();
     let mut trials = 0;
@@ -361,7 +396,7 @@ pub fn shrink(
             let mut cand = ops[..lo].to_vec();
             cand.extend_from_slice(&ops[hi..]);
             trials += 1;
-            if fails_same(&stack, &cand, sig, wd, check) {
+            if fails_same(&stack, &cand, sig, wd, check, mode) {
                 ops = cand;
                 n = (n - 1).max(2);
                 reduced = true;
@@ -380,7 +415,7 @@ pub fn shrink(
         let mut cand = ops.clone();
         cand.remove(i);
         trials += 1;
-        if fails_same(&stack, &cand, sig, wd, check) {
+        if fails_same(&stack, &cand, sig, wd, check, mode) {
             ops = cand;
         } else {
             i += 1;
@@ -395,7 +430,7 @@ pub fn shrink(
         }
         let cand = stack.without(k);
         trials += 1;
-        if fails_same(&cand, &ops, sig, wd, check) {
+        if fails_same(&cand, &ops, sig, wd, check, mode) {
             stack = cand;
         }
     }
@@ -439,7 +474,7 @@ pub fn replay(stack: &Stack, ops: &[Op]) {
     }
     let wd = Watchdog::start(Duration::from_secs(30));
     let mut st = Stats::default();
-    if let Err(f) = run_case(stack, ops, &wd, &mut st, None) {
+    if let Err(f) = run_case(stack, ops, &wd, &mut st, None, Mode::CopyTree) {
         panic!("{}: {}", f.sig, f.detail);
     }
 }

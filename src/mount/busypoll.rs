@@ -5,7 +5,12 @@
 //! work of most requests). While requests keep coming, the event loop's descriptor is switched to
 //! `O_NONBLOCK`, so fuser's loop retries `read` on `EAGAIN` and the daemon's vCPU stays awake and
 //! picks the next request up at once. A governor thread switches back to blocking reads once no
-//! request has arrived for a whole window, so an idle mount costs no CPU.
+//! request has arrived for a whole window, so an idle mount costs no CPU. The window counts from
+//! the end of the last request, and never while one is being served: a request that waits for
+//! the disk longer than the window used to switch polling off and its successor on again, two
+//! `fcntl`s and a wake-up per request; and while one is served the governor looks less often
+//! (5,000 cold 4 KiB reads, passthrough off, 5 interleaved runs: 0.53-0.61 s before, 0.43-0.50 s
+//! after, 0.39-0.43 s with polling off, fuse-overlayfs 0.39-0.45 s).
 //!
 //! A request handed to a worker thread (a copy-up) pauses the spinning: its caller waits for the
 //! worker, and on a two-vCPU host the spinning loop would take the CPU the worker and the disk
@@ -24,7 +29,7 @@
 //! every one of them would spin.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,13 +39,19 @@ struct BusyPoll {
     dev: OwnedFd,
     window: Duration,
     epoch: Instant,
-    /// Nanoseconds since `epoch` of the latest request.
+    /// Nanoseconds since `epoch` of the latest request's start or end.
     last_request: AtomicU64,
+    /// Requests being served now: the loop is not waiting for the next one, so their time
+    /// (a cold read waiting for the disk) is not idle time.
+    serving: AtomicU32,
     spinning: AtomicBool,
     wake: (Mutex<()>, Condvar),
 }
 
 static POLLER: OnceLock<BusyPoll> = OnceLock::new();
+
+/// While a request is being served, the governor looks again after this many windows.
+const SERVING_NAPS: u64 = 10;
 
 /// Set when requests stopped coming through `/dev/fuse` (FUSE-over-io_uring serves them).
 static OFF: AtomicBool = AtomicBool::new(false);
@@ -53,6 +64,7 @@ pub fn start(dev: OwnedFd, window: Duration) -> std::io::Result<()> {
         window,
         epoch: Instant::now(),
         last_request: AtomicU64::new(0),
+        serving: AtomicU32::new(0),
         spinning: AtomicBool::new(false),
         wake: (Mutex::new(()), Condvar::new()),
     };
@@ -65,21 +77,36 @@ pub fn start(dev: OwnedFd, window: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Called at the start of every request.
-pub fn note_request() {
-    let Some(p) = POLLER.get() else { return };
+/// Called at the start of every request; the request counts as being served until the
+/// returned guard is dropped.
+#[must_use]
+pub fn note_request() -> Option<Serving> {
+    let p = POLLER.get()?;
     if OFF.load(Ordering::Relaxed) {
-        return;
+        return None;
     }
+    p.serving.fetch_add(1, Ordering::Relaxed);
     p.last_request.store(p.now(), Ordering::Relaxed);
-    if p.spinning.load(Ordering::Relaxed) {
-        return;
-    }
-    let _guard = p.lock();
     if !p.spinning.load(Ordering::Relaxed) {
-        p.set_nonblocking(true);
-        p.spinning.store(true, Ordering::Release);
-        p.wake.1.notify_one();
+        let _guard = p.lock();
+        if !p.spinning.load(Ordering::Relaxed) {
+            p.set_nonblocking(true);
+            p.spinning.store(true, Ordering::Release);
+            p.wake.1.notify_one();
+        }
+    }
+    Some(Serving(()))
+}
+
+/// A request being served (see [`note_request`]); its end restarts the idle window.
+pub struct Serving(());
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(p) = POLLER.get() {
+            p.last_request.store(p.now(), Ordering::Relaxed);
+            p.serving.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -149,13 +176,22 @@ fn govern() {
             }
         }
         loop {
-            std::thread::sleep(p.window);
             let idle = p
                 .now()
                 .saturating_sub(p.last_request.load(Ordering::Relaxed));
-            if idle >= window_ns || !p.spinning.load(Ordering::Acquire) {
+            let serving = p.serving.load(Ordering::Relaxed) > 0;
+            if (idle >= window_ns && !serving) || !p.spinning.load(Ordering::Acquire) {
                 break;
             }
+            // While a request is served the loop is not polling, so there is nothing to check
+            // soon: waking every window through a run of slow requests (cold reads) cost more
+            // than the polling saved.
+            let nap = if serving {
+                window_ns.saturating_mul(SERVING_NAPS)
+            } else {
+                window_ns - idle
+            };
+            std::thread::sleep(Duration::from_nanos(nap));
         }
         // A request noted after the idle check but before the lock finds spinning still on and
         // is served without spinning; the next one after it turns spinning back on.
@@ -181,21 +217,30 @@ mod tests {
         start(dup, Duration::from_millis(20)).expect("start");
         assert!(!nonblocking(&read_end));
 
-        note_request();
+        drop(note_request());
         assert!(nonblocking(&read_end), "a request turns spinning on");
         pause();
         assert!(!nonblocking(&read_end), "a worker request pauses it");
         pause();
         assert!(!nonblocking(&read_end));
-        note_request();
+        drop(note_request());
         assert!(nonblocking(&read_end), "the next request turns it back on");
+
+        drop(note_request());
+        let serving = note_request();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            nonblocking(&read_end),
+            "a request served for longer than the window keeps it on"
+        );
+        drop(serving);
 
         let deadline = Instant::now() + Duration::from_secs(10);
         while nonblocking(&read_end) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!nonblocking(&read_end), "idle for a window: blocking again");
-        note_request();
+        drop(note_request());
         assert!(nonblocking(&read_end), "and a new burst spins again");
     }
 }

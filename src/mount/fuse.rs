@@ -251,7 +251,7 @@ fn dtype_file_type(dtype: u8) -> FileType {
 const SPLICE_MIN: usize = 64 * 1024;
 
 fn guarded(what: &str, f: impl FnOnce()) {
-    crate::mount::busypoll::note_request();
+    let _serving = crate::mount::busypoll::note_request();
     unwind_to_eio(what, f);
 }
 
@@ -720,7 +720,7 @@ impl Core {
 
 impl crate::mount::uring::ReadInto for Core {
     fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize, i32> {
-        crate::mount::busypoll::note_request();
+        let _serving = crate::mount::busypoll::note_request();
         let mut result = Err(libc::EIO);
         unwind_to_eio("read", || {
             result = self

@@ -828,6 +828,8 @@ fn a_rebuild_that_changes_nothing_writes_nothing() {
         out
     };
     let before = snapshot(&b);
+    // In another second than the first build: the image's creation time is not the clock's.
+    std::thread::sleep(Duration::from_millis(1100));
     let err = b.build_ok(&[]);
     assert!(outcomes(&err).iter().all(|(_, o)| o == "CACHED"), "{err}");
     assert_eq!(snapshot(&b), before, "a no-op rebuild wrote to the store");

@@ -241,10 +241,13 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: Progress) -> BResult<
         b.stages.insert(i, result);
     }
     let state = b.stages[&last].state.clone();
-    let created = super::super::store::time::rfc3339(
-        opts.source_date_epoch
-            .unwrap_or_else(crate::store::time::now),
-    );
+    // The time of the newest step, not of this build: a rebuild where every step hits must
+    // give the same image (the clock moving on is no change).
+    let created = match (opts.source_date_epoch, state.newest_step_time()) {
+        (Some(epoch), _) => crate::store::time::rfc3339(epoch),
+        (None, Some(newest)) => newest.to_string(),
+        (None, None) => crate::store::time::rfc3339(crate::store::time::now()),
+    };
     let manifest = write_and_tag(store, &state, &created, &opts.tags)?;
     // A rebuild that changed nothing writes nothing (each write is synced).
     // (Whether a step hit does not matter to the next build's explanations.)

@@ -264,6 +264,13 @@ impl ImageState {
         self.history.push((history, created));
     }
 
+    /// When the newest step of this image was made, as its history records it (all written by
+    /// `store::time::rfc3339`, so they order as strings): the image's own creation time, so a
+    /// rebuild where every step hits gives the same config, byte for byte.
+    pub fn newest_step_time(&self) -> Option<&str> {
+        self.history.iter().map(|(_, t)| t.as_str()).max()
+    }
+
     /// The image config document, as the store will hash it.
     pub fn config_bytes(&self, created: &str) -> Result<Vec<u8>> {
         let c = &self.config;

@@ -159,8 +159,13 @@ enum NewObject<'a> {
 }
 
 impl Union {
+    /// The upper, when it may be written (a read-only union of an upper has no work
+    /// directory: [`Union::read_only_upper`]).
     fn upper_layer(&self) -> Result<u16> {
-        self.upper.ok_or_else(erofs)
+        match self.work {
+            Some(_) => self.upper.ok_or_else(erofs),
+            None => Err(erofs()),
+        }
     }
 
     fn work_fd(&self) -> Result<BorrowedFd<'_>> {

@@ -135,6 +135,12 @@ fn redirect_and_copy_tree_uppers_give_the_same_tar() {
         uppers.push(u);
     }
     assert_same(&trees[0], &trees[1], "the two modes show the same tree");
+    // The copy-tree rename keeps the copied directories' times, as copy-up does.
+    for p in ["m2", "b/x2/y", "a2/lk"] {
+        use std::os::unix::fs::MetadataExt;
+        let mtime = fs::metadata(uppers[1].join(p)).unwrap().mtime();
+        assert_eq!(mtime, 1_000_000, "{p}: mtime of the copy-tree copy");
+    }
     let (ru, cu) = (&uppers[0], &uppers[1]);
     for (p, want) in [
         ("a2", &b"a"[..]),

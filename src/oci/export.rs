@@ -837,6 +837,33 @@ mod tests {
     }
 
     #[test]
+    fn no_markers_below_an_opaque_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let u = d.path();
+        std::fs::create_dir_all(u.join("o/s")).unwrap();
+        std::fs::create_dir_all(u.join("o/t")).unwrap();
+        std::fs::create_dir_all(u.join("p")).unwrap();
+        set_x(&u.join("o"), "user.overlay.opaque", b"y");
+        set_x(&u.join("o/s"), "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("o/s/w"));
+        set_x(&u.join("o/t"), "user.overlay.opaque", b"y");
+        set_x(&u.join("p"), "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("p/w"));
+        assert_eq!(
+            names(&diff(u)),
+            [
+                "./",
+                "o/",
+                "o/.wh..wh..opq",
+                "o/s/",
+                "o/t/",
+                "p/",
+                "p/.wh.w"
+            ]
+        );
+    }
+
+    #[test]
     fn sockets_are_skipped() {
         let d = tempfile::tempdir().unwrap();
         let _l = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();

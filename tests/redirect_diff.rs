@@ -1,8 +1,8 @@
 //! `diff` and `commit` of uppers with directory redirects (`-o redirect_dir=on`): the same
 //! operations on two layerfs mounts of the same lowers, one per mode, give byte-identical
 //! layer tars, the redirect one resolved against its lowers (`diff --lower`,
-//! `commit --container`); without the lowers such an upper is refused with the directory
-//! named.
+//! `commit --container`), and so does kernel overlayfs' upper (`redirect_dir=on`); without
+//! the lowers such an upper is refused with the directory named.
 
 mod common;
 
@@ -175,6 +175,15 @@ fn redirect_and_copy_tree_uppers_give_the_same_tar() {
     // The copy-tree upper gives the same with its lowers given.
     let ctar2 = diff_ok(cu, &[&l1, &l2], &d.path().join("c2.tar"));
     assert!(ctar2 == ctar, "copy-tree tar with --lower");
+    // So does the kernel's upper for the same operations (`redirect_dir=on`).
+    let (ku, kw) = (d.path().join("u-kernel"), d.path().join("w-kernel"));
+    {
+        let k = kernel(&[&l1, &l2], Some((&ku, &kw)), &mnt, "redirect_dir=on");
+        run(Command::new("sh").args(["-c", OPS]).current_dir(&k.path));
+    }
+    let ktar = diff_ok(&ku, &[&l1, &l2], &d.path().join("k.tar"));
+    assert_eq!(names(&ktar), names(&ctar), "entries: kernel vs copy-tree");
+    assert!(ktar == ctar, "kernel and copy-tree tars differ in bytes");
     let n = names(&rtar);
     for want in [
         "a2/.wh..wh..opq",

@@ -266,6 +266,25 @@ fn commit_of_a_container_with_redirects_uses_its_image() {
         .is_some()
     );
     assert_eq!(ids[0], ids[1], "the same layer from both containers");
+    // `commit UPPER --lower` does the same with the layers given by hand.
+    let base_id = ok(&["diff", l1.to_str().unwrap()]);
+    let base_layer = store
+        .join("layers")
+        .join(base_id.trim().strip_prefix("sha256:").unwrap());
+    let cr_upper = store.join("containers/cr/upper");
+    let by_hand = ok(&[
+        "commit",
+        cr_upper.to_str().unwrap(),
+        "--lower",
+        base_layer.to_str().unwrap(),
+        "--from",
+        "base",
+        "--name",
+        "byhand",
+        "--source-date-epoch",
+        EPOCH,
+    ]);
+    assert_eq!(by_hand, ids[0], "commit UPPER --lower");
     let mnt = d.path().join("m-img");
     let mut m = layerfs(
         &[

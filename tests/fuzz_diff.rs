@@ -6,7 +6,8 @@
 //! (`fuzz::check::KERNEL_OPTS`, documented there) over identical copies of the stack; every
 //! return code and what reads observed must match, then the final trees, then what layerfs
 //! left on disk (remounted by layerfs, mounted by the kernel, and `layerfs fsck` finds nothing
-//! to complain about). A failing case is shrunk
+//! to complain about; with `redirect_dir=on`, `layerfs diff --lower` of the upper, extracted
+//! as a layer over the same lowers, shows the same tree as the upper). A failing case is shrunk
 //! (delta debugging over the operations, then the lower entries) and printed as a Rust test
 //! to paste below.
 //!
@@ -57,6 +58,79 @@ fn fsck_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<(), Strin
     ))
 }
 
+/// A read-only layerfs mount of `layers` (top first) and its tree.
+fn ro_tree(layers: &[&Path], mnt: &Path) -> Result<fuzz::tree::Tree, String> {
+    common::mkdirp(mnt);
+    let mut cmd = Command::new(common::bin());
+    cmd.arg("mount");
+    for l in layers {
+        cmd.arg("--lower").arg(l);
+    }
+    let out = cmd
+        .arg(mnt)
+        .output()
+        .map_err(|e| format!("spawn layerfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "layerfs mount failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let path = std::fs::canonicalize(mnt).map_err(|e| e.to_string())?;
+    let daemon = common::daemon_pid(&path);
+    let m = common::Mount { path, daemon };
+    fuzz::tree::snapshot(&m.path)
+}
+
+/// [`fsck_clean`], then: `layerfs diff --lower` of the upper (redirects resolved against the
+/// lowers), extracted as a layer over the same lowers, shows the tree the upper shows over
+/// them.
+fn fsck_and_diff_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    fsck_clean(upper, work, lowers)?;
+    let d = tempfile::Builder::new()
+        .prefix("lfs-fuzz-diff.")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let tar = d.path().join("layer.tar");
+    let mut cmd = Command::new(common::bin());
+    cmd.arg("diff").arg(upper).arg("-o").arg(&tar);
+    for l in lowers {
+        cmd.arg("--lower").arg(l);
+    }
+    let out = cmd.output().map_err(|e| format!("running diff: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "layerfs diff --lower failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let layer = d.path().join("layer");
+    std::fs::create_dir(&layer).map_err(|e| e.to_string())?;
+    let fd = layerfs::sys::open_dir_path(&layer).map_err(|e| e.to_string())?;
+    let formats = layerfs::oci::import::probe_formats(fd.as_fd());
+    let bytes = std::fs::read(&tar).map_err(|e| e.to_string())?;
+    let mut r = layerfs::oci::tarfmt::TarReader::new(&bytes[..]);
+    layerfs::oci::import::extract(&mut r, fd.as_fd(), formats, &|_| {})
+        .map_err(|e| format!("extracting the diff: {e}"))?;
+    let with = |top: &Path| -> Vec<PathBuf> {
+        std::iter::once(top.to_path_buf())
+            .chain(lowers.iter().cloned())
+            .collect()
+    };
+    let (up, lay) = (with(upper), with(&layer));
+    let up: Vec<&Path> = up.iter().map(PathBuf::as_path).collect();
+    let lay: Vec<&Path> = lay.iter().map(PathBuf::as_path).collect();
+    let want = ro_tree(&up, &d.path().join("m1"))?;
+    let got = ro_tree(&lay, &d.path().join("m2"))?;
+    match fuzz::tree::diff(&want, &got, ("upper:", "diff:"), 25) {
+        None => Ok(()),
+        Some(x) => Err(format!(
+            "the diff's layer over the lowers shows another tree:\n{x}"
+        )),
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -78,6 +152,11 @@ fn fuzz(mode: Mode, ci_seeds: u64) {
     if !can_mount() {
         return;
     }
+    // In redirect mode the upper's diff, redirects resolved, is checked too.
+    let upper_check: check::UpperCheck = match mode {
+        Mode::CopyTree => fsck_clean,
+        Mode::Redirect => fsck_and_diff_clean,
+    };
     let n_ops = env_u64("LAYERFS_FUZZ_OPS").map_or(DEFAULT_OPS, |n| n as usize);
     let start = env_u64("LAYERFS_FUZZ_START").unwrap_or(0);
     let secs = env_u64("LAYERFS_FUZZ_SECS");
@@ -102,7 +181,7 @@ fn fuzz(mode: Mode, ci_seeds: u64) {
             &case.ops,
             &wd,
             &mut stats,
-            Some(fsck_clean),
+            Some(upper_check),
             mode,
         ) {
             if f.sig.starts_with("known: ") {
@@ -113,14 +192,14 @@ fn fuzz(mode: Mode, ci_seeds: u64) {
             }
             eprintln!("seed {seed} failed ({}): {}\nshrinking...", f.sig, f.detail);
             let (small, trials) =
-                check::shrink(&case, &f.sig, &wd, shrink_budget, Some(fsck_clean), mode);
+                check::shrink(&case, &f.sig, &wd, shrink_budget, Some(upper_check), mode);
             let mut st = Stats::default();
             let detail = match check::run_case(
                 &small.stack,
                 &small.ops,
                 &wd,
                 &mut st,
-                Some(fsck_clean),
+                Some(upper_check),
                 mode,
             ) {
                 Err(f2) => f2.detail,

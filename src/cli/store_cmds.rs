@@ -46,6 +46,10 @@ pub struct ImportArgs {
 pub struct DiffArgs {
     /// Upper directory (kernel overlayfs format).
     pub upper: PathBuf,
+    /// A layer the upper was made on, top first as for mount (repeat): needed for an upper
+    /// with directories renamed with redirect_dir=on.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
     /// Write the tar here (`-`: stdout); without it only the digests are computed.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -64,9 +68,13 @@ pub struct CommitArgs {
     /// Upper directory to commit.
     #[arg(required_unless_present = "container", conflicts_with = "container")]
     pub upper: Option<PathBuf>,
-    /// Commit the upper of this store container.
+    /// Commit the upper of this store container (its image's layers resolve the upper's
+    /// redirects).
     #[arg(long, value_name = "NAME")]
     pub container: Option<String>,
+    /// With UPPER: a layer it was made on, top first (repeat), as `diff --lower`.
+    #[arg(long = "lower", value_name = "DIR", conflicts_with = "container")]
+    pub lowers: Vec<PathBuf>,
     /// The image the upper was made on (`scratch`: none).
     #[arg(long, value_name = "REF")]
     pub from: String,
@@ -163,7 +171,7 @@ pub(super) fn run_diff(quiet: bool, a: DiffArgs) -> Result<()> {
     let opts = export::Options {
         source_date_epoch: a.source_date_epoch,
     };
-    let r = ops::diff(&a.upper, out, codec, opts, &|n| bar.inc(n));
+    let r = ops::diff(&a.upper, &a.lowers, out, codec, opts, &|n| bar.inc(n));
     bar.finish_and_clear();
     let d = r?;
     let mut lines = vec![d.diff_id.to_string()];
@@ -183,14 +191,25 @@ pub(super) fn run_diff(quiet: bool, a: DiffArgs) -> Result<()> {
 pub(super) fn run_commit(root: &Option<PathBuf>, quiet: bool, a: CommitArgs) -> Result<()> {
     sys::raise_nofile_limit();
     let store = open_store(root)?;
-    let upper = match (&a.upper, &a.container) {
-        (Some(u), _) => u.clone(),
+    let (upper, lowers) = match (&a.upper, &a.container) {
+        (Some(u), _) => (u.clone(), a.lowers.clone()),
         (None, Some(c)) => {
             store::validate_container(c)?;
-            if images::container_record(&store, c)?.is_none() {
+            let Some(rec) = images::container_record(&store, c)? else {
                 bail!("no container {c} in the store");
+            };
+            // The image's layers, top first, for the upper's redirects.
+            let mut lowers = Vec::with_capacity(rec.diff_ids.len());
+            for id in rec.diff_ids.iter().rev() {
+                let hex = Digest::parse(id)
+                    .with_context(|| format!("container {c} record"))?
+                    .hex();
+                lowers.push(store.root().join("layers").join(hex));
             }
-            store.root().join("containers").join(c).join("upper")
+            (
+                store.root().join("containers").join(c).join("upper"),
+                lowers,
+            )
         }
         (None, None) => bail!("give an upper directory or --container"),
     };
@@ -202,6 +221,7 @@ pub(super) fn run_commit(root: &Option<PathBuf>, quiet: bool, a: CommitArgs) -> 
     let r = ops::commit(
         &store,
         &upper,
+        &lowers,
         from,
         &a.name,
         a.message.as_deref(),

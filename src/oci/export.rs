@@ -1,12 +1,19 @@
 //! `layerfs diff`: the canonical OCI layer tar of an upper directory.
 //!
-//! Only the upper is read (uppers written by layerfs in its default mode never hold redirects
-//! or metacopy files: the mount copies whole objects up; an upper with redirects, from
-//! `-o redirect_dir=on` or the kernel, is refused with the directory named: resolving them
-//! against the lowers is not done yet), through directory fds and `*_at` calls that never follow
-//! a symlink. The output depends only on the upper's content, never on readdir order, inode
-//! numbers or the time of the run, so the same upper (or a `cp -a` copy of it) always gives
-//! byte-identical output and the same diffID.
+//! The upper is read through directory fds and `*_at` calls that never follow a symlink. Its
+//! lowers are needed only for directories renamed with `-o redirect_dir=on` (layerfs or the
+//! kernel), whose content is partly in the lower layers: without them such an upper is refused
+//! with the directory named. Given them (a [`Union::read_only_upper`]), such a directory is
+//! written as the default mode (copy-tree) renames it, so both modes give byte-identical tars
+//! for the same changes: an opaque directory holding its whole merged tree as the mount shows
+//! it (lower objects with their own metadata, as copy-up keeps it; hard links between lower
+//! objects only within one redirected directory, as each copy-tree rename copies its tree on
+//! its own). The default mode's tar depends on the order of renames where a redirect upper
+//! does not: a directory moved out of one renamed before it is written opaque here, where the
+//! default mode, having copied it with that parent, moves it unmarked (the two apply the
+//! same). The output depends only on the upper's content (and the lowers, when given),
+//! never on readdir order, inode numbers or the time of the run, so the same upper (or a
+//! `cp -a` copy of it) always gives byte-identical output and the same diffID.
 //!
 //! The canonical form:
 //! * Order: `./` (the root: its mode, owner, mtime and xattrs, so a mount of the committed
@@ -23,13 +30,18 @@
 //! * Whiteouts (`char 0/0`, or zero-size files with `*.overlay.whiteout` in a directory marked
 //!   `opaque=x`) and opaque markers (`{trusted,user}.overlay.opaque=y`,
 //!   `user.fuseoverlayfs.opaque=y`) become `.wh.` entries with fixed metadata: regular file,
-//!   size 0, mode 0644, uid/gid 0, mtime 0, no xattrs.
+//!   size 0, mode 0644, uid/gid 0, mtime 0, no xattrs. Below a directory written opaque there
+//!   are no markers (they hide nothing more; the default mode's rename leaves the markers of
+//!   the tree it copies as they happened to be). Given the lowers, an opaque directory that
+//!   hides nothing in them and was never a lower directory (no origin xattr) is written
+//!   without its marker: `redirect_dir=on` marks every new directory in a merged parent
+//!   opaque, the default mode only one that hides something.
 //! * Hard links: the first name in this order carries the data, later names are link entries
 //!   to it. Whiteouts are never links (the kernel shares one whiteout inode among many names).
 //! * Xattrs per [`super::keep_xattr`], as `SCHILY.xattr.*` records sorted by name.
 //! * Sockets cannot be stored in tar and are skipped with a warning; a real file whose name
 //!   starts with `.wh.` cannot be told from a whiteout and is refused, and so is an upper
-//!   with kernel redirect or metacopy markers (its content is partly in the lower layers).
+//!   with kernel metacopy markers (a file's data is in a lower layer).
 //! * The end: two zero blocks, no further padding.
 
 use std::collections::HashMap;
@@ -42,6 +54,7 @@ use super::tarfmt::{self, HeaderSpec, Kind};
 use crate::error::{Error, Result, ShowPath};
 use crate::sys::{self, FileStat, XTarget};
 use crate::union::whiteout::{self, DirMarks};
+use crate::union::{self, Union, redirect};
 
 /// Options of `diff`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -61,15 +74,35 @@ pub struct Stats {
     pub skipped_sockets: u64,
 }
 
+/// The union layer number of the upper in [`Union::read_only_upper`].
+const UPPER: u16 = 0;
+
 struct Child {
     name: Vec<u8>,
     st: FileStat,
+    /// The layer the object is in ([`UPPER`] for entries of the upper walk).
+    layer: u16,
+}
+
+/// Where a directory's entries come from.
+enum Source {
+    /// The upper's own directory, read as it is.
+    Upper(OwnedFd),
+    /// A directory with a redirect, or below one: its merged view, through the union (`ino`),
+    /// with its copies in the layers opened as entries need them.
+    View { ino: u64, dirs: Vec<(u16, OwnedFd)> },
 }
 
 struct Frame {
-    fd: OwnedFd,
+    src: Source,
     /// Tar path of the directory with a trailing `/` (empty for the root).
     prefix: Vec<u8>,
+    /// An ancestor (or the directory) is written opaque: markers below it hide nothing
+    /// more and are left out.
+    hidden: bool,
+    /// Hard links between lower objects are shared within one redirected directory only
+    /// (see [`Writer::links`]).
+    scope: u64,
     /// Remaining children, in reverse order (popped from the end).
     rest: Vec<Child>,
 }
@@ -78,9 +111,14 @@ struct Writer<'a, W: Write> {
     out: W,
     opts: Options,
     stats: Stats,
-    links: HashMap<(u64, u64), Vec<u8>>,
+    /// First tar path of each object with more than one link, by (scope, dev, ino): scope 0
+    /// for the upper's objects, a scope per redirected directory for lower objects (the
+    /// copy-tree rename copies each such tree on its own, linking only names within it).
+    links: HashMap<(u64, u64, u64), Vec<u8>>,
+    scopes: u64,
     buf: Vec<u8>,
     progress: &'a dyn Fn(u64),
+    view: Option<&'a Union>,
 }
 
 fn io_ctx(what: &str, path: &[u8]) -> impl FnOnce(std::io::Error) -> Error {
@@ -88,10 +126,28 @@ fn io_ctx(what: &str, path: &[u8]) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(ctx, e)
 }
 
-/// Opaque/xwhiteout markers of a directory in every dialect the union reads.
-fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<DirMarks> {
-    let mut marks = DirMarks::default();
+/// A directory's markers: opaque/xwhiteout in every dialect the union reads, whether it
+/// carries a redirect and whether it records an origin (it is a copy of a lower directory).
+#[derive(Default)]
+struct Marks {
+    dir: DirMarks,
+    redirect: bool,
+    origin: bool,
+}
+
+fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<Marks> {
+    let mut marks = Marks::default();
     let names = sys::xattr_list(XTarget::Fd(fd)).map_err(io_ctx("listing xattrs of", path))?;
+    for name in &names {
+        match name.as_slice() {
+            redirect::TRUSTED_REDIRECT | redirect::USER_REDIRECT => marks.redirect = true,
+            whiteout::TRUSTED_ORIGIN
+            | whiteout::USER_ORIGIN
+            | b"trusted.layerfs.origin"
+            | b"user.layerfs.origin" => marks.origin = true,
+            _ => {}
+        }
+    }
     for attr in [
         whiteout::TRUSTED_OPAQUE,
         whiteout::USER_OPAQUE,
@@ -104,28 +160,44 @@ fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<DirMarks> {
             sys::xattr_get(XTarget::Fd(fd), attr).map_err(io_ctx("reading xattrs of", path))?
         {
             let m = whiteout::opaque_value(&v);
-            marks.opaque |= m.opaque;
-            marks.xwhiteouts |= m.xwhiteouts;
+            marks.dir.opaque |= m.opaque;
+            marks.dir.xwhiteouts |= m.xwhiteouts;
         }
     }
     Ok(marks)
 }
 
-/// Kernel overlayfs markers meaning "the content is elsewhere" (a renamed directory's lower
-/// path, a metadata-only copy-up).
-fn is_redirect_or_metacopy(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"trusted.overlay.redirect"
-            | b"user.overlay.redirect"
-            | b"trusted.overlay.metacopy"
-            | b"user.overlay.metacopy"
-    )
+/// Kernel overlayfs' marker of a metadata-only copy-up: the data is in a lower layer.
+fn is_metacopy(name: &[u8]) -> bool {
+    matches!(name, b"trusted.overlay.metacopy" | b"user.overlay.metacopy")
 }
 
-/// Write the canonical layer tar of the upper directory `upper` to `out`.
+/// `a/b/` -> `a/b`.
+fn dir_path(prefix: &[u8]) -> &[u8] {
+    prefix.strip_suffix(b"/").unwrap_or(prefix)
+}
+
+/// The union's node of the directory at `path` (`a/b`), looked up from the root.
+fn view_ino(view: &Union, path: &[u8]) -> Result<u64> {
+    let mut ino = union::ROOT;
+    for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        ino = view.lookup(ino, comp)?.ino;
+    }
+    Ok(ino)
+}
+
+fn view_ctx(path: &[u8]) -> impl FnOnce(Error) -> Error {
+    let ctx = format!("{} (in the lower layers)", ShowPath(path));
+    move |e| e.context(ctx)
+}
+
+/// Write the canonical layer tar of the upper directory `upper` to `out`. `view`, a
+/// [`Union::read_only_upper`] of the same upper over its lowers, is needed when the upper
+/// holds redirects; given, it also decides which opaque markers hide something (see the
+/// module doc).
 pub fn export<W: Write>(
     upper: BorrowedFd<'_>,
+    view: Option<&Union>,
     out: W,
     opts: Options,
     progress: &dyn Fn(u64),
@@ -135,23 +207,54 @@ pub fn export<W: Write>(
         opts,
         stats: Stats::default(),
         links: HashMap::new(),
+        scopes: 0,
         buf: vec![0u8; 1 << 20],
         progress,
+        view,
     };
     let root = sys::open_dir_beneath(upper, b"").map_err(io_ctx("opening", b"the upper"))?;
     w.root_entry(root.as_fd())?;
-    let mut stack = vec![w.enter(root, Vec::new(), true)?];
+    let mut stack = vec![w.enter(root, Vec::new(), true, false)?];
     while let Some(frame) = stack.last_mut() {
-        let Some(Child { name, st }) = frame.rest.pop() else {
+        let Some(Child { name, st, layer }) = frame.rest.pop() else {
             stack.pop();
             continue;
         };
-        let dir = frame.fd.as_fd();
         let mut path = frame.prefix.clone();
         path.extend_from_slice(&name);
-        if let Some(fd) = w.entry(dir, &name, &path, &st)? {
-            path.push(b'/');
-            let next = w.enter(fd, path, false)?;
+        let hidden = frame.hidden;
+        let next = match &mut frame.src {
+            Source::Upper(fd) => match w.entry(fd.as_fd(), &name, &path, &st, 0)? {
+                Some(fd) => {
+                    path.push(b'/');
+                    Some(w.enter(fd, path, false, hidden)?)
+                }
+                None => None,
+            },
+            Source::View { ino, dirs } => {
+                let (ino, view) = (*ino, w.view.ok_or_else(|| Error::os(libc::EINVAL))?);
+                let at = match dirs.iter().position(|(l, _)| *l == layer) {
+                    Some(at) => at,
+                    None => {
+                        let fd = view
+                            .layer_dir(ino, layer)
+                            .map_err(view_ctx(dir_path(&frame.prefix)))?;
+                        dirs.push((layer, fd));
+                        dirs.len() - 1
+                    }
+                };
+                let scope = if layer == UPPER { 0 } else { frame.scope };
+                match w.entry(dirs[at].1.as_fd(), &name, &path, &st, scope)? {
+                    Some(_) => {
+                        let child = view.lookup(ino, &name).map_err(view_ctx(&path))?.ino;
+                        path.push(b'/');
+                        Some(w.enter_view(view, child, path, frame.scope)?)
+                    }
+                    None => None,
+                }
+            }
+        };
+        if let Some(next) = next {
             stack.push(next);
         }
     }
@@ -188,6 +291,12 @@ impl<W: Write> Writer<'_, W> {
         Ok(())
     }
 
+    fn opaque_marker(&mut self, prefix: &[u8]) -> Result<()> {
+        let mut p = prefix.to_vec();
+        p.extend_from_slice(whiteout::WH_OPAQUE);
+        self.marker(&p)
+    }
+
     /// The `./` entry: the root's mode, owner, mtime and xattrs (what a mount of the layer
     /// shows for `/`).
     fn root_entry(&mut self, root: BorrowedFd<'_>) -> Result<()> {
@@ -209,11 +318,37 @@ impl<W: Write> Writer<'_, W> {
         self.header(&spec)
     }
 
-    /// Read a directory, write its opaque marker and whiteouts, and return its frame. The
-    /// root has no entry, so no opaque marker either.
-    fn enter(&mut self, fd: OwnedFd, prefix: Vec<u8>, is_root: bool) -> Result<Frame> {
+    /// Whether the opaque directory `prefix` (not the root, not below another opaque one)
+    /// gets its marker. Without the lowers, always. With them, not when it hides nothing in
+    /// them and was never a lower directory (no origin): `redirect_dir=on` (kernel and
+    /// layerfs) marks every new directory in a merged parent opaque, the default mode only one
+    /// that hides something, and the two must give the same tar.
+    fn opaque_hides(&self, prefix: &[u8], marks: &Marks) -> Result<bool> {
+        let Some(view) = self.view.filter(|_| !marks.origin) else {
+            return Ok(true);
+        };
+        let (parent, name) = union::split_path(dir_path(prefix));
+        let parent_ino = view_ino(view, parent).map_err(view_ctx(parent))?;
+        view.lower_visible(parent_ino, name)
+            .map_err(view_ctx(dir_path(prefix)))
+    }
+
+    /// Read a directory of the upper, write its opaque marker and whiteouts, and return its
+    /// frame; a directory with a redirect is written as its merged view instead. The root has
+    /// no entry, so no opaque marker either. `hidden`: an ancestor was written opaque.
+    fn enter(
+        &mut self,
+        fd: OwnedFd,
+        prefix: Vec<u8>,
+        is_root: bool,
+        hidden: bool,
+    ) -> Result<Frame> {
         let marks = dir_marks(fd.as_fd(), &prefix)?;
-        let opaque = marks.opaque && !is_root;
+        if marks.redirect && !marks.dir.opaque && !is_root {
+            return self.enter_redirected(prefix, hidden);
+        }
+        let opaque =
+            marks.dir.opaque && !is_root && !hidden && self.opaque_hides(&prefix, &marks)?;
         let entries = sys::read_dir_all(
             sys::open_dir_beneath(fd.as_fd(), b"").map_err(io_ctx("reading", &prefix))?,
         )
@@ -224,7 +359,7 @@ impl<W: Write> Writer<'_, W> {
             let st = sys::stat_at(fd.as_fd(), &e.name).map_err(io_ctx("stat", &e.name))?;
             let is_wh = if st.is_chr() {
                 st.rdev == 0
-            } else if st.is_reg() && st.size == 0 && marks.xwhiteouts {
+            } else if st.is_reg() && st.size == 0 && marks.dir.xwhiteouts {
                 let t = XTarget::At(fd.as_fd(), &e.name);
                 sys::xattr_get(t, whiteout::TRUSTED_WHITEOUT)
                     .map_err(io_ctx("reading xattrs of", &e.name))?
@@ -238,16 +373,19 @@ impl<W: Write> Writer<'_, W> {
             if is_wh {
                 whiteouts.push(e.name);
             } else {
-                real.push(Child { name: e.name, st });
+                real.push(Child {
+                    name: e.name,
+                    st,
+                    layer: UPPER,
+                });
             }
         }
         if opaque {
-            let mut p = prefix.clone();
-            p.extend_from_slice(whiteout::WH_OPAQUE);
-            self.marker(&p)?;
+            self.opaque_marker(&prefix)?;
         }
-        // An opaque directory hides everything below; its whiteouts add nothing.
-        if !opaque {
+        // An opaque directory hides everything below; its whiteouts add nothing, and neither
+        // do those of a directory below one.
+        if !(marks.dir.opaque || hidden) {
             whiteouts.sort_unstable();
             for name in whiteouts {
                 if name.len() + whiteout::WH_PREFIX.len() > sys::NAME_MAX {
@@ -268,20 +406,74 @@ impl<W: Write> Writer<'_, W> {
         // Reverse order: the frame pops from the end.
         real.sort_unstable_by(|a, b| b.name.cmp(&a.name));
         Ok(Frame {
-            fd,
+            src: Source::Upper(fd),
             prefix,
+            hidden: hidden || opaque,
+            scope: 0,
             rest: real,
+        })
+    }
+
+    /// A directory of the upper with a redirect (renamed with `redirect_dir=on`): written as
+    /// the default mode's rename leaves it, an opaque directory holding its whole merged tree.
+    fn enter_redirected(&mut self, prefix: Vec<u8>, hidden: bool) -> Result<Frame> {
+        let path = dir_path(&prefix);
+        let Some(view) = self.view else {
+            return Err(Error::invalid(format!(
+                "{}: renamed with redirect_dir=on (it carries overlay.redirect), so its content \
+                 is in the lower layers: pass them with --lower DIR (top first)",
+                ShowPath(path)
+            )));
+        };
+        let ino = view_ino(view, path).map_err(view_ctx(path))?;
+        if !hidden {
+            self.opaque_marker(&prefix)?;
+        }
+        self.scopes += 1;
+        let scope = self.scopes;
+        self.enter_view(view, ino, prefix, scope)
+    }
+
+    /// The merged view of directory `ino` of the union, as a frame: every entry the mount
+    /// shows, no markers (an ancestor is written opaque).
+    fn enter_view(&mut self, view: &Union, ino: u64, prefix: Vec<u8>, scope: u64) -> Result<Frame> {
+        let path = dir_path(&prefix).to_vec();
+        let (listed, _) = view.read_dir(ino, 0).map_err(view_ctx(&path))?;
+        let mut dirs: Vec<(u16, OwnedFd)> = Vec::new();
+        let mut rest = Vec::with_capacity(listed.len());
+        for e in listed.iter() {
+            let layer = e.top.layer;
+            let at = match dirs.iter().position(|(l, _)| *l == layer) {
+                Some(at) => at,
+                None => {
+                    dirs.push((layer, view.layer_dir(ino, layer).map_err(view_ctx(&path))?));
+                    dirs.len() - 1
+                }
+            };
+            let st = sys::stat_at(dirs[at].1.as_fd(), &e.name).map_err(io_ctx("stat", &e.name))?;
+            rest.push(Child {
+                name: e.name.to_vec(),
+                st,
+                layer,
+            });
+        }
+        rest.sort_unstable_by(|a, b| b.name.cmp(&a.name));
+        Ok(Frame {
+            src: Source::View { ino, dirs },
+            prefix,
+            hidden: true,
+            scope,
+            rest,
         })
     }
 
     fn xattrs(&self, t: XTarget<'_>, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for name in sys::xattr_list(t).map_err(io_ctx("listing xattrs of", path))? {
-            if is_redirect_or_metacopy(&name) {
+            if is_metacopy(&name) {
                 return Err(Error::invalid(format!(
-                    "{}: the upper uses overlayfs redirects or metacopy ({}), whose content \
-                     lives in lower layers; diff cannot resolve them yet and needs uppers made \
-                     with redirect_dir=off and metacopy=off (layerfs' default)",
+                    "{}: a metadata-only copy-up ({}), whose data lives in a lower layer; \
+                     diff cannot resolve it and needs uppers made with metacopy=off",
                     ShowPath(path),
                     ShowPath(&name)
                 )));
@@ -311,6 +503,7 @@ impl<W: Write> Writer<'_, W> {
         name: &[u8],
         path: &[u8],
         st: &FileStat,
+        scope: u64,
     ) -> Result<Option<OwnedFd>> {
         if name.starts_with(whiteout::WH_PREFIX) {
             return Err(Error::invalid(format!(
@@ -333,14 +526,14 @@ impl<W: Write> Writer<'_, W> {
             xattrs: &[],
         };
         if !st.is_dir() && st.nlink > 1 {
-            if let Some(first) = self.links.get(&(st.dev, st.ino)) {
+            if let Some(first) = self.links.get(&(scope, st.dev, st.ino)) {
                 let first = first.clone();
                 spec.kind = Kind::HardLink;
                 spec.link = &first;
                 self.header(&spec)?;
                 return Ok(None);
             }
-            self.links.insert((st.dev, st.ino), path.to_vec());
+            self.links.insert((scope, st.dev, st.ino), path.to_vec());
         }
         match st.file_type() {
             sys::S_IFREG => {
@@ -462,7 +655,7 @@ mod tests {
 
     fn diff(p: &Path) -> Vec<u8> {
         let fd = sys::open_dir_path(p).unwrap();
-        export(fd.as_fd(), Vec::new(), Options::default(), &|_| {})
+        export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {})
             .unwrap()
             .1
     }
@@ -524,15 +717,150 @@ mod tests {
     }
 
     #[test]
-    fn refuses_redirects_and_metacopy() {
-        for attr in [&b"user.overlay.redirect"[..], b"user.overlay.metacopy"] {
+    fn refuses_metacopy_and_redirects_without_lowers() {
+        for (attr, want) in [
+            (&b"user.overlay.redirect"[..], "--lower"),
+            (b"user.overlay.metacopy", "metacopy=off"),
+        ] {
             let d = tempfile::tempdir().unwrap();
             std::fs::create_dir(d.path().join("moved")).unwrap();
             let fd = sys::open_dir_path(d.path()).unwrap();
             sys::xattr_set(XTarget::At(fd.as_fd(), b"moved"), attr, b"/orig", 0).unwrap();
-            let e = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap_err();
-            assert!(e.to_string().contains("redirect_dir=off"), "{e}");
+            let e = export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {}).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(e.to_string().contains("moved"), "{e}");
         }
+    }
+
+    fn set_x(p: &Path, name: &str, value: &[u8]) {
+        let (dir, base) = (p.parent().unwrap(), p.file_name().unwrap());
+        let fd = sys::open_dir_path(dir).unwrap();
+        use std::os::unix::ffi::OsStrExt;
+        sys::xattr_set(
+            XTarget::At(fd.as_fd(), base.as_bytes()),
+            name.as_bytes(),
+            value,
+            0,
+        )
+        .unwrap();
+    }
+
+    /// A whiteout in the unprivileged format (its parent must be marked `opaque=x`).
+    fn xwhiteout(p: &Path) {
+        std::fs::write(p, b"").unwrap();
+        set_x(p, "user.overlay.whiteout", b"y");
+    }
+
+    fn diff_with(upper: &Path, lowers: &[std::path::PathBuf]) -> Vec<u8> {
+        let view = Union::read_only_upper(upper, lowers).unwrap();
+        let fd = sys::open_dir_path(upper).unwrap();
+        export(
+            fd.as_fd(),
+            Some(&view),
+            Vec::new(),
+            Options::default(),
+            &|_| {},
+        )
+        .unwrap()
+        .1
+    }
+
+    #[test]
+    fn redirected_directories_are_written_as_copied_trees() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (l, u) = (d.path().join("l"), d.path().join("u"));
+        std::fs::create_dir_all(l.join("a/sub/deep")).unwrap();
+        std::fs::create_dir_all(l.join("a/gone")).unwrap();
+        std::fs::create_dir_all(l.join("n2")).unwrap();
+        std::fs::write(l.join("a/f"), b"lower f").unwrap();
+        std::fs::set_permissions(l.join("a/f"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::hard_link(l.join("a/f"), l.join("a/h")).unwrap();
+        std::fs::write(l.join("a/sub/deep/g"), b"g").unwrap();
+        set_x(&l.join("a/f"), "user.keep", b"v");
+        // The upper: `a` renamed to `b` (whiteout at a, b redirected), a file added and a
+        // directory deleted inside; `n` new and opaque (redirect_dir=on makes new directories
+        // in merged parents opaque), `n2` made over a lower directory.
+        std::fs::create_dir_all(u.join("b/sub")).unwrap();
+        std::fs::create_dir_all(u.join("n")).unwrap();
+        std::fs::create_dir_all(u.join("n2")).unwrap();
+        set_x(&u, "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("a"));
+        set_x(&u.join("b"), "user.overlay.redirect", b"a");
+        set_x(&u.join("b"), "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("b/gone"));
+        std::fs::write(u.join("b/new"), b"new").unwrap();
+        set_x(&u.join("b/sub"), "user.overlay.opaque", b"y");
+        std::fs::write(u.join("b/sub/only"), b"o").unwrap();
+        set_x(&u.join("n"), "user.overlay.opaque", b"y");
+        set_x(&u.join("n2"), "user.overlay.opaque", b"y");
+
+        let fd = sys::open_dir_path(&u).unwrap();
+        let e = export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {}).unwrap_err();
+        assert!(e.to_string().starts_with("b: "), "{e}");
+
+        let tar = diff_with(&u, std::slice::from_ref(&l));
+        assert_eq!(
+            names(&tar),
+            [
+                "./",
+                ".wh.a",
+                "b/",
+                "b/.wh..wh..opq",
+                "b/f",
+                "b/h",
+                "b/new",
+                "b/sub/",
+                "b/sub/only",
+                "n/",
+                "n2/",
+                "n2/.wh..wh..opq",
+            ]
+        );
+        let mut r = TarReader::new(&tar[..]);
+        while let Some(e) = r.next_entry().unwrap() {
+            if e.path == b"b/f" {
+                assert_eq!(e.mode & 0o7777, 0o640);
+                assert_eq!(e.xattrs, vec![(b"user.keep".to_vec(), b"v".to_vec())]);
+            }
+            if e.path == b"b/h" {
+                assert_eq!(e.kind, Some(Kind::HardLink));
+                assert_eq!(e.link, b"b/f");
+            }
+        }
+        // Without the opaque upper `b/sub`, the lower tree shows through.
+        std::fs::remove_dir_all(u.join("b/sub")).unwrap();
+        let tar = diff_with(&u, std::slice::from_ref(&l));
+        let n = names(&tar);
+        assert!(n.contains(&"b/sub/deep/g".to_string()), "{n:?}");
+        assert_eq!(diff_with(&u, &[l]), tar, "same upper, same bytes");
+    }
+
+    #[test]
+    fn no_markers_below_an_opaque_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let u = d.path();
+        std::fs::create_dir_all(u.join("o/s")).unwrap();
+        std::fs::create_dir_all(u.join("o/t")).unwrap();
+        std::fs::create_dir_all(u.join("p")).unwrap();
+        set_x(&u.join("o"), "user.overlay.opaque", b"y");
+        set_x(&u.join("o/s"), "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("o/s/w"));
+        set_x(&u.join("o/t"), "user.overlay.opaque", b"y");
+        set_x(&u.join("p"), "user.overlay.opaque", b"x");
+        xwhiteout(&u.join("p/w"));
+        assert_eq!(
+            names(&diff(u)),
+            [
+                "./",
+                "o/",
+                "o/.wh..wh..opq",
+                "o/s/",
+                "o/t/",
+                "p/",
+                "p/.wh.w"
+            ]
+        );
     }
 
     #[test]
@@ -541,7 +869,8 @@ mod tests {
         let _l = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
         std::fs::write(d.path().join("f"), b"x").unwrap();
         let fd = sys::open_dir_path(d.path()).unwrap();
-        let (stats, tar) = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap();
+        let (stats, tar) =
+            export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {}).unwrap();
         assert_eq!(stats.skipped_sockets, 1);
         assert_eq!(names(&tar), ["./", "f"]);
     }
@@ -551,7 +880,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(".wh.x"), b"").unwrap();
         let fd = sys::open_dir_path(d.path()).unwrap();
-        let e = export(fd.as_fd(), Vec::new(), Options::default(), &|_| {}).unwrap_err();
+        let e = export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {}).unwrap_err();
         assert!(e.to_string().contains(".wh."), "{e}");
 
         let d = tempfile::tempdir().unwrap();
@@ -560,7 +889,7 @@ mod tests {
         let opts = Options {
             source_date_epoch: Some(1000),
         };
-        let (_, tar) = export(fd.as_fd(), Vec::new(), opts, &|_| {}).unwrap();
+        let (_, tar) = export(fd.as_fd(), None, Vec::new(), opts, &|_| {}).unwrap();
         let mut r = TarReader::new(&tar[..]);
         for _ in 0..2 {
             assert_eq!(r.next_entry().unwrap().unwrap().mtime.sec, 1000);

@@ -376,9 +376,12 @@ struct ExtractTo {
 
 /// Walk `upper` into a canonical tar and, on other threads, compress it into `sink` (hashing
 /// the blob) and optionally extract it into a layer directory. The walk, the compression and
-/// the extraction run in parallel, with a few MiB of chunks between them.
+/// the extraction run in parallel, with a few MiB of chunks between them. `lowers` (top
+/// first; may be empty) are the layers the upper was made on, for resolving its redirects.
+#[allow(clippy::too_many_arguments)]
 fn pipeline<W: Write + Send>(
     upper: &Path,
+    lowers: &[PathBuf],
     codec: Codec,
     sink: W,
     extract: Option<ExtractTo>,
@@ -386,6 +389,11 @@ fn pipeline<W: Write + Send>(
     progress: &dyn Fn(u64),
 ) -> Result<(Diffed, W, Option<import::Stats>)> {
     let ufd = open_upper(upper)?;
+    let view = if lowers.is_empty() {
+        None
+    } else {
+        Some(crate::union::Union::read_only_upper(upper, lowers)?)
+    };
     let (ctx, crx) = sync_channel::<Chunk>(4);
     let mut txs = vec![ctx];
     let mut erx = None;
@@ -428,7 +436,7 @@ fn pipeline<W: Write + Send>(
                 buf: Vec::with_capacity(CHUNK),
                 txs,
             });
-            let (stats, mut out) = export::export(ufd.as_fd(), out, opts, progress)?;
+            let (stats, mut out) = export::export(ufd.as_fd(), view.as_ref(), out, opts, progress)?;
             out.flush().map_err(|e| Error::io("writing the layer", e))?;
             Ok((stats, out.hasher.finish()))
             // Dropping the fanout closes the queues: the consumers see the end.
@@ -468,19 +476,20 @@ fn pipeline<W: Write + Send>(
     })
 }
 
-/// `layerfs diff`.
+/// `layerfs diff`; `lowers` (top first) resolve the upper's redirects.
 pub fn diff(
     upper: &Path,
+    lowers: &[PathBuf],
     out: Output,
     codec: Codec,
     opts: export::Options,
     progress: &dyn Fn(u64),
 ) -> Result<Diffed> {
     match out {
-        Output::Discard => Ok(pipeline(upper, codec, io::sink(), None, opts, progress)?.0),
+        Output::Discard => Ok(pipeline(upper, lowers, codec, io::sink(), None, opts, progress)?.0),
         Output::Stdout => {
             let sink = BufWriter::with_capacity(1 << 20, io::stdout());
-            Ok(pipeline(upper, codec, sink, None, opts, progress)?.0)
+            Ok(pipeline(upper, lowers, codec, sink, None, opts, progress)?.0)
         }
         Output::File(path) => {
             let file_name = path
@@ -494,7 +503,7 @@ pub fn diff(
                 let f = File::create(&tmp)
                     .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
                 let sink = BufWriter::with_capacity(1 << 20, f);
-                let (d, w, _) = pipeline(upper, codec, sink, None, opts, progress)?;
+                let (d, w, _) = pipeline(upper, lowers, codec, sink, None, opts, progress)?;
                 let f = w
                     .into_inner()
                     .map_err(|e| Error::io(format!("writing {}", tmp.display()), e.into_error()))?;
@@ -538,6 +547,7 @@ fn staged_blob_writer(staging: &Staging<'_>) -> Result<BufWriter<File>> {
 fn stage_upper(
     staging: &Staging<'_>,
     upper: &Path,
+    lowers: &[PathBuf],
     codec: Codec,
     opts: export::Options,
     progress: &dyn Fn(u64),
@@ -557,7 +567,7 @@ fn stage_upper(
         dir: layer_fd,
         formats,
     };
-    let (diffed, blob, stats) = pipeline(upper, codec, blob, Some(to), opts, progress)?;
+    let (diffed, blob, stats) = pipeline(upper, lowers, codec, blob, Some(to), opts, progress)?;
     blob.into_inner()
         .map_err(|e| Error::io("writing the blob", e.into_error()))?;
     let stats = stats.unwrap_or_default();
@@ -620,7 +630,7 @@ pub fn layer_from_upper(
     progress: &dyn Fn(u64),
 ) -> Result<PublishedLayer> {
     let staging = store.staging()?;
-    let (diffed, stats) = stage_upper(&staging, upper, codec, opts, progress)?;
+    let (diffed, stats) = stage_upper(&staging, upper, &[], codec, opts, progress)?;
     let _lock = store.lock(LockKind::Exclusive)?;
     let (staged, new) = publish_staged_upper(store, &staging, &diffed, stats, codec)?;
     Ok(PublishedLayer {
@@ -647,6 +657,7 @@ pub fn layer_from_staged_upper(
     let blob = staged_blob_writer(staging)?;
     let (diffed, blob, _) = pipeline(
         &upper,
+        &[],
         codec,
         blob,
         None,
@@ -678,12 +689,13 @@ pub fn layer_from_staged_upper(
     })
 }
 
-/// `layerfs commit`: diff `upper` into a layer ([`stage_upper`]), write config and manifest,
-/// and tag `name`.
+/// `layerfs commit`: diff `upper` into a layer ([`stage_upper`]; `lowers`, top first, resolve
+/// its redirects), write config and manifest, and tag `name`.
 #[allow(clippy::too_many_arguments)]
 pub fn commit(
     store: &Store,
     upper: &Path,
+    lowers: &[PathBuf],
     from: Option<&str>,
     name: &str,
     message: Option<&str>,
@@ -700,7 +712,7 @@ pub fn commit(
         None => None,
     };
     let staging = store.staging()?;
-    let (diffed, stats) = stage_upper(&staging, upper, compression, opts, progress)?;
+    let (diffed, stats) = stage_upper(&staging, upper, lowers, compression, opts, progress)?;
     let _lock = store.lock(LockKind::Exclusive)?;
     let parent = match (from, parent_digest) {
         (Some(f), Some(d)) => {

@@ -428,6 +428,22 @@ impl Union {
         })
     }
 
+    /// A read-only union of `upper` over `lowers` (top first), for tools that need an upper's
+    /// merged view without mounting it (`diff` of an upper with redirects). The upper is read
+    /// as a mount reads it (its whiteouts, markers and redirects, a `.wh.` name a plain file)
+    /// but never written: no work directory is needed or touched, and every write fails with
+    /// EROFS.
+    pub fn read_only_upper(upper: &Path, lowers: &[PathBuf]) -> Result<Union> {
+        let mut stack = vec![upper.to_path_buf()];
+        stack.extend(lowers.iter().cloned());
+        let mut union = Union::new(&UnionConfig {
+            lowers: stack,
+            ..UnionConfig::default()
+        })?;
+        union.upper = Some(0);
+        Ok(union)
+    }
+
     /// Layer roots, top first (for checks such as "is the mountpoint inside a layer").
     pub fn layers(&self) -> &[Layer] {
         &self.layers
@@ -435,7 +451,7 @@ impl Union {
 
     /// Whether the union has a writable upper.
     pub fn is_writable(&self) -> bool {
-        self.upper.is_some()
+        self.upper.is_some() && self.work.is_some()
     }
 
     fn read_ns(&self) -> RwLockReadGuard<'_, ()> {
@@ -1349,6 +1365,29 @@ impl Union {
             .into_iter()
             .filter(|n| !whiteout::is_private_xattr(n))
             .collect())
+    }
+
+    /// Open the copy of directory `dir` in `layer`: where its entries whose top is that layer
+    /// are, for tools that read objects by name through directory fds (`diff`).
+    pub fn layer_dir(&self, dir: u64, layer: u16) -> Result<OwnedFd> {
+        if layer as usize >= self.layers.len() {
+            return Err(Error::os(libc::EINVAL));
+        }
+        let _ns = self.read_ns();
+        let (_, path) = self.node_path(dir)?;
+        let lpath = self.lpath(dir, layer, &path);
+        self.open_dir_in(layer, &lpath)
+            .map_err(|e| Error::io(format!("opening {}", ShowPath(&lpath)), e))
+    }
+
+    /// Whether the lower layers show something under `name` in directory `dir`: what a
+    /// whiteout or an opaque directory of that name in the upper hides.
+    pub fn lower_visible(&self, dir: u64, name: &[u8]) -> Result<bool> {
+        let _ns = self.read_ns();
+        let (node, path) = self.node_path(dir)?;
+        self.with_index(&node, &path, |idx| {
+            idx.get(name).is_some_and(|e| e.lower_visible)
+        })
     }
 
     /// Names held by all directory indexes together (memory checks).

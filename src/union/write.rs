@@ -159,8 +159,13 @@ enum NewObject<'a> {
 }
 
 impl Union {
+    /// The upper, when it may be written (a read-only union of an upper has no work
+    /// directory: [`Union::read_only_upper`]).
     fn upper_layer(&self) -> Result<u16> {
-        self.upper.ok_or_else(erofs)
+        match self.work {
+            Some(_) => self.upper.ok_or_else(erofs),
+            None => Err(erofs()),
+        }
     }
 
     fn work_fd(&self) -> Result<BorrowedFd<'_>> {
@@ -600,6 +605,7 @@ impl Union {
         let mut links = HashMap::new();
         let mut pending = Vec::new();
         let mut stale_whiteouts = Vec::new();
+        let mut times = Vec::new();
         self.copy_tree_locked(
             &path,
             stack,
@@ -608,6 +614,7 @@ impl Union {
             &mut links,
             &mut pending,
             &mut stale_whiteouts,
+            &mut times,
         )?;
         self.link_pending(&mut pending)?;
         let dir = self.upper_dir(&path)?;
@@ -620,6 +627,9 @@ impl Union {
         }
         for (wdir, name) in stale_whiteouts {
             let _ = sys::unlink_at(wdir.as_fd(), &name, false);
+        }
+        for (dir, st) in times {
+            let _ = sys::futimens(dir.as_fd(), SetTime::At(st.atime), SetTime::At(st.mtime));
         }
         {
             let mut s = node.lock();
@@ -639,6 +649,7 @@ impl Union {
         links: &mut HashMap<(u64, u64), Vec<u8>>,
         pending: &mut Vec<PendingCopy>,
         stale_whiteouts: &mut Vec<(Arc<OwnedFd>, Vec<u8>)>,
+        times: &mut Vec<(Arc<OwnedFd>, FileStat)>,
     ) -> Result<()> {
         let upper = self.upper_layer()?;
         let (index, used, _) = self.build_index_stack(stack, parent_stack)?;
@@ -648,6 +659,10 @@ impl Union {
                 .map_or_else(|| path.to_vec(), |(_, p)| p.clone())
         };
         let dst_dir = Arc::new(self.upper_dir(path)?);
+        // Filling the copy must not look like a change (a copy-up keeps times, as `cp -a`
+        // after the kernel's EXDEV does): its times are put back once the whole tree is
+        // linked in.
+        times.push((dst_dir.clone(), sys::fstat(dst_dir.as_fd())?));
         // Once the tree's root is opaque its whiteouts hide nothing; they are removed only
         // then, so a crash in between never uncovers a deleted lower file.
         for name in index.upper_whiteouts() {
@@ -717,6 +732,7 @@ impl Union {
                         links,
                         pending,
                         stale_whiteouts,
+                        times,
                     )?;
                 }
             }

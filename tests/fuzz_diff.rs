@@ -61,24 +61,13 @@ fn fsck_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<(), Strin
 /// A read-only layerfs mount of `layers` (top first) and its tree.
 fn ro_tree(layers: &[&Path], mnt: &Path) -> Result<fuzz::tree::Tree, String> {
     common::mkdirp(mnt);
-    let mut cmd = Command::new(common::bin());
-    cmd.arg("mount");
+    let mut args: Vec<std::ffi::OsString> = vec!["mount".into()];
     for l in layers {
-        cmd.arg("--lower").arg(l);
+        args.push("--lower".into());
+        args.push(l.into());
     }
-    let out = cmd
-        .arg(mnt)
-        .output()
-        .map_err(|e| format!("spawn layerfs: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "layerfs mount failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let path = std::fs::canonicalize(mnt).map_err(|e| e.to_string())?;
-    let daemon = common::daemon_pid(&path);
-    let m = common::Mount { path, daemon };
+    args.push(mnt.into());
+    let m = check::spawn_mount(&args, mnt)?;
     fuzz::tree::snapshot(&m.path)
 }
 

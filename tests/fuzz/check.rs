@@ -125,8 +125,13 @@ fn mount_layerfs(
         work.into(),
         mnt.into(),
     ]);
+    spawn_mount(&args, mnt)
+}
+
+/// Run `layerfs ARGS` (a mount of `mnt`) and hold the mount.
+pub fn spawn_mount(args: &[OsString], mnt: &Path) -> Result<Mount, String> {
     let out = Command::new(common::bin())
-        .args(&args)
+        .args(args)
         .output()
         .map_err(|e| format!("spawn layerfs: {e}"))?;
     if !out.status.success() {

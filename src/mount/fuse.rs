@@ -12,7 +12,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -647,8 +647,7 @@ impl Core {
     /// Read into this thread's buffer and hand the bytes read to `reply` (reused: a READ
     /// costs no allocation or zeroing of up to a MiB).
     fn read_with(
-        &self,
-        fh: FileHandle,
+        fd: BorrowedFd<'_>,
         offset: u64,
         size: u32,
         reply: impl FnOnce(Result<&[u8], Error>),
@@ -664,19 +663,18 @@ impl Core {
             if buf.len() < want {
                 buf.resize(want, 0);
             }
-            match self.read_file(fh, offset, &mut buf[..want]) {
+            match Self::read_file(fd, offset, &mut buf[..want]) {
                 Ok(done) => reply(Ok(&buf[..done])),
                 Err(e) => reply(Err(e)),
             }
         })
     }
 
-    /// Fill `buf` from the open file `fh` at `offset`; short only at the end of the file.
-    fn read_file(&self, fh: FileHandle, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
-        let fd = self.file_fd(fh)?;
+    /// Fill `buf` from the open file `fd` at `offset`; short only at the end of the file.
+    fn read_file(fd: BorrowedFd<'_>, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
         let mut done = 0;
         while done < buf.len() {
-            match sys::pread(fd.as_fd(), &mut buf[done..], offset + done as u64)? {
+            match sys::pread(fd, &mut buf[done..], offset + done as u64)? {
                 0 => break,
                 n => done += n,
             }
@@ -720,11 +718,12 @@ impl Core {
 
 impl crate::mount::uring::ReadInto for Core {
     fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize, i32> {
-        let _serving = crate::mount::busypoll::note_request();
+        // Busy polling is off while the rings serve: nothing to note.
         let mut result = Err(libc::EIO);
         unwind_to_eio("read", || {
             result = self
-                .read_file(FileHandle(fh), offset, buf)
+                .file_fd(FileHandle(fh))
+                .and_then(|fd| Self::read_file(fd.as_fd(), offset, buf))
                 .map_err(|e| e.errno());
         });
         result
@@ -857,23 +856,25 @@ impl Filesystem for LayerFs {
         // a cold 1 GiB read slower, not faster (rootless, A/B of 7 interleaved runs: median
         // 0.74 s inline, 1.13 s on workers).
         guarded("read", || {
+            let fd = match self.file_fd(fh) {
+                Ok(fd) => fd,
+                Err(e) => return reply.error(errno(&e)),
+            };
             // Large reads (readahead) are spliced from the file into the reply when replies go
             // to /dev/fuse; over the rings they already go straight into the ring's buffer.
             let reply = if size as usize >= SPLICE_MIN {
-                match self.file_fd(fh) {
-                    Ok(fd) => match reply.write_direct(|dev, unique| {
-                        sys::splice_read_reply(fd.as_fd(), offset, size as usize, dev, unique)
-                            .unwrap_or(false)
-                    }) {
-                        Some(reply) => reply,
-                        None => return,
-                    },
-                    Err(e) => return reply.error(errno(&e)),
+                let spliced = reply.write_direct(|dev, unique| {
+                    sys::splice_read_reply(fd.as_fd(), offset, size as usize, dev, unique)
+                        .unwrap_or(false)
+                });
+                match spliced {
+                    Some(reply) => reply,
+                    None => return,
                 }
             } else {
                 reply
             };
-            self.read_with(fh, offset, size, |res| match res {
+            Core::read_with(fd.as_fd(), offset, size, |res| match res {
                 Ok(data) => reply.data(data),
                 Err(e) => reply.error(errno(&e)),
             })

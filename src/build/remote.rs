@@ -354,6 +354,19 @@ impl CacheFrom {
         self.sources[i].client.as_ref()
     }
 
+    /// The manifest tagged `tag` in source `i`, if it has one; a source that fails is dropped
+    /// (with one warning) for the rest of the build.
+    fn manifest_in(&mut self, i: usize, tag: &str, warn: &mut dyn FnMut(String)) -> Option<Got> {
+        let client = self.client(i, warn)?;
+        match get_manifest(client, tag) {
+            Ok(got) => got,
+            Err(e) => {
+                self.drop_source(i, &e, warn);
+                None
+            }
+        }
+    }
+
     fn drop_source(&mut self, i: usize, e: &Error, warn: &mut dyn FnMut(String)) {
         let s = &mut self.sources[i];
         s.dropped = true;
@@ -379,16 +392,11 @@ impl CacheFrom {
         let limits = self.limits;
         let mut found = None;
         for i in 0..self.sources.len() {
-            let Some(client) = self.client(i, warn) else {
+            let Some(got) = self.manifest_in(i, &tag, warn) else {
                 continue;
             };
-            let got = match get_manifest(client, &tag) {
-                Ok(Some(g)) => g,
-                Ok(None) => continue,
-                Err(e) => {
-                    self.drop_source(i, &e, warn);
-                    continue;
-                }
+            let Some(client) = self.client(i, warn) else {
+                continue;
             };
             match import_entry(store, client, key, &got, limits) {
                 Ok((entry, pulled)) => {
@@ -423,16 +431,11 @@ impl CacheFrom {
         let tag = record_tag(id);
         let mut found = None;
         for i in 0..self.sources.len() {
-            let Some(client) = self.client(i, warn) else {
+            let Some(got) = self.manifest_in(i, &tag, warn) else {
                 continue;
             };
-            let got = match get_manifest(client, &tag) {
-                Ok(Some(g)) => g,
-                Ok(None) => continue,
-                Err(e) => {
-                    self.drop_source(i, &e, warn);
-                    continue;
-                }
+            let Some(client) = self.client(i, warn) else {
+                continue;
             };
             match fetch_record(client, &got) {
                 Ok((record, listings)) => {

@@ -374,7 +374,7 @@ image_owners_want() {
   printf '%s\n' "/ 0:0 555" "/bin/busybox 0:0 755" "/etc/passwd 0:0 644" "/tmp 0:0 1777" "/data 0:0 755" \
     "/data/file.txt 1000:1000 640" "/data/mine.txt $U:$G 644" "/data/sub 1000:1000 755" "/data/sub/s 1000:1000 644"
 }
-upper_of() { pm inspect --format '{{.GraphDriver.Data.UpperDir}}' "$1"; }
+upper_of() { pm container inspect --format '{{.GraphDriver.Data.UpperDir}}' "$1"; }
 ustat() { # ustat CONTAINER PATH...: owners in the container's upper dir, seen in the user's namespace
   local up p
   up=$(upper_of "$1"); shift
@@ -443,7 +443,7 @@ mine
 /tmp/mydir $U:$G
 /tmp/mydir/f $U:$G
 /data/mine.txt $U:$G"
-  pm diff kid | sort >"$D/w/kid.diff"
+  pm container diff kid | sort >"$D/w/kid.diff"
   # (podman adds the user to the container's /etc/passwd and /etc/group)
   eq "keep-id: podman diff" "$(cat "$D/w/kid.diff")" "A /tmp/mine
 A /tmp/mydir
@@ -507,11 +507,14 @@ $(image_owners_want)
 
 c_commit_diff() {
   local out
-  pm "${RUN[@]}" --name cd localhost/lfbase sh -c '
+  # `podman diff NAME` looks NAME up as an image first, and a short hex name such as "cd" is then
+  # taken for the prefix of any image id that starts with it: `container diff`, and a name that is
+  # no hex prefix
+  pm "${RUN[@]}" --name cdiff localhost/lfbase sh -c '
     echo more >>/data/file.txt; rm /data/del-file; mv /data/ren-file /data/ren-file2
     mkdir /data/newdir; echo n >/data/newdir/n; chown 1000:1000 /data/newdir/n; chmod 600 /data/mine.txt
     echo s2 >>/data/sub/s'
-  eq "podman diff" "$(pm diff cd | sort)" "A /data/newdir
+  eq "podman diff" "$(pm container diff cdiff | sort)" "A /data/newdir
 A /data/newdir/n
 A /data/ren-file2
 C /data
@@ -521,14 +524,14 @@ C /data/sub
 C /data/sub/s
 D /data/del-file
 D /data/ren-file"
-  eq "owners in the upper dir" "$(ustat cd /data /data/file.txt /data/newdir /data/newdir/n /data/mine.txt /data/sub /data/sub/s)" "/data 0:0
+  eq "owners in the upper dir" "$(ustat cdiff /data /data/file.txt /data/newdir /data/newdir/n /data/mine.txt /data/sub /data/sub/s)" "/data 0:0
 /data/file.txt 1000:1000
 /data/newdir 0:0
 /data/newdir/n 1000:1000
 /data/mine.txt $U:$G
 /data/sub 1000:1000
 /data/sub/s 1000:1000"
-  pm commit -q cd localhost/lfcd >/dev/null
+  pm commit -q cdiff localhost/lfcd >/dev/null
   eq "layers of the committed image" "$(pm image inspect --format '{{len .RootFS.Layers}}' localhost/lfcd)" 3
   out=$(pm "${RUN[@]}" --rm localhost/lfcd sh -c '
     cat /data/file.txt /data/newdir/n /data/ren-file2 /data/sub/s; ls /data | tr "\n" " "; echo
@@ -546,7 +549,7 @@ big file.txt mine.txt newdir ren-file2 sub
 /data/newdir/n 1000:1000 644
 /data/mine.txt $U:$G 600
 /data/sub/s 1000:1000 644"
-  pm rm -f -t 0 cd >/dev/null
+  pm rm -f -t 0 cdiff >/dev/null
 }
 
 # podman image mount works only inside the user's namespace (podman unshare)

@@ -484,7 +484,7 @@ expected_layer_whiteouts() {
 }
 c_diff() {
   local out
-  out=$(pm diff main | sort)
+  out=$(pm container diff main | sort)
   eq "podman diff main (native diff: $NATIVE_DIFF)" "$out" "$(expected_diff)"
 }
 
@@ -503,7 +503,7 @@ c_stop_start() {
   eq "view before stop" "$before" "$(main_view_want)"
   inos=$(mx main sh -c "$ino_cmd")
   pm stop -t 0 main
-  eq "state after stop" "$(pm inspect --format '{{.State.Status}}' main)" exited
+  eq "state after stop" "$(pm container inspect --format '{{.State.Status}}' main)" exited
   pm start main
   out=$(mx main sh -c "$MAIN_VIEW")
   eq "view after start" "$out" "$(main_view_want)"
@@ -583,8 +583,8 @@ big-lower del-dir del-file dir-a file.txt hl-src hl2 iso.txt meta.txt only-a opq
   eq "seen in iso-b" "$(mx iso-b sh -c 'cat /data/iso.txt; ls /data | tr "\n" " "')" "iso
 B
 big-lower del-dir del-file file.txt hl-src hl1 hl2 iso.txt opq re-dir re-file ren-dir ren-file "
-  eq "diff iso-a" "$(pm diff iso-a | sort | tr '\n' ' ')" "A /data/dir-a A /data/only-a C /data C /data/iso.txt D /data/hl1 "
-  eq "diff iso-b" "$(pm diff iso-b | sort | tr '\n' ' ')" "C /data C /data/iso.txt D /data/meta.txt "
+  eq "diff iso-a" "$(pm container diff iso-a | sort | tr '\n' ' ')" "A /data/dir-a A /data/only-a C /data C /data/iso.txt D /data/hl1 "
+  eq "diff iso-b" "$(pm container diff iso-b | sort | tr '\n' ' ')" "C /data C /data/iso.txt D /data/meta.txt "
   pm rm -f -t 0 iso-a iso-b
 }
 

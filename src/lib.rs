@@ -13,7 +13,8 @@
 //! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
 //! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression); the
 //!   export reads directories renamed with redirects through a read-only `union::Union`;
-//! - `store/`: the OCI image layout store (blobs, index, layers, containers, leases, gc);
+//! - `store/`: the OCI image layout store (blobs, index, layers, containers, leases, gc, a
+//!   build step's upper adopted as its layer);
 //! - `fsck`: checks of uppers and of the store; `digest`, `fsutil`: leaf helpers;
 //! - `sys`: the only module with `unsafe` and raw system calls.
 //!

@@ -857,23 +857,38 @@ fn mtimes(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, (i64, i
     out
 }
 
-#[test]
-fn a_copied_layer_directory_is_what_its_blob_extracts_to() {
-    if !ready() {
-        return;
+/// Every xattr of every object below `root`, private ones included (markers, origins).
+fn all_xattrs(
+    root: &std::path::Path,
+) -> std::collections::BTreeMap<PathBuf, Vec<(String, Vec<u8>)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let mut x: Vec<(String, Vec<u8>)> = common::listxattr(&p)
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+                .map(|n| {
+                    let v = common::getxattr(&p, &n).unwrap_or_default();
+                    (n, v)
+                })
+                .collect();
+            x.sort();
+            out.insert(p.strip_prefix(root).unwrap().to_path_buf(), x);
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                todo.push(p);
+            }
+        }
     }
-    let b = Bench::new();
-    wfile(b.ctx().join("tree/a.txt"), "a\n");
-    wfile(b.ctx().join("tree/sub/deep/b.sh"), "#!/bin/sh\n");
-    common::chmod(b.ctx().join("tree/sub/deep/b.sh"), 0o4755);
-    mkdirp(b.ctx().join("tree/empty"));
-    common::chmod(b.ctx().join("tree/empty"), 0o700);
-    symlink("sub/deep/b.sh", b.ctx().join("tree/link")).unwrap();
-    wfile(b.ctx().join("top.txt"), "top\n");
-    // /bin exists in the image (its directory is recreated in the layer), /opt does not.
-    b.containerfile("FROM base\nCOPY --chown=7:8 tree/ /opt/tree/\nCOPY top.txt /bin/\n");
-    b.build_ok(&[]);
-    let cfg = image_config(&b, "app");
+    out
+}
+
+/// Each layer `app` added to `base` is, in `b`'s store, exactly what its blob extracts to in
+/// another store (a layer depends only on its tar): objects, owners, modes, contents, links,
+/// mtimes to the nanosecond and every xattr.
+fn assert_layers_are_their_blobs(b: &Bench) {
+    let cfg = image_config(b, "app");
     let ids: Vec<String> = cfg["rootfs"]["diff_ids"]
         .as_array()
         .unwrap()
@@ -933,6 +948,93 @@ fn a_copied_layer_directory_is_what_its_blob_extracts_to() {
             &common::snapshot(&theirs),
             &format!("layer {i}"),
         );
-        assert_eq!(mtimes(&mine), mtimes(&theirs), "layer {i}: times");
+        // Whiteouts keep the time they were made at (extraction sets none).
+        let times = |root: &std::path::Path| {
+            let mut t = mtimes(root);
+            t.retain(|p, _| {
+                use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                let md = fs::symlink_metadata(root.join(p)).unwrap();
+                !(md.file_type().is_char_device() && md.rdev() == 0)
+            });
+            t
+        };
+        assert_eq!(times(&mine), times(&theirs), "layer {i}: times");
+        assert_eq!(all_xattrs(&mine), all_xattrs(&theirs), "layer {i}: xattrs");
     }
+}
+
+#[test]
+fn a_copied_layer_directory_is_what_its_blob_extracts_to() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    wfile(b.ctx().join("tree/a.txt"), "a\n");
+    wfile(b.ctx().join("tree/sub/deep/b.sh"), "#!/bin/sh\n");
+    common::chmod(b.ctx().join("tree/sub/deep/b.sh"), 0o4755);
+    mkdirp(b.ctx().join("tree/empty"));
+    common::chmod(b.ctx().join("tree/empty"), 0o700);
+    symlink("sub/deep/b.sh", b.ctx().join("tree/link")).unwrap();
+    wfile(b.ctx().join("top.txt"), "top\n");
+    // /bin exists in the image (its directory is recreated in the layer), /opt does not.
+    b.containerfile("FROM base\nCOPY --chown=7:8 tree/ /opt/tree/\nCOPY top.txt /bin/\n");
+    b.build_ok(&[]);
+    assert_layers_are_their_blobs(&b);
+}
+
+/// A RUN step's upper becomes its layer directory in place (not extracted again from the
+/// step's tar), and is then exactly what the tar extracts to: copy-up origins and impure marks
+/// gone, whiteouts and opaque marks as extraction writes them (none below an opaque
+/// directory), whole-second times.
+#[test]
+fn a_run_layer_directory_is_its_upper_and_what_its_blob_extracts_to() {
+    if !ready() {
+        return;
+    }
+    let b = Bench::new();
+    b.containerfile(
+        "FROM base\n\
+         RUN mkdir -p /t/keep /t/gone/deep /t/opq/sub /t/merged && echo k >/t/keep/f && \\\n\
+             ln /t/keep/f /t/keep/hl && echo g >/t/gone/deep/x && echo o >/t/opq/sub/o && \\\n\
+             echo l >/t/lowerfile && echo m >/t/mod && echo x >/t/merged/x && echo y >/t/merged/y\n\
+         RUN rm -rf /t/gone /t/lowerfile /t/merged/x && rm -rf /t/opq && \\\n\
+             mkdir -p /t/opq/new/deeper && echo n >/t/opq/new/deeper/n && \\\n\
+             touch /t/opq/new/tmp && rm /t/opq/new/tmp && echo more >>/t/mod && chmod 4755 /t/mod && \\\n\
+             chown 1000:1000 /t/keep/f && chmod 600 /t/merged/y && mkfifo /t/fifo && \\\n\
+             ln -s ../keep/f /t/opq/link && echo h >/t/h1 && ln /t/h1 /t/h2 && mkdir /t/newdir && \\\n\
+             touch /t/newdir/a && rm /t/newdir/a\n",
+    );
+    let out = Command::new(common::bin())
+        .arg("--root")
+        .arg(b.store())
+        .args(["build", "-t", "app"])
+        .arg(b.ctx())
+        .env("RUST_LOG", "layerfs::store=debug")
+        .output()
+        .expect("run layerfs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "build failed:\n{err}");
+    assert_eq!(
+        err.matches("adopted the step's upper as layer").count(),
+        2,
+        "both RUN layers are their uppers:\n{err}"
+    );
+    assert_layers_are_their_blobs(&b);
+    // What the steps did shows through a mount of the image (a copy-up breaks a hard link, as
+    // in kernel overlayfs without `index`).
+    let (code, shown) = b.run(&[
+        "app",
+        "sh",
+        "-c",
+        "ls -a /t /t/opq /t/opq/new /t/merged /t/newdir | tr '\\n' ' '; stat -c '%n %a %u:%g %h' /t/mod /t/keep/f /t/keep/hl /t/merged/y /t/h1; cat /t/mod",
+    ]);
+    assert_eq!(code, 0, "{shown}");
+    assert_eq!(
+        shown,
+        "/t: . .. fifo h1 h2 keep merged mod newdir opq  /t/merged: . .. y  /t/newdir: . ..  \
+         /t/opq: . .. link new  /t/opq/new: . .. deeper /t/mod 4755 0:0 1\n\
+         /t/keep/f 644 1000:1000 1\n/t/keep/hl 644 0:0 2\n/t/merged/y 600 0:0 1\n\
+         /t/h1 644 0:0 2\nm\nmore\n"
+    );
+    b.assert_clean();
 }

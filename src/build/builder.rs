@@ -1184,9 +1184,10 @@ impl Builder<'_> {
         worked?;
         unmounted?;
         let t3 = Instant::now();
-        let layer = ops::layer_from_upper(
+        let layer = ops::layer_from_step_upper(
             self.store,
-            &upper,
+            &staging,
+            b"upper",
             self.codec,
             export::Options {
                 source_date_epoch: self.opts.source_date_epoch,

@@ -21,7 +21,8 @@
 //!
 //! Invariants:
 //! * Everything is written in `tmp/<id>/`, fsynced (`syncfs` for extracted trees), then renamed
-//!   into place; `index.json` is replaced atomically and is the last write of a command, so a
+//!   into place; a layer directory is always what its tar extracts to (a build step's upper
+//!   becomes one only once [`adopt`] made it so and a second diff agreed); `index.json` is replaced atomically and is the last write of a command, so a
 //!   killed command leaves the store's images as they were before or after it. What a killed
 //!   command had staged (or published but not yet referenced) is unreachable and `gc` removes it.
 //! * Concurrency: the store lock is held shared by readers and exclusively by the short publish
@@ -34,6 +35,7 @@
 //! * All access below `$ROOT` goes through directory fds with `openat2`/`*_at` calls that never
 //!   follow symlinks; blob and layer names come from parsed sha256 digests only.
 
+pub mod adopt;
 pub mod gc;
 pub mod images;
 pub mod layers;

@@ -641,6 +641,100 @@ pub fn layer_from_upper(
     })
 }
 
+/// Make the upper `staging/name` of a finished build step a layer: diff it into the blob, then
+/// make the upper itself the layer directory ([`super::adopt`]: what a tar cannot carry is
+/// normalized in place, and a second diff must give the same diffID) instead of extracting the
+/// tar into a new one. Where the upper cannot be adopted (refused, an error, a different second
+/// diff) the blob just made is extracted as [`layer_from_upper`] would. `source_date_epoch`
+/// changes times in the tar that the upper keeps: such a step is always extracted.
+pub fn layer_from_step_upper(
+    store: &Store,
+    staging: &Staging<'_>,
+    name: &[u8],
+    codec: Codec,
+    opts: export::Options,
+    progress: &dyn Fn(u64),
+) -> Result<PublishedLayer> {
+    let upper = staging.path().join(std::ffi::OsStr::from_bytes(name));
+    if opts.source_date_epoch.is_some() {
+        return layer_from_upper(store, &upper, codec, opts, progress);
+    }
+    let ufd = open_upper(&upper)?;
+    let blob = staged_blob_writer(staging)?;
+    let (diffed, blob, _) = pipeline(&upper, &[], codec, blob, None, opts, progress)?;
+    blob.into_inner()
+        .map_err(|e| Error::io("writing the blob", e.into_error()))?;
+    let adopted = adopt_checked(ufd.as_fd(), staging, &diffed).unwrap_or_else(|e| {
+        log::warn!("adopting the step's upper as its layer: {e}; extracting the layer instead");
+        false
+    });
+    let new = if adopted {
+        log::debug!("adopted the step's upper as layer {}", diffed.diff_id);
+        staging.sync()?;
+        let _lock = store.lock(LockKind::Exclusive)?;
+        store.publish(
+            staging,
+            layers::STAGED_BLOB,
+            b"blobs/sha256",
+            diffed.blob.hex().as_bytes(),
+        )?;
+        layers::publish_tree(
+            store,
+            staging,
+            name,
+            &diffed.diff_id,
+            diffed.stats.tar_bytes,
+        )?
+    } else {
+        // Our own blob: no limits meant for hostile input.
+        let limits = Limits {
+            max_size: u64::MAX,
+            max_ratio: u64::MAX,
+        };
+        let staged = layers::stage_linked(staging, limits, diffed.blob, &|_| {})?;
+        if staged.diff_id != diffed.diff_id {
+            return Err(Error::invalid(format!(
+                "the step's layer extracted as {}, diffed as {}",
+                staged.diff_id, diffed.diff_id
+            )));
+        }
+        let _lock = store.lock(LockKind::Exclusive)?;
+        layers::publish(store, staging, &staged)?
+    };
+    Ok(PublishedLayer {
+        diff_id: diffed.diff_id,
+        blob: Descriptor::new(codec.kind.media_type(), diffed.blob, diffed.blob_size),
+        tar_size: diffed.stats.tar_bytes,
+        new,
+    })
+}
+
+/// Normalize the upper for adoption and check that its tar did not change. `Ok(false)`: not
+/// adoptable (the tar, already made, is extracted instead).
+fn adopt_checked(upper: BorrowedFd<'_>, staging: &Staging<'_>, diffed: &Diffed) -> Result<bool> {
+    let formats = import::probe_formats(staging.fd());
+    if !super::adopt::normalize(upper, formats)? {
+        log::debug!("the step's upper is not adoptable: extracting its layer");
+        return Ok(false);
+    }
+    let (_, again) = export::export(
+        upper,
+        None,
+        HashWriter::new(io::sink()),
+        export::Options::default(),
+        &|_| {},
+    )?;
+    let again = again.hasher.finish();
+    if again != diffed.diff_id {
+        log::warn!(
+            "the step's upper diffs as {again} once normalized, {} before: extracting its layer",
+            diffed.diff_id
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Diff the upper directory `staging/name` into a layer whose directory is that upper itself,
 /// renamed into `layers/` (nothing extracted again, nothing deleted). Only for an upper that
 /// holds exactly what extracting its tar would give: plain entries in the store's format,

@@ -6,7 +6,8 @@
 //! thread gets a CPU only when no normal thread wants it, so with any other work running (a
 //! compiler at nice 10 was enough) each request waited for a scheduler tick. 3,000 cold 4 KiB
 //! reads took 9-12 s instead of 0.4 s over `/dev/fuse`. So the ring threads stay in the normal
-//! class while this says the host is contended.
+//! class while this says the host is contended. The `/dev/fuse` loop's busy polling asks the
+//! same question for the same reason (`busypoll`): spinning takes a CPU from other work.
 //!
 //! The pressure alone cannot tell: a caller and the ring thread serving it wait for each other's
 //! CPU too (5 warm `grep -r` over 10,000 files: 20% stall with nothing else running), and
@@ -15,7 +16,8 @@
 //! for the reply, so any runnable task beyond itself is other work.
 //!
 //! Invariants: the files are read at most once per [`SAMPLE`] by whichever thread asks first
-//! after it elapsed (the others keep the last answer), always by a ring thread that is serving;
+//! after it elapsed (the others keep the last answer), always by a thread that is serving a
+//! request (a ring thread, or the `/dev/fuse` loop);
 //! the answer is "contended" when, over the last sample, some runnable task waited for a CPU
 //! more than [`THRESHOLD_PERMILLE`] of the time and, when sampled, another task than the
 //! sampler was runnable. Without the pressure file (a kernel without PSI, or `psi=0`) the

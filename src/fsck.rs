@@ -244,6 +244,7 @@ impl LowerView {
             upper: None,
             fsync: false,
             redirect_dir: false,
+            metacopy: false,
         })?;
         Ok(Some(LowerView {
             union,

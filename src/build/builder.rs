@@ -1613,6 +1613,7 @@ impl ImageView {
                 upper: None,
                 fsync: false,
                 redirect_dir: false,
+                metacopy: false,
             })?)
         };
         Ok(ImageView {

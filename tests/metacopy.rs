@@ -683,13 +683,18 @@ fn metacopy_on_turns_redirect_dir_on_and_conflicts_where_the_kernels_does() {
             .arg(&mnt)
             .output()
             .unwrap();
+        // A mount that should not have happened is not left behind.
+        let mounted = is_mounted(&mnt);
+        if mounted {
+            unmount_retrying(&mnt);
+        }
+        assert!(!mounted, "{opts}");
         assert_eq!(o.status.code(), Some(1), "{opts}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             err.contains("conflicting options: metacopy=on,redirect_dir="),
             "{opts}: {err}"
         );
-        assert!(!is_mounted(&mnt), "{opts}");
         let k = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o"])
             .arg(format!(
@@ -701,8 +706,14 @@ fn metacopy_on_turns_redirect_dir_on_and_conflicts_where_the_kernels_does() {
             .arg(&mnt)
             .output()
             .unwrap();
-        assert!(!k.status.success(), "the kernel refuses {opts} too");
-        assert!(!is_mounted(&mnt));
+        let mounted = is_mounted(&mnt);
+        if mounted {
+            unmount_retrying(&mnt);
+        }
+        assert!(
+            !k.status.success() && !mounted,
+            "the kernel refuses {opts} too"
+        );
     }
     let m = layerfs_stack(&[&l], Some((&u, &w)), &mnt, &["metacopy=on"]);
     run(Command::new("mv")
@@ -755,8 +766,12 @@ fn unprivileged_mounts_refuse_metacopy_as_the_kernel_does() {
         .env("XDG_DATA_HOME", d.path())
         .output()
         .unwrap();
+    let mounted = is_mounted(&mnt);
+    if mounted {
+        unmount_retrying(&mnt);
+    }
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!mounted, "{err}");
     assert!(err.contains("metacopy=on needs trusted xattrs"), "{err}");
-    assert!(!is_mounted(&mnt));
 }

@@ -180,7 +180,8 @@ impl Union {
 
     /// If the regular file `dir`/`name` of `layer` (in directory `parent`, union path
     /// `parent_path`) is a metacopy file: where its data is. EIO when it is one but its
-    /// marker or redirect is malformed or no data is found.
+    /// marker or redirect is malformed or no data is found. `present`: its xattr names, when
+    /// the caller listed them.
     pub(super) fn metacopy_data(
         &self,
         dir: BorrowedFd<'_>,
@@ -188,9 +189,14 @@ impl Union {
         parent: u64,
         parent_path: &[u8],
         name: &[u8],
+        present: Option<&[Vec<u8>]>,
     ) -> Result<Option<DataSource>> {
         let target = XTarget::At(dir, name);
-        let Some(value) = sys::xattr_get(target, self.xattr_ns.metacopy())? else {
+        let marker = self.xattr_ns.metacopy();
+        if present.is_some_and(|names| !names.iter().any(|n| n == marker)) {
+            return Ok(None);
+        }
+        let Some(value) = sys::xattr_get(target, marker)? else {
             return Ok(None);
         };
         let show = || join_path(parent_path, name);

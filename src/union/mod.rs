@@ -1054,11 +1054,26 @@ impl Union {
     ) -> Result<Attr> {
         let st = sys::stat_at(dfd, name)?;
         let in_upper = Some(top.layer) == self.upper;
+        // An upper object's xattr names, listed once: its origin and metacopy marker are read
+        // only when there (a file made through the mount has none: one system call instead of
+        // a read per name).
+        let present = if in_upper {
+            sys::xattr_list(XTarget::At(dfd, name)).ok()
+        } else {
+            None
+        };
         // Metacopy files: the upper's always (only a metacopy=on mount writes them), a lower
         // layer's with metacopy=on, as the kernel follows them only then (and a lookup of a
         // lower file costs no xattr read otherwise).
         let data = if st.is_reg() && (in_upper || self.metacopy) {
-            self.metacopy_data(dfd, top.layer, parent, parent_path, name)?
+            self.metacopy_data(
+                dfd,
+                top.layer,
+                parent,
+                parent_path,
+                name,
+                present.as_deref(),
+            )?
         } else {
             None
         };
@@ -1068,7 +1083,7 @@ impl Union {
             _ if !in_upper => None,
             Some(d) if d.first_nlink <= 1 => self.table().inos.map(d.first.0, d.first.1),
             Some(_) => None,
-            None => self.origin_ino(dfd, parent, parent_path, name, &st),
+            None => self.origin_ino(dfd, parent, parent_path, name, &st, present.as_deref()),
         };
         // Opaque markers of the directory's lower copies are applied when its index is built,
         // so a lookup reads only the one layer the object comes from.
@@ -1339,7 +1354,7 @@ impl Union {
     fn entry_ino_upper(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
         let dfd = self.dir_fd(entry.top.layer, ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
-        let origin = self.origin_ino(dfd.as_fd(), parent, ppath, &entry.name, &st);
+        let origin = self.origin_ino(dfd.as_fd(), parent, ppath, &entry.name, &st, None);
         Ok(origin
             .or_else(|| self.table().inos.map(st.dev, st.ino))
             .unwrap_or(st.ino))

@@ -775,3 +775,143 @@ fn unprivileged_mounts_refuse_metacopy_as_the_kernel_does() {
     assert!(!mounted, "{err}");
     assert!(err.contains("metacopy=on needs trusted xattrs"), "{err}");
 }
+
+#[test]
+fn metacopy_files_of_a_lower_layer_are_followed_with_metacopy_on() {
+    // A kernel upper with metacopy files used as a lower layer (as a container's upper
+    // stacked as-is would be), under another upper that changes them again.
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (l1, l2) = lowers(d.path());
+    let (u, w) = (d.path().join("u"), d.path().join("w"));
+    let mnt = d.path().join("m");
+    {
+        let k = kernel(&[&l1, &l2], Some((&u, &w)), &mnt, "metacopy=on");
+        run(Command::new("sh")
+            .args([
+                "-c",
+                "chmod 600 big f && mv d/x d/x2 && mkdir n && mv o/p n/p2 && chown 1000 m/bottom",
+            ])
+            .current_dir(&k.path));
+    }
+    assert!(getxattr(u.join("n/p2"), "trusted.overlay.metacopy").is_some());
+    let script = "chown 1000 big && mv d/x2 d/x3 && chmod 640 n/p2 && echo more >> f && \
+                  mv m/bottom m/b2 && cat d/x3 n/p2 f m/b2";
+    let (ku, kw, lu, lw) = (
+        d.path().join("ku"),
+        d.path().join("kw"),
+        d.path().join("lu"),
+        d.path().join("lw"),
+    );
+    let (want, k_out) = {
+        let k = kernel(&[&u, &l1, &l2], Some((&ku, &kw)), &mnt, "metacopy=on");
+        let out = run(Command::new("sh").args(["-c", script]).current_dir(&k.path));
+        (snapshot(&k.path), out)
+    };
+    assert_eq!(k_out, "x\np\nf\nmore\nbottom\n");
+    {
+        let m = layerfs_stack(&[&u, &l1, &l2], Some((&lu, &lw)), &mnt, &["metacopy=on"]);
+        let out = run(Command::new("sh").args(["-c", script]).current_dir(&m.path));
+        assert_eq!(out, k_out, "layerfs over a lower with metacopy files");
+        assert_same(
+            &snapshot(&m.path),
+            &want,
+            "layerfs over a lower with metacopy files",
+        );
+    }
+    assert_eq!(markers(&lu), markers(&ku), "upper markers");
+    for (name, up) in [("layerfs", &lu), ("kernel", &ku)] {
+        assert!(
+            getxattr(up.join("big"), "trusted.overlay.metacopy").is_some(),
+            "{name}: a metacopy copy of a lower metacopy file"
+        );
+    }
+    let m = layerfs_stack(&[&u, &l1, &l2], Some((&ku, &kw)), &mnt, &["metacopy=on"]);
+    assert_same(&snapshot(&m.path), &want, "layerfs over the kernel's upper");
+}
+
+#[test]
+fn commit_of_a_container_with_metacopy_files_uses_its_image() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let (l1, _) = lowers(d.path());
+    let root = store.display().to_string();
+    let ok = |args: &[&str]| -> String {
+        let mut all = vec!["--root", root.as_str()];
+        all.extend_from_slice(args);
+        let o = Command::new(bin()).args(&all).output().expect("layerfs");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let base = d.path().join("base.tar");
+    ok(&["diff", l1.to_str().unwrap(), "-o", base.to_str().unwrap()]);
+    ok(&["import", base.to_str().unwrap(), "--name", "base"]);
+    let mut ids = Vec::new();
+    for (c, opts) in [("cm", "metacopy=on"), ("cc", "metacopy=off")] {
+        let mnt = d.path().join(format!("m-{c}"));
+        mkdirp(&mnt);
+        let mut m = layerfs(
+            &[
+                "--root".as_ref(),
+                store.as_os_str(),
+                "--image".as_ref(),
+                "base".as_ref(),
+                "--container".as_ref(),
+                c.as_ref(),
+                "-o".as_ref(),
+                opts.as_ref(),
+            ],
+            &mnt,
+        );
+        run(Command::new("sh")
+            .args(["-c", "set -e; chown -R 1000:1000 d o big; mv f f2"])
+            .current_dir(&m.path));
+        m.unmount();
+        ids.push(ok(&[
+            "commit",
+            "--container",
+            c,
+            "--from",
+            "base",
+            "--name",
+            &format!("{c}img"),
+            "--source-date-epoch",
+            EPOCH,
+        ]));
+    }
+    assert!(
+        getxattr(
+            store.join("containers/cm/upper/big"),
+            "trusted.overlay.metacopy"
+        )
+        .is_some(),
+        "the container's upper holds metacopy files"
+    );
+    assert_eq!(ids[0], ids[1], "the same layer from both containers");
+    let mnt = d.path().join("m-img");
+    let mut m = layerfs(
+        &[
+            "--root".as_ref(),
+            store.as_os_str(),
+            "--image".as_ref(),
+            "cmimg".as_ref(),
+        ],
+        &mnt,
+    );
+    assert_eq!(
+        fs::read(m.p("big")).unwrap(),
+        fs::read(l1.join("big")).unwrap()
+    );
+    assert_eq!(fs::read_to_string(m.p("f2")).unwrap(), "f\n");
+    assert_eq!(fs::metadata(m.p("d/sub/z")).unwrap().uid(), 1000);
+    m.unmount();
+}

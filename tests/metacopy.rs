@@ -580,6 +580,16 @@ fn hostile_metacopy_files_answer_eio_and_stay_inside_the_layers() {
     wfile(l.join("dir/file"), "f\n");
     symlink(&outside, l.join("link"));
     symlink("real", l.join("sym"));
+    // A whiteout in the xattr format over data in the layer below, and a zero-size file with a
+    // whiteout xattr in a directory not marked to hold such whiteouts: kernel 6.18's lookup
+    // takes both for whiteouts.
+    let l2 = d.path().join("l2");
+    wfile(l.join("xwh/gone"), "");
+    setxattr(l.join("xwh/gone"), "trusted.overlay.whiteout", b"");
+    setxattr(l.join("xwh"), "trusted.overlay.opaque", b"x");
+    wfile(l2.join("xwh/gone"), "hidden\n");
+    wfile(l.join("plain/empty"), "");
+    setxattr(l.join("plain/empty"), "trusted.overlay.whiteout", b"");
     wfile(l.join("same_path"), "h\n");
     let (u, w) = (d.path().join("u"), d.path().join("w"));
     let meta = |name: &str, redirect: Option<&[u8]>| {
@@ -610,6 +620,8 @@ fn hostile_metacopy_files_answer_eio_and_stay_inside_the_layers() {
         ("good", Some(b"/real"), Some("r\n")),
         ("good_rel", Some(b"real"), Some("r\n")),
         ("deep", Some(b"/dir/file"), Some("f\n")),
+        ("to_xwhiteout", Some(b"/xwh/gone"), None),
+        ("to_plain_empty", Some(b"/plain/empty"), None),
     ];
     for (name, redirect, _) in cases {
         meta(name, *redirect);
@@ -625,7 +637,7 @@ fn hostile_metacopy_files_answer_eio_and_stay_inside_the_layers() {
     setxattr(u.join("usermeta"), "user.overlay.metacopy", b"");
     setxattr(u.join("usermeta"), "user.overlay.redirect", b"/real");
     let mnt = d.path().join("m");
-    let m = layerfs_stack(&[&l], Some((&u, &w)), &mnt, &["metacopy=on"]);
+    let m = layerfs_stack(&[&l, &l2], Some((&u, &w)), &mnt, &["metacopy=on"]);
     for (name, _, want) in cases {
         match (fs::read_to_string(m.p(name)), want) {
             (Ok(got), Some(want)) => assert_eq!(&got, want, "{name}"),

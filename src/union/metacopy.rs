@@ -305,6 +305,8 @@ impl Union {
                 return Ok(None);
             }
             let target = XTarget::At(dfd.as_fd(), &name);
+            // A whiteout in the xattr format: the kernel's lookup takes a zero-size file with
+            // the xattr for one whether or not its directory is marked to hold such whiteouts.
             if st.size == 0
                 && (sys::xattr_get(target, whiteout::TRUSTED_WHITEOUT)?.is_some()
                     || sys::xattr_get(target, whiteout::USER_WHITEOUT)?.is_some())

@@ -20,7 +20,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 HELPER=$SCRIPT_DIR/bench_helper.py
 
-ALL_WORKLOADS=(find lsR stat readdir grep seqread randread create copyup-big copyup-small rename unlink untar build depth rename-dir rename-dir-redirect rsswalk)
+ALL_WORKLOADS=(find lsR stat readdir grep seqread randread create copyup-big copyup-small rename unlink untar build depth rename-dir rename-dir-redirect chown-R chown-R-metacopy rsswalk)
 ALL_SUBJECTS=(native kernel fuse-overlayfs layerfs)
 [[ " $* " == *" --rootless "* ]] && ALL_SUBJECTS=(native fuse-overlayfs layerfs)
 
@@ -59,6 +59,9 @@ workloads: ${ALL_WORKLOADS[*]}
   depth100), rename-dir (mv of the merged 10,000-file directory \`wide\` to a new name: the kernel
   answers EXDEV and mv copies the tree, layerfs copies it up itself), rename-dir-redirect (the
   same with -o redirect_dir=on for the kernel and layerfs: a redirect is recorded),
+  chown-R (chown -R 1000:1000 of the lower tree tree/src: every file is copied up, data
+  included), chown-R-metacopy (the same with -o metacopy=on for the kernel and layerfs: the
+  files' metadata only; fuse-overlayfs has no such option and copies as before),
   rsswalk (daemon RSS over repeated ls -lR walks, caches dropped between walks)
 Needs root (mount, drop_caches, mknod). Results: a markdown table on stdout and in PREFIX.md.
 EOF
@@ -474,7 +477,7 @@ for w in "${WORKLOADS[@]}"; do
 	copyup-big) per_rep=$((per_rep + 3 * BIG)) ;;
 	untar) per_rep=$((per_rep + 4 * TAR_BYTES * 3 / 2)) ;;
 	create) per_rep=$((per_rep + 4 * NCREATE * 6000)) ;;
-	build) per_rep=$((per_rep + 4 * FILES * 2000)) ;;
+	build | chown-R*) per_rep=$((per_rep + 4 * FILES * 2000)) ;;
 	esac
 done
 need=$((need + REPS * per_rep))
@@ -606,6 +609,8 @@ rows_of() {
 	depth*) echo "${1} stat $(human "$DEPTH_FILES") cold|${1} stat $(human "$DEPTH_FILES") warm" ;;
 	rename-dir) echo "rename dir of $(human "$WIDE") files (copy)" ;;
 	rename-dir-redirect) echo "rename dir of $(human "$WIDE") files (redirect_dir=on)" ;;
+	chown-R) echo "chown -R tree/src (copy)" ;;
+	chown-R-metacopy) echo "chown -R tree/src (metacopy=on)" ;;
 	esac
 }
 row() { # N-th row name of a workload
@@ -652,6 +657,11 @@ wl_rename_dir() {
 	if t_cmd mv "$MNT/wide" "$MNT/bench-wide-moved"; then emit "$(row "$WL" 0)" "$ELAPSED"; else emit "$(row "$WL" 0)" FAIL "$(failmsg)"; fi
 }
 wl_rename_dir_redirect() { wl_rename_dir; }
+wl_chown_R() {
+	# chown(2) of a lower file copies it up: whole, or its metadata only with metacopy=on
+	if t_cmd chown -R 1000:1000 "$MNT/tree/src"; then emit "$(row "$WL" 0)" "$ELAPSED" "files=$(find "$MNT/tree/src" | wc -l)"; else emit "$(row "$WL" 0)" FAIL "$(failmsg)"; fi
+}
+wl_chown_R_metacopy() { wl_chown_R; }
 wl_unlink() { t_helper "$(row unlink 0)" unlink "$LISTS/unlink" "$MNT"; }
 wl_untar() {
 	if ! mkdir "$MNT/bench-untar"; then
@@ -673,7 +683,7 @@ wl_build() {
 wl_depth() { t_helper "$(row "$WL" 0)" stat "$LISTS/depth" "$MNT" && t_helper "$(row "$WL" 1)" stat "$LISTS/depth" "$MNT"; }
 
 # native is the merged copy itself: undo what a write workload did to it, without deleting data
-WRITE_WORKLOADS=" create copyup-big copyup-small rename unlink untar build rename-dir rename-dir-redirect "
+WRITE_WORKLOADS=" create copyup-big copyup-small rename unlink untar build rename-dir rename-dir-redirect chown-R chown-R-metacopy "
 native_pre() {
 	[[ $WRITE_WORKLOADS == *" $1 "* ]] && touch "$STACK/.native-dirty"
 	case $1 in
@@ -686,6 +696,7 @@ native_post() {
 	unlink) "$PY" "$HELPER" restore "$LISTS/unlink" "$NATIVE" "$c/keep" ;;
 	rename) "$PY" "$HELPER" rename --back "$LISTS/rename" "$NATIVE" ;;
 	rename-dir*) mv "$NATIVE/bench-wide-moved" "$NATIVE/wide" ;;
+	chown-R*) chown -R 0:0 "$NATIVE/tree/src" ;; # the generator (root) made it all 0:0
 	esac
 	for d in "$NATIVE"/bench-*; do
 		mkdir -p "$c/moved"
@@ -722,6 +733,7 @@ run_cell() { # WORKLOAD SUBJECT REP
 	out=""
 	EXTRA_OPTS=""
 	[[ $wl == rename-dir-redirect && $subj != native ]] && EXTRA_OPTS=redirect_dir=on
+	[[ $wl == chown-R-metacopy && $subj != native ]] && EXTRA_OPTS=metacopy=on
 	if mount_subject "$subj" "$c/m" "$upper" "$work" "${lowers[@]}"; then
 		local pid=$MPID
 		if [[ $subj == native ]]; then native_pre "$wl" "$c" 2>>"$CELLERR"; fi

@@ -66,6 +66,6 @@ cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
 if [ -n "$uring_saved" ]; then
   echo "== FUSE tests again with io_uring=off,cache_small_files=0 (requests over /dev/fuse)"
   LAYERFS_TEST_MOUNT_OPTS=io_uring=off,cache_small_files=0 cargo test \
-    --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring --test idmap \
+    --test read_union --test write_path --test concurrency --test crash --test mount_cli --test io_uring --test idmap --test metacopy \
     -- --test-threads="${TEST_THREADS:-4}"
 fi

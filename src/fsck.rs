@@ -9,12 +9,19 @@
 //!   an xattr-whiteout marker on something its directory does not read as a whiteout (the mount
 //!   shows an ordinary file there), `overlay.impure` on a non-directory — repaired by removing
 //!   the xattr (what users see does not change);
-//! * overlay xattrs layerfs cannot honour (`overlay.metacopy`, `overlay.redirect` on a
-//!   non-directory: the data would come from elsewhere), a directory's `overlay.redirect` that
-//!   is not a valid redirect (see `union::redirect`; a mount answers EIO for that directory)
-//!   and unknown `*.overlay.*` names on non-directories — reported, never repaired (removing
-//!   them could lose data). A valid redirect on a directory is fine: its lower counterpart is
-//!   elsewhere, so whiteouts in and below it are never judged redundant;
+//! * a directory's `overlay.redirect` that is not a valid redirect (see `union::redirect`; a
+//!   mount answers EIO for that directory), and unknown `*.overlay.*` names on
+//!   non-directories — reported, never repaired (removing them could lose data). A valid
+//!   redirect on a directory is fine: its lower counterpart is elsewhere, so whiteouts in and
+//!   below it are never judged redundant;
+//! * metacopy files (`overlay.metacopy`, see `union::metacopy`): the marker must be a value
+//!   the kernel writes, and a metacopy file's data redirect a valid redirect (else a mount
+//!   answers EIO for the file); with the lowers given, the file's data must be found in them
+//!   — reported, never repaired (the data is what is missing). `overlay.metacopy` or
+//!   `overlay.redirect` on a symlink, device or fifo means nothing to either mount —
+//!   repaired by removing it. A regular file that is no metacopy file may keep the
+//!   `overlay.redirect` of its metacopy days (the kernel leaves it after copying the data up;
+//!   nothing reads it): fine;
 //! * `.wh.*` names (the AUFS/OCI whiteout dialect): an upper never holds them, and a layer made
 //!   from this upper would turn them into deletions — reported, not repaired (they may be user
 //!   files: rename or remove them by hand);
@@ -80,8 +87,10 @@ pub enum Problem {
     /// An overlay xattr that does not belong on this object; `repairable` when removing it
     /// cannot change what users see.
     StrayXattr { name: Vec<u8>, repairable: bool },
-    /// An overlay feature layerfs does not implement (metacopy, a file's data redirect).
-    Unsupported(Vec<u8>),
+    /// A metacopy marker whose value is not one the kernel writes.
+    BadMetacopy(Vec<u8>),
+    /// A metacopy file whose data the lowers do not hold (a mount answers EIO).
+    MetacopyNoData(String),
     /// A directory's redirect xattr whose value is not a redirect.
     BadRedirect(Vec<u8>, String),
     /// An origin xattr whose value is not an origin (kernel or older layerfs form).
@@ -124,10 +133,14 @@ impl fmt::Display for Problem {
             Problem::BadRedirect(x, why) => {
                 write!(f, "{} is not a valid redirect ({why})", x.escape_ascii())
             }
-            Problem::Unsupported(x) => write!(
+            Problem::BadMetacopy(x) => write!(
                 f,
-                "{} is not supported by layerfs (content would come from elsewhere)",
+                "{} is not a metacopy marker (mounts answer EIO for the file)",
                 x.escape_ascii()
+            ),
+            Problem::MetacopyNoData(e) => write!(
+                f,
+                "metacopy file whose data the lower layers do not hold ({e})"
             ),
             Problem::AufsName { shadows: true } => write!(
                 f,
@@ -244,6 +257,7 @@ impl LowerView {
             upper: None,
             fsync: false,
             redirect_dir: false,
+            metacopy: false,
         })?;
         Ok(Some(LowerView {
             union,
@@ -290,6 +304,11 @@ struct Checker {
     repair: bool,
     report: Report,
     lower: Option<LowerView>,
+    /// The upper and its lowers, for finding metacopy files' data: a read-only union of
+    /// them, opened at the first metacopy file (`Err`: it could not be).
+    upper_path: PathBuf,
+    lowers: Vec<PathBuf>,
+    view: Option<std::result::Result<Union, String>>,
 }
 
 fn show_err(e: &std::io::Error) -> String {
@@ -495,8 +514,42 @@ impl Checker {
                         self.found(shown(path), p, None);
                     }
                 }
+                // A metacopy file's data redirect; on a file that has its data, a leftover
+                // nothing reads.
+                b"redirect" if st.is_reg() => {
+                    let value = sys::xattr_get(target, attr)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    let metacopy = xattrs
+                        .iter()
+                        .any(|x| overlay_suffix(x) == Some(&b"metacopy"[..]));
+                    if let (true, Err(bad)) = (metacopy, crate::union::redirect::parse(&value)) {
+                        let p = Problem::BadRedirect(attr.clone(), bad.to_string());
+                        self.found(shown(path), p, None);
+                    }
+                }
+                b"metacopy" if st.is_reg() => {
+                    let value = sys::xattr_get(target, attr)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    if crate::union::metacopy::parse(&value)
+                        == crate::union::metacopy::Marker::Invalid
+                    {
+                        self.found(shown(path), Problem::BadMetacopy(attr.clone()), None);
+                    } else if let Some(why) = self.metacopy_without_data(path) {
+                        self.found(shown(path), Problem::MetacopyNoData(why), None);
+                    }
+                }
+                // Read for directories and regular files only: a stray.
                 b"redirect" | b"metacopy" => {
-                    self.found(shown(path), Problem::Unsupported(attr.clone()), None)
+                    let r = self.fix(|| sys::xattr_remove(target, attr));
+                    let p = Problem::StrayXattr {
+                        name: attr.clone(),
+                        repairable: true,
+                    };
+                    self.found(shown(path), p, r);
                 }
                 b"opaque" | b"impure" | b"whiteouts" if st.is_dir() => {}
                 b"opaque" => {
@@ -520,6 +573,33 @@ impl Checker {
                     self.found(shown(path), p, None);
                 }
             }
+        }
+    }
+
+    /// With the lowers given: why the metacopy file at upper path `path` finds no data, if
+    /// it does not (looked up as a mount of the upper over the lowers looks it up).
+    fn metacopy_without_data(&mut self, path: &[u8]) -> Option<String> {
+        if self.lowers.is_empty() {
+            return None;
+        }
+        let view = self.view.get_or_insert_with(|| {
+            Union::read_only_upper(&self.upper_path, &self.lowers).map_err(|e| e.to_string())
+        });
+        let view = match view {
+            Ok(v) => v,
+            Err(e) => return Some(format!("the upper over its lowers: {e}")),
+        };
+        let mut ino = ROOT;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            match view.lookup(ino, comp) {
+                Ok(attr) => ino = attr.ino,
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        match view.metacopy_fd(ino) {
+            Ok(Some(_)) => None,
+            Ok(None) => Some("not read as a metacopy file".into()),
+            Err(e) => Some(e.to_string()),
         }
     }
 
@@ -654,6 +734,9 @@ pub fn check_upper(cfg: &FsckConfig) -> Result<Report> {
         repair: cfg.repair,
         report: Report::default(),
         lower: LowerView::open(&cfg.lowers)?,
+        upper_path: upper.clone(),
+        lowers: cfg.lowers.clone(),
+        view: None,
     };
     let lower_root = match checker.lower {
         Some(_) => LowerAt::Dir(ROOT),

@@ -10,7 +10,8 @@
 //! - `run/`: running a command in a rootfs through an OCI runtime (runc/crun), for build and
 //!   run;
 //! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);
-//! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename);
+//! - `union/`: the union view without FUSE (layer stack, lookup, copy-up, whiteouts, rename,
+//!   origins, redirects, metacopy files);
 //! - `oci/`: layer tars (safe import, canonical export, whiteout conversion, compression); the
 //!   export reads directories renamed with redirects through a read-only `union::Union`;
 //! - `store/`: the OCI image layout store (blobs, index, layers, containers, leases, gc, a

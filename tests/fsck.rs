@@ -218,7 +218,7 @@ fn origins_that_are_not_one_are_removed() {
 }
 
 #[test]
-fn unsupported_and_unknown_xattrs_are_reported_not_removed() {
+fn bad_redirects_and_unknown_xattrs_are_reported_not_removed() {
     if !can_mount() {
         return;
     }
@@ -228,22 +228,19 @@ fn unsupported_and_unknown_xattrs_are_reported_not_removed() {
     setxattr(u.join("moved"), "trusted.overlay.redirect", b"/orig");
     mkdirp(u.join("badmove"));
     setxattr(u.join("badmove"), "trusted.overlay.redirect", b"/../etc");
+    // A file that got its data keeps the redirect of its metacopy days (the kernel leaves
+    // it): nothing reads it.
     wfile(u.join("dataredirect"), "");
     setxattr(u.join("dataredirect"), "trusted.overlay.redirect", b"/x");
-    wfile(u.join("meta"), "");
-    setxattr(u.join("meta"), "trusted.overlay.metacopy", b"");
     wfile(u.join("odd"), "o");
     setxattr(u.join("odd"), "trusted.overlay.frobnicate", b"1");
     let (code, out) = fsck(&[&u], &["--repair"]);
     assert_eq!(code, 1, "problems are left");
-    assert!(
-        !out.contains("upper/moved:"),
-        "a valid redirect is fine:\n{out}"
-    );
+    for fine in ["upper/moved:", "upper/dataredirect:"] {
+        assert!(!out.contains(fine), "{fine} is fine:\n{out}");
+    }
     for needle in [
         "upper/badmove: trusted.overlay.redirect is not a valid redirect (a `.` or `..` component)",
-        "upper/dataredirect: trusted.overlay.redirect is not supported",
-        "upper/meta: trusted.overlay.metacopy is not supported",
         "upper/odd: overlay xattr trusted.overlay.frobnicate does not belong here [not repaired]",
     ] {
         assert!(out.contains(needle), "{needle}:\n{out}");
@@ -251,6 +248,98 @@ fn unsupported_and_unknown_xattrs_are_reported_not_removed() {
     assert!(getxattr(u.join("moved"), "trusted.overlay.redirect").is_some());
     assert!(getxattr(u.join("badmove"), "trusted.overlay.redirect").is_some());
     assert!(getxattr(u.join("odd"), "trusted.overlay.frobnicate").is_some());
+}
+
+#[test]
+fn metacopy_files_are_checked_as_the_mounts_read_them() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (l, u) = (d.path().join("l"), d.path().join("u"));
+    wfile(l.join("a"), "a\n");
+    wfile(l.join("sub/b"), "b\n");
+    let meta = |p: &Path, len: u64| {
+        wfile(p, "");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        setxattr(p, "trusted.overlay.metacopy", b"");
+    };
+    // Good ones: data at the same path, through a data redirect, with a digest value.
+    meta(&u.join("a"), 2);
+    meta(&u.join("moved"), 2);
+    setxattr(u.join("moved"), "trusted.overlay.redirect", b"/sub/b");
+    meta(&u.join("digest"), 2);
+    setxattr(
+        u.join("digest"),
+        "trusted.overlay.metacopy",
+        &[0, 6, 0, 1, 0xab, 0xcd],
+    );
+    setxattr(u.join("digest"), "trusted.overlay.redirect", b"a");
+    // Bad ones.
+    meta(&u.join("nodata"), 2);
+    meta(&u.join("badvalue"), 2);
+    setxattr(u.join("badvalue"), "trusted.overlay.metacopy", b"yes");
+    meta(&u.join("badredirect"), 2);
+    setxattr(
+        u.join("badredirect"),
+        "trusted.overlay.redirect",
+        b"/../../etc/passwd",
+    );
+    meta(&u.join("todir"), 2);
+    setxattr(u.join("todir"), "trusted.overlay.redirect", b"/sub");
+    // Markers on what is never a metacopy file: strays, removed.
+    symlink("a", u.join("link"));
+    setxattr(u.join("link"), "trusted.overlay.metacopy", b"");
+    mkfifo(u.join("fifo"));
+    setxattr(u.join("fifo"), "trusted.overlay.redirect", b"/a");
+
+    let (code, out) = fsck(&[&u], &[]);
+    assert_eq!(code, 1);
+    for needle in [
+        "upper/badvalue: trusted.overlay.metacopy is not a metacopy marker",
+        "upper/badredirect: trusted.overlay.redirect is not a valid redirect",
+        "upper/link: overlay xattr trusted.overlay.metacopy does not belong here",
+        "upper/fifo: overlay xattr trusted.overlay.redirect does not belong here",
+    ] {
+        assert!(out.contains(needle), "{needle}:\n{out}");
+    }
+    for fine in ["upper/a:", "upper/moved:", "upper/digest:", "upper/nodata:"] {
+        assert!(
+            !out.contains(fine),
+            "without lowers, {fine} is fine:\n{out}"
+        );
+    }
+    let l_arg = l.to_str().unwrap();
+    let (code, out) = fsck(&[&u], &["--lower", l_arg]);
+    assert_eq!(code, 1);
+    for needle in [
+        "upper/nodata: metacopy file whose data the lower layers do not hold",
+        "upper/todir: metacopy file whose data the lower layers do not hold",
+    ] {
+        assert!(out.contains(needle), "{needle}:\n{out}");
+    }
+    for fine in ["upper/a:", "upper/moved:", "upper/digest:"] {
+        assert!(!out.contains(fine), "{fine} finds its data:\n{out}");
+    }
+    let (_, out) = fsck(&[&u], &["--lower", l_arg, "--repair"]);
+    assert!(
+        out.contains(
+            "upper/link: overlay xattr trusted.overlay.metacopy does not belong here [repaired]"
+        ),
+        "{out}"
+    );
+    assert!(getxattr(u.join("fifo"), "trusted.overlay.redirect").is_none());
+    for kept in ["nodata", "badvalue", "todir"] {
+        assert!(
+            getxattr(u.join(kept), "trusted.overlay.metacopy").is_some(),
+            "{kept}: a metacopy file is never changed"
+        );
+    }
 }
 
 #[test]

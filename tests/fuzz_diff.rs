@@ -6,8 +6,8 @@
 //! (`fuzz::check::KERNEL_OPTS`, documented there) over identical copies of the stack; every
 //! return code and what reads observed must match, then the final trees, then what layerfs
 //! left on disk (remounted by layerfs, mounted by the kernel, and `layerfs fsck` finds nothing
-//! to complain about; with `redirect_dir=on`, `layerfs diff --lower` of the upper, extracted
-//! as a layer over the same lowers, shows the same tree as the upper). A failing case is shrunk
+//! to complain about; with `redirect_dir=on` and `metacopy=on`, `layerfs diff --lower` of the
+//! upper, extracted as a layer over the same lowers, shows the same tree as the upper). A failing case is shrunk
 //! (delta debugging over the operations, then the lower entries) and printed as a Rust test
 //! to paste below.
 //!
@@ -38,6 +38,9 @@ const CI_SEEDS: u64 = 400;
 /// Seeds CI runs with `-o redirect_dir=on` (the same seeds' first part: the generated
 /// operations rename lower and merged directories often).
 const CI_SEEDS_REDIRECT: u64 = 150;
+/// Seeds CI runs with `-o metacopy=on` (chmod, chown, utimens, xattr changes, renames and
+/// links of lower files then copy metadata only, and the writes after them the data).
+const CI_SEEDS_METACOPY: u64 = 150;
 const DEFAULT_OPS: usize = 60;
 
 /// `layerfs fsck` must find nothing in the upper layerfs left behind.
@@ -58,14 +61,16 @@ fn fsck_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<(), Strin
     ))
 }
 
-/// A read-only layerfs mount of `layers` (top first) and its tree.
-fn ro_tree(layers: &[&Path], mnt: &Path) -> Result<fuzz::tree::Tree, String> {
+/// A read-only layerfs mount of `layers` (top first), with mount options `opts`, and its
+/// tree.
+fn ro_tree(layers: &[&Path], mnt: &Path, opts: &[&str]) -> Result<fuzz::tree::Tree, String> {
     common::mkdirp(mnt);
     let mut args: Vec<std::ffi::OsString> = vec!["mount".into()];
     for l in layers {
         args.push("--lower".into());
         args.push(l.into());
     }
+    args.extend(opts.iter().map(std::ffi::OsString::from));
     args.push(mnt.into());
     let m = check::spawn_mount(&args, mnt)?;
     fuzz::tree::snapshot(&m.path)
@@ -75,6 +80,21 @@ fn ro_tree(layers: &[&Path], mnt: &Path) -> Result<fuzz::tree::Tree, String> {
 /// lowers), extracted as a layer over the same lowers, shows the tree the upper shows over
 /// them.
 fn fsck_and_diff_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<(), String> {
+    diff_clean(upper, work, lowers, &[])
+}
+
+/// [`fsck_and_diff_clean`] for an upper with metacopy files: stacked as a lower to be
+/// compared, it is read with `-o metacopy=on` (metacopy files of lower layers are followed
+/// only then, as in the kernel).
+fn fsck_and_metacopy_diff_clean(
+    upper: &Path,
+    work: &Path,
+    lowers: &[PathBuf],
+) -> Result<(), String> {
+    diff_clean(upper, work, lowers, &["-o", "metacopy=on"])
+}
+
+fn diff_clean(upper: &Path, work: &Path, lowers: &[PathBuf], opts: &[&str]) -> Result<(), String> {
     use std::os::fd::AsFd;
     fsck_clean(upper, work, lowers)?;
     let d = tempfile::Builder::new()
@@ -110,8 +130,8 @@ fn fsck_and_diff_clean(upper: &Path, work: &Path, lowers: &[PathBuf]) -> Result<
     let (up, lay) = (with(upper), with(&layer));
     let up: Vec<&Path> = up.iter().map(PathBuf::as_path).collect();
     let lay: Vec<&Path> = lay.iter().map(PathBuf::as_path).collect();
-    let want = ro_tree(&up, &d.path().join("m1"))?;
-    let got = ro_tree(&lay, &d.path().join("m2"))?;
+    let want = ro_tree(&up, &d.path().join("m1"), opts)?;
+    let got = ro_tree(&lay, &d.path().join("m2"), opts)?;
     match fuzz::tree::diff(&want, &got, ("upper:", "diff:"), 25) {
         None => Ok(()),
         Some(x) => Err(format!(
@@ -137,14 +157,24 @@ fn fuzz_against_kernel_overlayfs_redirect_dir() {
     fuzz(Mode::Redirect, CI_SEEDS_REDIRECT);
 }
 
+/// The same with metadata-only copy-up (`-o metacopy=on`) against the kernel with
+/// `metacopy=on`: the upper layerfs leaves is mounted by the kernel in that mode, and its
+/// `diff --lower` (metacopy files written with their data from the lowers) must show the
+/// same tree.
+#[test]
+fn fuzz_against_kernel_overlayfs_metacopy() {
+    fuzz(Mode::Metacopy, CI_SEEDS_METACOPY);
+}
+
 fn fuzz(mode: Mode, ci_seeds: u64) {
     if !can_mount() {
         return;
     }
-    // In redirect mode the upper's diff, redirects resolved, is checked too.
+    // In redirect and metacopy modes the upper's diff, resolved against the lowers, is checked too.
     let upper_check: check::UpperCheck = match mode {
         Mode::CopyTree => fsck_clean,
         Mode::Redirect => fsck_and_diff_clean,
+        Mode::Metacopy => fsck_and_metacopy_diff_clean,
     };
     let n_ops = env_u64("LAYERFS_FUZZ_OPS").map_or(DEFAULT_OPS, |n| n as usize);
     let start = env_u64("LAYERFS_FUZZ_START").unwrap_or(0);

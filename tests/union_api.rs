@@ -26,6 +26,7 @@ fn writable_union(root: &Path) -> Union {
         upper: Some((up, work)),
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap()
 }
@@ -96,6 +97,7 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
         upper: Some((up, work)),
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -165,6 +167,7 @@ fn warming_a_directory_builds_its_index_once() {
         upper: None,
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -204,6 +207,7 @@ fn a_deep_stack_merges_the_same_when_listed_in_parallel() {
         upper: None,
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"d").unwrap().ino;
@@ -240,6 +244,7 @@ fn a_moved_or_replaced_parent_is_not_used_through_a_kept_descriptor() {
         upper: Some((up.clone(), work)),
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap();
     let caller = Caller::root();
@@ -297,6 +302,7 @@ fn a_long_listing_is_looked_up_across_chunks() {
         upper: None,
         fsync: false,
         redirect_dir: false,
+        metacopy: false,
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;

@@ -1614,6 +1614,7 @@ impl ImageView {
                 upper: None,
                 fsync: false,
                 redirect_dir: false,
+                metacopy: false,
             })?)
         };
         Ok(ImageView {

@@ -55,6 +55,8 @@ pub struct MountOptions {
     pub fsync: Option<bool>,
     /// `redirect_dir=on`: rename lower and merged directories with a redirect.
     pub redirect_dir: Option<bool>,
+    /// `metacopy=on`: copy only the metadata of lower files where the data is not changed.
+    pub metacopy: Option<bool>,
     pub read_only: bool,
     pub allow_other: bool,
     pub allow_root: bool,
@@ -155,7 +157,6 @@ const IGNORED_OPTIONS: &[&str] = &[
     "plugins",
     "index",
     "xino",
-    "metacopy",
     "userxattr",
     "nfs_export",
     "static_nlink",
@@ -176,6 +177,10 @@ impl MountOptions {
     /// Parse every `-o` argument (each may hold several comma-separated options).
     pub fn parse(args: &[String]) -> Result<MountOptions> {
         let mut o = MountOptions::default();
+        // The last `redirect_dir=` value given, and whether `userxattr` was: both conflict
+        // with `metacopy=on`, as in the kernel, whatever their order.
+        let mut redirect_arg: Option<String> = None;
+        let mut userxattr = false;
         for arg in args {
             for opt in split_options(arg) {
                 let (key, val) = match opt.split_once('=') {
@@ -241,6 +246,7 @@ impl MountOptions {
                     // `nofollow` do not. Redirects on disk are followed in every case (as the
                     // kernel does by default, `redirect_always_follow`).
                     ("redirect_dir", Some(v)) => {
+                        redirect_arg = Some(v.to_string());
                         o.redirect_dir = Some(match v {
                             "on" => true,
                             "off" | "follow" | "nofollow" => false,
@@ -248,6 +254,20 @@ impl MountOptions {
                                 "bad value for mount option redirect_dir: {v:?} (on, off, follow, nofollow)"
                             ),
                         })
+                    }
+                    // As the kernel's: `on` copies only metadata where it can and turns
+                    // `redirect_dir=on` on (a moved metacopy file records where its data is);
+                    // metacopy files on disk are read either way.
+                    ("metacopy", Some(v)) => {
+                        o.metacopy = Some(match v {
+                            "on" => true,
+                            "off" => false,
+                            _ => bail!("bad value for mount option metacopy: {v:?} (on or off)"),
+                        })
+                    }
+                    ("userxattr", None) => {
+                        userxattr = true;
+                        log::info!("ignoring mount option {opt} (the xattr namespace is probed)");
                     }
                     ("cache_dirs", Some(v)) => o.cache_dirs = Some(parse_switch(key, v)?),
                     ("prefetch", Some(v)) => o.prefetch = Some(parse_switch(key, v)?),
@@ -282,6 +302,15 @@ impl MountOptions {
                     }
                     _ => bail!("unknown mount option {opt:?}"),
                 }
+            }
+        }
+        if o.metacopy == Some(true) {
+            // The kernel's refusals, in its words.
+            if let (Some(false), Some(v)) = (o.redirect_dir, &redirect_arg) {
+                bail!("conflicting options: metacopy=on,redirect_dir={v}");
+            }
+            if userxattr {
+                bail!("conflicting options: userxattr,metacopy=on");
             }
         }
         Ok(o)
@@ -381,12 +410,16 @@ pub fn plan_mount(
     // overlayfs, which makes such a mount read-only): on a writable FUSE mount every read marks
     // the file's atime stale, so the next stat of it is a GETATTR round trip.
     let read_only = opts.read_only || upper.is_none();
+    let metacopy = opts.metacopy.unwrap_or(false);
     Ok(MountPlan {
         union: UnionConfig {
             lowers,
             upper,
             fsync: opts.fsync.unwrap_or(true),
-            redirect_dir: opts.redirect_dir.unwrap_or(false),
+            // metacopy=on turns redirect_dir on, as in the kernel (an explicit other value was
+            // refused when parsing).
+            redirect_dir: opts.redirect_dir.unwrap_or(false) || metacopy,
+            metacopy,
         },
         mountpoint: mnt,
         fuse,
@@ -658,6 +691,66 @@ mod tests {
         assert_eq!(MountOptions::parse(&[]).unwrap().redirect_dir, None);
         assert!(MountOptions::parse(&["redirect_dir=yes".into()]).is_err());
     }
+    #[test]
+    fn metacopy_values_and_the_kernels_refusals() {
+        let parse = |opts: &[&str]| {
+            MountOptions::parse(&opts.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+        };
+        // (options, metacopy, redirect_dir) as parsed; the plan turns redirect_dir on with
+        // metacopy=on.
+        for (opts, metacopy, redirect) in [
+            (&["metacopy=on"][..], Some(true), None),
+            (&["metacopy=off"], Some(false), None),
+            (&["metacopy=on,redirect_dir=on"], Some(true), Some(true)),
+            (
+                &["redirect_dir=off", "metacopy=off"],
+                Some(false),
+                Some(false),
+            ),
+            (
+                &["metacopy=on,redirect_dir=off,metacopy=off"],
+                Some(false),
+                Some(false),
+            ),
+            (
+                &["redirect_dir=off,redirect_dir=on,metacopy=on"],
+                Some(true),
+                Some(true),
+            ),
+            (&[], None, None),
+        ] {
+            let o = parse(opts).unwrap();
+            assert_eq!(
+                (o.metacopy, o.redirect_dir),
+                (metacopy, redirect),
+                "{opts:?}"
+            );
+        }
+        for (opts, msg) in [
+            (
+                &["metacopy=on,redirect_dir=off"][..],
+                "conflicting options: metacopy=on,redirect_dir=off",
+            ),
+            (
+                &["redirect_dir=follow", "metacopy=on"],
+                "conflicting options: metacopy=on,redirect_dir=follow",
+            ),
+            (
+                &["metacopy=on,redirect_dir=nofollow"],
+                "conflicting options: metacopy=on,redirect_dir=nofollow",
+            ),
+            (
+                &["userxattr,metacopy=on"],
+                "conflicting options: userxattr,metacopy=on",
+            ),
+            (&["metacopy=yes"], "metacopy"),
+            (&["metacopy"], "metacopy"),
+        ] {
+            let e = parse(opts).unwrap_err().to_string();
+            assert!(e.contains(msg), "{opts:?}: {e}");
+        }
+    }
+
     #[test]
     fn compat_form_detection() {
         let v = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();

@@ -36,6 +36,7 @@ use crate::mount::workers::Workers;
 use crate::sys::{self, Timespec};
 use crate::union::idmap::{IdMap, IdView, MappedXattr};
 use crate::union::inode::{Node, PassthroughSlot};
+use crate::union::metacopy::Change;
 use crate::union::{Attr, Caller, FIRST_NAME_OFFSET, Listing, OpenFile, SetAttr, Union};
 
 /// How long a copy-up worker waits for the next job before it exits.
@@ -835,7 +836,11 @@ impl Filesystem for LayerFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        let slow = writes && flags.0 & libc::O_TRUNC == 0 && self.union.needs_copy_up(ino.0);
+        let change = Change::Open {
+            write: true,
+            trunc: flags.0 & libc::O_TRUNC != 0,
+        };
+        let slow = writes && self.union.copy_is_slow(ino.0, change);
         self.run("open", slow, move |core| {
             core.do_open(ino.0, flags.0, reply)
         });
@@ -1102,7 +1107,8 @@ impl Filesystem for LayerFs {
             })();
             core.reply_attr(reply, res)
         };
-        let slow = size != Some(0) && self.union.needs_copy_up(ino.0);
+        // chown, chmod and utimes copy only metadata with metacopy=on: no worker needed.
+        let slow = self.union.copy_is_slow(ino.0, Change::Attr { size });
         self.run("setattr", slow, run);
     }
 
@@ -1222,7 +1228,7 @@ impl Filesystem for LayerFs {
             let res = core.union.link(ino.0, newparent.0, newname.as_bytes());
             core.reply_entry(reply, res)
         };
-        self.run("link", self.union.needs_copy_up(ino.0), run);
+        self.run("link", self.union.copy_is_slow(ino.0, Change::Link), run);
     }
 
     fn create(
@@ -1334,7 +1340,11 @@ impl Filesystem for LayerFs {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             };
-        self.run("setxattr", self.union.needs_copy_up(ino.0), run);
+        self.run(
+            "setxattr",
+            self.union.copy_is_slow(ino.0, Change::Xattr),
+            run,
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1343,7 +1353,11 @@ impl Filesystem for LayerFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         };
-        self.run("removexattr", self.union.needs_copy_up(ino.0), run);
+        self.run(
+            "removexattr",
+            self.union.copy_is_slow(ino.0, Change::Xattr),
+            run,
+        );
     }
 
     fn fallocate(

@@ -2,8 +2,11 @@
 //!
 //! The upper is read through directory fds and `*_at` calls that never follow a symlink. Its
 //! lowers are needed only for directories renamed with `-o redirect_dir=on` (layerfs or the
-//! kernel), whose content is partly in the lower layers: without them such an upper is refused
-//! with the directory named. Given them (a [`Union::read_only_upper`]), such a directory is
+//! kernel), whose content is partly in the lower layers, and for metacopy files
+//! (`-o metacopy=on`: metadata in the upper, data in a lower layer): without them such an
+//! upper is refused with the directory or file named. A metacopy file is written with its
+//! upper metadata and its whole data, read from the lower file the mount reads
+//! ([`Union::metacopy_fd`]), as the default mode's full copy-up would have left it. Given them (a [`Union::read_only_upper`]), such a directory is
 //! written as the default mode (copy-tree) renames it, so both modes give byte-identical tars
 //! for the same changes: an opaque directory holding its whole merged tree as the mount shows
 //! it (lower objects with their own metadata, as copy-up keeps it; hard links between lower
@@ -40,8 +43,7 @@
 //!   to it. Whiteouts are never links (the kernel shares one whiteout inode among many names).
 //! * Xattrs per [`super::keep_xattr`], as `SCHILY.xattr.*` records sorted by name.
 //! * Sockets cannot be stored in tar and are skipped with a warning; a real file whose name
-//!   starts with `.wh.` cannot be told from a whiteout and is refused, and so is an upper
-//!   with kernel metacopy markers (a file's data is in a lower layer).
+//!   starts with `.wh.` cannot be told from a whiteout and is refused.
 //! * The end: two zero blocks, no further padding.
 
 use std::collections::HashMap;
@@ -54,7 +56,7 @@ use super::tarfmt::{self, HeaderSpec, Kind};
 use crate::error::{Error, Result, ShowPath};
 use crate::sys::{self, FileStat, XTarget};
 use crate::union::whiteout::{self, DirMarks};
-use crate::union::{self, Union, redirect};
+use crate::union::{self, Union, metacopy, redirect};
 
 /// Options of `diff`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -169,7 +171,7 @@ fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<Marks> {
 
 /// Kernel overlayfs' marker of a metadata-only copy-up: the data is in a lower layer.
 fn is_metacopy(name: &[u8]) -> bool {
-    matches!(name, b"trusted.overlay.metacopy" | b"user.overlay.metacopy")
+    name == metacopy::TRUSTED_METACOPY || name == metacopy::USER_METACOPY
 }
 
 /// `a/b/` -> `a/b`.
@@ -468,15 +470,23 @@ impl<W: Write> Writer<'_, W> {
     }
 
     fn xattrs(&self, t: XTarget<'_>, path: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.xattrs_marked(t, path)?.0)
+    }
+
+    /// The xattrs a layer carries for an object, and the metacopy marker it has, if any (only
+    /// regular files are ever metacopy files: on anything else the marker means nothing).
+    #[allow(clippy::type_complexity)]
+    fn xattrs_marked(
+        &self,
+        t: XTarget<'_>,
+        path: &[u8],
+    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>)> {
         let mut out = Vec::new();
+        let mut marker = None;
         for name in sys::xattr_list(t).map_err(io_ctx("listing xattrs of", path))? {
             if is_metacopy(&name) {
-                return Err(Error::invalid(format!(
-                    "{}: a metadata-only copy-up ({}), whose data lives in a lower layer; \
-                     diff cannot resolve it and needs uppers made with metacopy=off",
-                    ShowPath(path),
-                    ShowPath(&name)
-                )));
+                marker = Some(name);
+                continue;
             }
             if !keep_xattr(&name) {
                 continue;
@@ -486,7 +496,32 @@ impl<W: Write> Writer<'_, W> {
             }
         }
         out.sort();
-        Ok(out)
+        Ok((out, marker))
+    }
+
+    /// The data of the metacopy file at `path` (marked with `marker`): the lower file the
+    /// view's mount reads for it.
+    fn metacopy_data(&self, path: &[u8], marker: &[u8]) -> Result<OwnedFd> {
+        let Some(view) = self.view else {
+            return Err(Error::invalid(format!(
+                "{}: a metadata-only copy-up (it carries {}), so its data is in the lower \
+                 layers: pass them with --lower DIR (top first)",
+                ShowPath(path),
+                ShowPath(marker)
+            )));
+        };
+        let (parent, name) = union::split_path(path);
+        let dir = view_ino(view, parent).map_err(view_ctx(parent))?;
+        let ino = view.lookup(dir, name).map_err(view_ctx(path))?.ino;
+        view.metacopy_fd(ino)
+            .map_err(view_ctx(path))?
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{}: carries {}, which this user's mounts do not read",
+                    ShowPath(path),
+                    ShowPath(marker)
+                ))
+            })
     }
 
     fn header(&mut self, spec: &HeaderSpec<'_>) -> Result<()> {
@@ -549,7 +584,12 @@ impl<W: Write> Writer<'_, W> {
                     )));
                 }
                 let st = fst;
-                let x = self.xattrs(XTarget::Fd(fd.as_fd()), path)?;
+                let (x, marker) = self.xattrs_marked(XTarget::Fd(fd.as_fd()), path)?;
+                // A metacopy file: its metadata here, its data from the lower layers.
+                let fd = match marker {
+                    Some(m) => self.metacopy_data(path, &m)?,
+                    None => fd,
+                };
                 spec.xattrs = &x;
                 spec.size = st.size;
                 spec.mode = st.perm();
@@ -717,18 +757,33 @@ mod tests {
     }
 
     #[test]
-    fn refuses_metacopy_and_redirects_without_lowers() {
-        for (attr, want) in [
-            (&b"user.overlay.redirect"[..], "--lower"),
-            (b"user.overlay.metacopy", "metacopy=off"),
+    fn refuses_metacopy_files_and_redirects_without_lowers() {
+        // (xattr, on a directory?, value): a directory's redirect, a regular file's metacopy
+        // marker (either namespace) need the lowers; a marker on a directory means nothing.
+        for (attr, dir, value, refused) in [
+            (&b"user.overlay.redirect"[..], true, &b"/orig"[..], true),
+            (b"user.overlay.metacopy", false, b"", true),
+            (b"user.overlay.metacopy", true, b"", false),
         ] {
             let d = tempfile::tempdir().unwrap();
-            std::fs::create_dir(d.path().join("moved")).unwrap();
+            if dir {
+                std::fs::create_dir(d.path().join("moved")).unwrap();
+            } else {
+                std::fs::write(d.path().join("moved"), b"").unwrap();
+            }
             let fd = sys::open_dir_path(d.path()).unwrap();
-            sys::xattr_set(XTarget::At(fd.as_fd(), b"moved"), attr, b"/orig", 0).unwrap();
-            let e = export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {}).unwrap_err();
-            assert!(e.to_string().contains(want), "{e}");
-            assert!(e.to_string().contains("moved"), "{e}");
+            sys::xattr_set(XTarget::At(fd.as_fd(), b"moved"), attr, value, 0).unwrap();
+            let r = export(fd.as_fd(), None, Vec::new(), Options::default(), &|_| {});
+            match r {
+                Err(e) if refused => {
+                    let e = e.to_string();
+                    assert!(e.contains("--lower") && e.contains("moved"), "{e}");
+                    assert!(!e.contains('\n'), "one line: {e}");
+                }
+                Ok(_) if !refused => {}
+                Err(e) => panic!("{}: {e}", attr.escape_ascii()),
+                Ok(_) => panic!("{}: not refused", attr.escape_ascii()),
+            }
         }
     }
 

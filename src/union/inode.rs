@@ -66,6 +66,8 @@ pub struct NodeState {
     /// lower layer's copy. Lower paths of other nodes follow from their nearest ancestor that
     /// has these (see `Union::lpath`). The upper copy is always at the union path.
     pub lpaths: Option<Box<[LowerPath]>>,
+    /// A metacopy file of the upper: where its data is (see [`super::metacopy`]).
+    pub data: Option<Box<super::metacopy::DataSource>>,
 }
 
 /// One union inode.
@@ -552,6 +554,7 @@ mod tests {
             xattr_epoch: 0,
             index_stamp: 0,
             lpaths: None,
+            data: None,
         }
     }
 

@@ -5,7 +5,9 @@
 //! order given. A directory's copies are where its parent's copies are plus its name, unless a
 //! redirect on some copy sends the layers below elsewhere ([`redirect`]); such a directory's
 //! node records its lower paths and [`Union::lpath`] finds any node's path in a lower layer
-//! through its nearest such ancestor. Every access to a layer goes through that layer's root directory fd with
+//! through its nearest such ancestor. A metacopy file ([`metacopy`]: metadata in the upper,
+//! data below) records in its node where its data is; reads open that file, and the first
+//! write copies the data up. Every access to a layer goes through that layer's root directory fd with
 //! `openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS)` or a `*_at` call on a single name, so nothing a
 //! layer contains can lead layerfs outside it.
 //!
@@ -20,6 +22,7 @@
 pub mod dirindex;
 pub mod idmap;
 pub mod inode;
+pub mod metacopy;
 pub mod origin;
 pub mod redirect;
 pub mod whiteout;
@@ -54,6 +57,10 @@ pub struct UnionConfig {
     /// Rename lower and merged directories by recording a redirect (`-o redirect_dir=on`)
     /// instead of copying their trees up. Redirects found on disk are followed either way.
     pub redirect_dir: bool,
+    /// Copy only the metadata of lower regular files where the data is not changed
+    /// (`-o metacopy=on`, see [`metacopy`]); needs the trusted xattr namespace, as the
+    /// kernel's does. Metacopy files found in the upper are read either way.
+    pub metacopy: bool,
 }
 
 /// One layer of the stack.
@@ -120,6 +127,8 @@ pub struct Union {
     /// renamed with a redirect): paths in lower layers must be found through the table
     /// ([`Union::lpath`]) instead of being the union path.
     redirects: AtomicBool,
+    /// Copy metadata only where data is not changed (`-o metacopy=on`).
+    metacopy: bool,
 }
 
 /// Open directory fds by (layer, path), so a request on a name (a lookup, a stat, a setattr)
@@ -376,6 +385,14 @@ impl Union {
                 WhiteoutFormat::CharDev,
             ),
         };
+        if config.metacopy && xattr_ns == XattrNs::User {
+            // The kernel refuses `userxattr,metacopy=on` too: an unprivileged upper with
+            // metacopy files would be one no kernel mounts.
+            return Err(Error::invalid(
+                "metacopy=on needs trusted xattrs (the kernel refuses metacopy=on with \
+                 userxattr), which this mount cannot write: mount without metacopy=on",
+            ));
+        }
         let top = &layers[0];
         let root_st = sys::fstat(top.root.as_fd())?;
         let root = Node::new(
@@ -394,6 +411,7 @@ impl Union {
                 xattr_epoch: 0,
                 index_stamp: 0,
                 lpaths: None,
+                data: None,
             },
         );
         let mut table = Table::new(root, (root_st.dev, root_st.ino));
@@ -425,6 +443,7 @@ impl Union {
             handle_decode: AtomicBool::new(true),
             redirect_dir: config.redirect_dir,
             redirects: AtomicBool::new(false),
+            metacopy: config.metacopy,
         })
     }
 
@@ -441,6 +460,8 @@ impl Union {
             ..UnionConfig::default()
         })?;
         union.upper = Some(0);
+        // Read metacopy files in every layer, as a metacopy=on mount does (it never writes).
+        union.metacopy = true;
         Ok(union)
     }
 
@@ -1032,10 +1053,37 @@ impl Union {
         dir_layers: &[u16],
     ) -> Result<Attr> {
         let st = sys::stat_at(dfd, name)?;
-        let origin = if Some(top.layer) == self.upper {
-            self.origin_ino(dfd, parent, parent_path, name, &st)
+        let in_upper = Some(top.layer) == self.upper;
+        // An upper object's xattr names, listed once: its origin and metacopy marker are read
+        // only when there (a file made through the mount has none: one system call instead of
+        // a read per name).
+        let present = if in_upper {
+            sys::xattr_list(XTarget::At(dfd, name)).ok()
         } else {
             None
+        };
+        // Metacopy files: the upper's always (only a metacopy=on mount writes them), a lower
+        // layer's with metacopy=on, as the kernel follows them only then (and a lookup of a
+        // lower file costs no xattr read otherwise).
+        let data = if st.is_reg() && (in_upper || self.metacopy) {
+            self.metacopy_data(
+                dfd,
+                top.layer,
+                parent,
+                parent_path,
+                name,
+                present.as_deref(),
+            )?
+        } else {
+            None
+        };
+        // A metacopy file of the upper shows the number of the lower file it was copied from
+        // (found looking for its data, as the kernel finds it), unless that has other links.
+        let origin = match &data {
+            _ if !in_upper => None,
+            Some(d) if d.first_nlink <= 1 => self.table().inos.map(d.first.0, d.first.1),
+            Some(_) => None,
+            None => self.origin_ino(dfd, parent, parent_path, name, &st, present.as_deref()),
         };
         // Opaque markers of the directory's lower copies are applied when its index is built,
         // so a lookup reads only the one layer the object comes from.
@@ -1065,6 +1113,7 @@ impl Union {
                         xattr_epoch: 0,
                         index_stamp: 0,
                         lpaths: None,
+                        data: data.map(Box::new),
                     },
                 )
             })
@@ -1074,11 +1123,15 @@ impl Union {
 
     /// Apply the union's view to raw attributes: merged directories report one link (as
     /// kernel overlayfs does; also while it is not yet known whether an opaque copy ends the
-    /// stack: one link is what tells `find` not to count subdirectories), unlinked nodes none.
+    /// stack: one link is what tells `find` not to count subdirectories), unlinked nodes none,
+    /// metacopy files the blocks of their data (as the kernel does: the upper file has none).
     fn attr_of(&self, node: &Node, mut st: FileStat) -> Attr {
         let s = node.lock();
         if s.kind == sys::S_IFDIR && s.merge.len() > 1 {
             st.nlink = 1;
+        }
+        if let Some(d) = &s.data {
+            st.blocks = d.blocks;
         }
         if s.unlinked {
             st.nlink = 0;
@@ -1231,6 +1284,10 @@ impl Union {
     /// Attributes through an open descriptor (fstat of an unlinked file).
     pub fn getattr_fd(&self, ino: u64, fd: BorrowedFd<'_>) -> Result<Attr> {
         let node = self.node(ino)?;
+        if node.lock().data.is_some() {
+            // The descriptor is the lower data's; the metadata is the upper file's.
+            return self.getattr(ino);
+        }
         let st = sys::fstat(fd)?;
         Ok(self.attr_of(&node, st))
     }
@@ -1297,7 +1354,7 @@ impl Union {
     fn entry_ino_upper(&self, parent: u64, ppath: &[u8], entry: &Listed) -> Result<u64> {
         let dfd = self.dir_fd(entry.top.layer, ppath)?;
         let st = sys::stat_at(dfd.as_fd(), &entry.name)?;
-        let origin = self.origin_ino(dfd.as_fd(), parent, ppath, &entry.name, &st);
+        let origin = self.origin_ino(dfd.as_fd(), parent, ppath, &entry.name, &st, None);
         Ok(origin
             .or_else(|| self.table().inos.map(st.dev, st.ino))
             .unwrap_or(st.ino))

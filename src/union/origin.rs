@@ -211,6 +211,8 @@ impl Union {
     /// object at the same path if it is of the same type. As the kernel does, a non-directory
     /// origin with more than one link gives no number. The older `*.layerfs.origin` is the
     /// number itself. Whatever the xattr holds, a bad value only means "no origin".
+    /// `present`: the object's xattr names when the caller listed them (no read is made for
+    /// a name that is not there).
     pub(super) fn origin_ino(
         &self,
         dir: BorrowedFd<'_>,
@@ -218,9 +220,14 @@ impl Union {
         parent_path: &[u8],
         name: &[u8],
         st: &FileStat,
+        present: Option<&[Vec<u8>]>,
     ) -> Option<u64> {
         let target = Self::xtarget(dir, name);
-        let lower = match sys::xattr_get(target, self.xattr_ns.origin()) {
+        let get = |attr: &[u8]| match present {
+            Some(names) if !names.iter().any(|n| n == attr) => Ok(None),
+            _ => sys::xattr_get(target, attr),
+        };
+        let lower = match get(self.xattr_ns.origin()) {
             Ok(Some(value)) => match parse(&value) {
                 Origin::Handle(fh) => self
                     .origin_at_path(parent, parent_path, name, st, Some(&fh))
@@ -229,7 +236,7 @@ impl Union {
                 Origin::Invalid => None,
             },
             Ok(None) => {
-                let value = sys::xattr_get(target, self.xattr_ns.legacy_origin()).ok()??;
+                let value = get(self.xattr_ns.legacy_origin()).ok()??;
                 return parse_legacy(&value);
             }
             Err(_) => None,

@@ -74,6 +74,14 @@ impl XattrNs {
             XattrNs::User => super::redirect::USER_REDIRECT,
         }
     }
+    /// The kernel's mark on a metadata-only copy: the data is in a lower layer (see
+    /// [`super::metacopy`]).
+    pub fn metacopy(self) -> &'static [u8] {
+        match self {
+            XattrNs::Trusted => super::metacopy::TRUSTED_METACOPY,
+            XattrNs::User => super::metacopy::USER_METACOPY,
+        }
+    }
     /// The kernel's mark on a directory that may hold copied-up objects (so its plain
     /// listings show their origin numbers).
     pub fn impure(self) -> &'static [u8] {

@@ -17,6 +17,11 @@
 //!   directories in merged parents are then made opaque, as the kernel does in that mode.
 //! * A copy of a lower object records its origin as the kernel does (`<ns>.overlay.origin`,
 //!   see [`super::origin`]), so the kernel and layerfs show it with the lower object's number.
+//! * With `metacopy=on`, changes that leave a regular file's data alone copy its metadata only
+//!   ([`super::metacopy::action`] decides, per change); such a file never gets written data
+//!   while it is a metacopy file (opens for write and truncations give it its data first,
+//!   into the same inode), and one that moves or gets another name records a data redirect.
+//!   A tree copy gives the metacopy files in the tree their data.
 //! * Copying file data happens without the namespace lock; every other step holds it
 //!   exclusively for a few system calls.
 
@@ -28,6 +33,7 @@ use std::sync::{Arc, RwLock};
 use super::dirindex::Top;
 use super::idmap::IdMap;
 use super::inode::{LowerPath, Node, PassthroughSlot, ROOT_INO};
+use super::metacopy::{self, Action, Change, DataSource, State};
 use super::redirect;
 use super::whiteout::{self, WhiteoutFormat, XattrNs};
 use super::{Attr, Stack, Union, dtype_of, join_path, split_path};
@@ -89,6 +95,28 @@ enum Planned {
     /// A lower or merged directory under `redirect_dir=on`: the redirect to write (`None`:
     /// keep the one it has).
     Redirect(Option<Vec<u8>>),
+}
+
+/// What a copy-up of a regular file puts in the copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// The data.
+    Data,
+    /// Nothing (it is truncated to 0 anyway).
+    Empty,
+    /// Nothing, as a metacopy file: as long as the data, which stays in the lower layer.
+    Meta,
+}
+
+impl Fill {
+    fn of(action: Action) -> Option<Fill> {
+        match action {
+            Action::CopyUpMeta => Some(Fill::Meta),
+            Action::CopyUp { data: true } => Some(Fill::Data),
+            Action::CopyUp { data: false } => Some(Fill::Empty),
+            Action::Nothing | Action::FillData { .. } => None,
+        }
+    }
 }
 
 /// Copies made during a tree copy wait unnamed in batches of this size for one `syncfs`.
@@ -161,7 +189,7 @@ enum NewObject<'a> {
 impl Union {
     /// The upper, when it may be written (a read-only union of an upper has no work
     /// directory: [`Union::read_only_upper`]).
-    fn upper_layer(&self) -> Result<u16> {
+    pub(super) fn upper_layer(&self) -> Result<u16> {
         match self.work {
             Some(_) => self.upper.ok_or_else(erofs),
             None => Err(erofs()),
@@ -259,17 +287,20 @@ impl Union {
         Ok(())
     }
 
-    /// Fill an unnamed copy `tmp` with the data (unless `with_data` is false) and the
-    /// metadata of the regular file `src`.
+    /// Fill an unnamed copy `tmp` of the regular file `src` with its metadata and, as `fill`
+    /// says, its data: `src`'s own, or `data`'s when `src` is a metacopy file of a lower layer.
     fn fill_copy(
         &self,
         src: BorrowedFd<'_>,
+        data: Option<BorrowedFd<'_>>,
         tmp: BorrowedFd<'_>,
-        with_data: bool,
+        fill: Fill,
     ) -> Result<FileStat> {
         let st = sys::fstat(src)?;
-        if with_data {
-            copy_data(src, tmp, st.size)?;
+        match fill {
+            Fill::Data => copy_data(data.unwrap_or(src), tmp, st.size)?,
+            Fill::Meta => self.make_metacopy(tmp, &st)?,
+            Fill::Empty => {}
         }
         let origin = self.origin_value(XTarget::Fd(src), &st);
         let origin = origin.as_deref().map(|v| (self.xattr_ns.origin(), v));
@@ -278,16 +309,18 @@ impl Union {
     }
 
     /// Copy a regular file from `src_dir`/`name` (in a lower) into a new unnamed file in
-    /// `dst_dir` (the upper parent); the caller syncs and names it.
+    /// `dst_dir` (the upper parent); the caller syncs and names it. `data`: where the data is
+    /// when the file is a metacopy file of its layer.
     fn copy_file_data(
         &self,
         src_dir: BorrowedFd<'_>,
         name: &[u8],
         dst_dir: BorrowedFd<'_>,
+        data: Option<BorrowedFd<'_>>,
     ) -> Result<OwnedFd> {
         let src = sys::open_at(src_dir, name, libc::O_RDONLY, 0)?;
         let tmp = sys::open_tmpfile(dst_dir, libc::O_RDWR, 0o600)?;
-        self.fill_copy(src.as_fd(), tmp.as_fd(), true)?;
+        self.fill_copy(src.as_fd(), data, tmp.as_fd(), Fill::Data)?;
         Ok(tmp)
     }
 
@@ -424,21 +457,21 @@ impl Union {
             // The topmost ancestor not yet in the upper goes first.
             match chain.into_iter().rev().find(|n| !self.is_upper_node(n)) {
                 None => return Ok(()),
-                Some(node) => self.copy_up_node(&node, true)?,
+                Some(node) => self.copy_up_node(&node, Fill::Data)?,
             }
         }
     }
 
     /// Copy one node up (its parent must already be in the upper, except when called through
-    /// [`Union::copy_up`]). `with_data` false makes an empty copy (open with O_TRUNC).
-    fn copy_up_node(&self, node: &Arc<Node>, with_data: bool) -> Result<()> {
+    /// [`Union::copy_up`]). `fill` says what a regular file's copy holds.
+    fn copy_up_node(&self, node: &Arc<Node>, fill: Fill) -> Result<()> {
         let _one = node.copy_up.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_upper_node(node) {
             return Ok(());
         }
         let kind = node.lock().kind;
         if kind == sys::S_IFREG {
-            return self.copy_up_file(node, with_data);
+            return self.copy_up_file(node, fill);
         }
         let _w = self.write_ns();
         if self.is_upper_node(node) {
@@ -466,16 +499,25 @@ impl Union {
             }
         })?;
         let new = sys::stat_at(dst_dir.as_fd(), name)?;
-        self.finish_copy_up(node, parent, name, &new);
+        self.finish_copy_up(node, parent, name, &new, None);
         Ok(())
     }
 
-    /// Bookkeeping after a node's object appeared in the upper.
-    fn finish_copy_up(&self, node: &Node, parent: u64, name: &[u8], new: &FileStat) {
+    /// Bookkeeping after a node's object appeared in the upper (`data`: as a metacopy file
+    /// whose data is there).
+    fn finish_copy_up(
+        &self,
+        node: &Node,
+        parent: u64,
+        name: &[u8],
+        new: &FileStat,
+        data: Option<DataSource>,
+    ) {
         let upper = self.upper.unwrap_or(0);
         {
             let mut s = node.lock();
             s.layer = upper;
+            s.data = data.map(Box::new);
             if s.kind == sys::S_IFDIR && s.merge.first() != Some(&upper) {
                 s.merge = std::iter::once(upper)
                     .chain(s.merge.iter().copied())
@@ -493,14 +535,15 @@ impl Union {
         self.table().rebind(node.ino, (new.dev, new.ino));
     }
 
-    /// Copy a regular file up. The data is copied without the namespace lock.
-    fn copy_up_file(&self, node: &Arc<Node>, with_data: bool) -> Result<()> {
+    /// Copy a regular file up. The data is copied without the namespace lock; a metacopy
+    /// copy (`Fill::Meta`) is not synced, as the kernel does not sync it: it holds no data.
+    fn copy_up_file(&self, node: &Arc<Node>, fill: Fill) -> Result<()> {
         let parent = self
             .table()
             .parent(node.ino)
             .ok_or_else(|| Error::os(libc::ENOENT))?;
         self.ensure_upper_dir(parent)?;
-        let (tmp, layer) = {
+        let (tmp, layer, src_path) = {
             let _r = self.read_ns();
             let path = self
                 .table()
@@ -508,15 +551,35 @@ impl Union {
                 .ok_or_else(|| Error::os(libc::ENOENT))?;
             let (ppath, name) = split_path(&path);
             let layer = node.lock().layer;
-            let src_dir = self.open_dir_in(layer, &self.lpath(parent, layer, ppath))?;
+            let src_dir_path = self.lpath(parent, layer, ppath);
+            let src_dir = self.open_dir_in(layer, &src_dir_path)?;
             let dst_dir = self.upper_dir(ppath)?;
             let src = sys::open_at(src_dir.as_fd(), name, libc::O_RDONLY, 0)?;
             let tmp = sys::open_tmpfile(dst_dir.as_fd(), libc::O_RDWR, 0o600)?;
-            ((src, tmp), layer)
+            ((src, tmp), layer, join_path(&src_dir_path, name))
         };
         let (src, tmp) = tmp;
-        self.fill_copy(src.as_fd(), tmp.as_fd(), with_data)?;
-        if self.fsync {
+        // A metacopy file of a lower layer (followed with metacopy=on): its data is further
+        // down, and stays the copy's.
+        let lower_data = node.lock().data.clone();
+        let data_fd = match (&lower_data, fill) {
+            (Some(d), Fill::Data) => Some(self.open_data_file(d, 0)?),
+            _ => None,
+        };
+        let st = self.fill_copy(
+            src.as_fd(),
+            data_fd.as_ref().map(|d| d.as_fd()),
+            tmp.as_fd(),
+            fill,
+        )?;
+        let data = (fill == Fill::Meta).then(|| match lower_data {
+            Some(d) => *d,
+            None => {
+                let (dir, name) = split_path(&src_path);
+                self.data_of_lower(layer, dir, name, &st)
+            }
+        });
+        if self.fsync && fill != Fill::Meta {
             sys::fsync(tmp.as_fd(), false)?;
         }
         let _w = self.write_ns();
@@ -541,13 +604,61 @@ impl Union {
             Ok(sys::link_fd_at(tmp.as_fd(), dst_dir.as_fd(), name)?)
         })?;
         let new = sys::fstat(tmp.as_fd())?;
-        self.finish_copy_up(node, parent, name, &new);
+        self.finish_copy_up(node, parent, name, &new, data);
         Ok(())
     }
 
     /// Whether changing `ino` would first copy it up (possibly a lot of data).
     pub fn needs_copy_up(&self, ino: u64) -> bool {
         self.upper.is_some() && self.node(ino).is_ok_and(|n| !self.is_upper_node(&n))
+    }
+
+    /// Whether `change` of `ino` would first copy data (a copy-up, or a metacopy file's
+    /// data), so its request should not hold up others.
+    pub fn copy_is_slow(&self, ino: u64, change: Change) -> bool {
+        if self.upper.is_none() {
+            return false;
+        }
+        let Ok(node) = self.node(ino) else {
+            return false;
+        };
+        let regular = node.lock().kind == sys::S_IFREG;
+        match metacopy::action(self.state_of(&node), change, self.metacopy, regular) {
+            Action::Nothing | Action::CopyUpMeta | Action::CopyUp { data: false } => false,
+            Action::CopyUp { data: true } => true,
+            Action::FillData { data } => data,
+        }
+    }
+
+    /// Where a node's content is.
+    fn state_of(&self, node: &Node) -> State {
+        let s = node.lock();
+        if Some(s.layer) != self.upper {
+            State::Lower
+        } else if s.data.is_some() {
+            State::Metacopy
+        } else {
+            State::Upper
+        }
+    }
+
+    /// Get `node` ready for `change`: copy it up (its metadata only where `metacopy=on`
+    /// allows), or give a metacopy file its data, as [`metacopy::action`] says.
+    fn prepare(&self, node: &Arc<Node>, change: Change) -> Result<()> {
+        let regular = node.lock().kind == sys::S_IFREG;
+        let action = metacopy::action(self.state_of(node), change, self.metacopy, regular);
+        if let Action::FillData { data } = action {
+            return self.fill_data(node, data);
+        }
+        let Some(fill) = Fill::of(action) else {
+            return Ok(());
+        };
+        self.upper_layer()?;
+        let parent = self.table().parent(node.ino);
+        if let Some(parent) = parent {
+            self.ensure_upper_dir(parent)?;
+        }
+        self.copy_up_node(node, fill)
     }
 
     /// [`Union::needs_copy_up`] for the node known as `parent`/`name`; a directory counts
@@ -574,7 +685,7 @@ impl Union {
         if let Some(parent) = parent {
             self.ensure_upper_dir(parent)?;
         }
-        self.copy_up_node(&node, true)
+        self.copy_up_node(&node, Fill::Data)
     }
 
     /// Copy a whole directory tree up and mark its root opaque, so it no longer depends on
@@ -694,8 +805,23 @@ impl Union {
                             sys::link_at(fdir.as_fd(), fname, dst_dir.as_fd(), &name)?;
                         }
                         _ => {
-                            let tmp =
-                                self.copy_file_data(src_dir.as_fd(), &name, dst_dir.as_fd())?;
+                            // With metacopy=on a lower file may be a metacopy file itself.
+                            let data = match self.metacopy {
+                                true => self.data_fd_in_tree(
+                                    src_dir.as_fd(),
+                                    top.layer,
+                                    &lpath_of(top.layer),
+                                    &name,
+                                    &used,
+                                )?,
+                                false => None,
+                            };
+                            let tmp = self.copy_file_data(
+                                src_dir.as_fd(),
+                                &name,
+                                dst_dir.as_fd(),
+                                data.as_ref().map(|d| d.as_fd()),
+                            )?;
                             pending.push(PendingCopy {
                                 file: tmp,
                                 dir: dst_dir.clone(),
@@ -712,6 +838,9 @@ impl Union {
                 } else {
                     self.copy_special(src_dir.as_fd(), &name, dst_dir.as_fd())?;
                 }
+            } else if !top.is_dir() && top.dtype != sys::DT_LNK {
+                // A metacopy file of the upper takes its data along.
+                self.fill_in_tree(dst_dir.as_fd(), path, &name, &used)?;
             }
             if top.is_dir() {
                 // Opaque copies and redirects below are applied when the child's index is
@@ -744,6 +873,7 @@ impl Union {
                     {
                         let mut s = child.lock();
                         s.layer = upper;
+                        s.data = None;
                         s.backing = (new.dev, new.ino);
                         if s.kind == sys::S_IFDIR {
                             s.merge = Box::new([upper]);
@@ -1014,6 +1144,7 @@ impl Union {
                         xattr_epoch: 0,
                         index_stamp: 0,
                         lpaths: None,
+                        data: None,
                     },
                 )
             })
@@ -1085,12 +1216,27 @@ impl Union {
             .0)
     }
 
-    /// Hard link `ino` as `newparent`/`newname`. The source is copied up first.
+    /// Hard link `ino` as `newparent`/`newname`. The source is copied up first (its metadata
+    /// only with `metacopy=on`: then, as the kernel does, it records where its data is with
+    /// an absolute redirect, which every name of it can follow).
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
         if newname.len() > sys::NAME_MAX {
             return Err(Error::os(libc::ENAMETOOLONG));
         }
-        self.copy_up(ino)?;
+        self.upper_layer()?;
+        let src = self.node(ino)?;
+        if src.lock().kind == sys::S_IFDIR {
+            return Err(Error::os(libc::EPERM));
+        }
+        self.prepare(&src, Change::Link)?;
+        if let Planned::Redirect(Some(value)) = self.plan_file(&src, false)? {
+            let _w = self.write_ns();
+            let (_, path) = self.node_path(ino)?;
+            let upper = self.upper_layer()?;
+            self.at(upper, &path, |d, n| {
+                sys::xattr_set(XTarget::At(d, n), self.xattr_ns.redirect(), &value, 0)
+            })?;
+        }
         self.ensure_upper_dir(newparent)?;
         let _w = self.write_ns();
         let (node, src_path) = self.node_path(ino)?;
@@ -1299,11 +1445,13 @@ impl Union {
         // With redirect_dir=on a lower or merged directory moves as its upper copy with a
         // redirect to its lower copies; otherwise (or when the redirect would be too long, as
         // the kernel then answers EXDEV and `mv` copies) its tree is copied up first.
+        // A file is copied up (its metadata only with metacopy=on: it then records where
+        // its data is, as the kernel does).
         let src_redirect = if src_dir {
             self.plan_redirect(&src, samedir)?
         } else {
-            self.copy_up(src.ino)?;
-            Planned::Nothing
+            self.prepare(&src, Change::Rename)?;
+            self.plan_file(&src, samedir)?
         };
         let mut dst_redirect = Planned::Nothing;
         if exchange {
@@ -1311,7 +1459,8 @@ impl Union {
                 if dst_dir == Some(true) {
                     dst_redirect = self.plan_redirect(d, samedir)?;
                 } else {
-                    self.copy_up(d.ino)?;
+                    self.prepare(d, Change::Rename)?;
+                    dst_redirect = self.plan_file(d, samedir)?;
                 }
             }
         }
@@ -1499,6 +1648,29 @@ impl Union {
         Ok(Planned::Nothing)
     }
 
+    /// The data redirect to record on file `node` before it moves or gets another name
+    /// (`samedir`: within its directory), as the kernel records it: for a metacopy file only
+    /// (the others hold their data), the same values as a directory's
+    /// ([`Self::redirect_value`]). When the value would be too long, the file gets its data
+    /// instead (the kernel answers EXDEV there).
+    fn plan_file(&self, node: &Arc<Node>, samedir: bool) -> Result<Planned> {
+        if node.lock().data.is_none() {
+            return Ok(Planned::Nothing);
+        }
+        let value = {
+            let _r = self.read_ns();
+            self.redirect_value(node.ino, samedir)?
+        };
+        match value {
+            Some(v) => Ok(Planned::Redirect(v)),
+            None => {
+                log::debug!("data redirect too long: copying the file's data up instead");
+                self.fill_data(node, true)?;
+                Ok(Planned::Nothing)
+            }
+        }
+    }
+
     /// The redirect to record on directory `ino` (in the upper) before it moves, as the
     /// kernel's `ovl_set_redirect`: `Some(None)` keeps the one it has (any, within its parent;
     /// an absolute one, anywhere), else its name within its parent, else the absolute path of
@@ -1546,7 +1718,8 @@ impl Union {
     /// The lower copies of directory `node` that will move with it (redirect planned): where
     /// they are now, for [`Self::set_lower_stack`] once the move is done.
     fn lower_stack(&self, node: &Arc<Node>, planned: &Planned) -> Result<Option<Box<[LowerPath]>>> {
-        if !matches!(planned, Planned::Redirect(_)) {
+        // A file's data source is kept in its node whatever its path.
+        if !matches!(planned, Planned::Redirect(_)) || node.lock().kind != sys::S_IFDIR {
             return Ok(None);
         }
         let _r = self.read_ns();
@@ -1637,13 +1810,11 @@ impl Union {
             if node.lock().kind == sys::S_IFDIR {
                 return Err(Error::os(libc::EISDIR));
             }
-            if !self.is_upper_node(&node) {
-                let parent = self.table().parent(ino);
-                if let Some(parent) = parent {
-                    self.ensure_upper_dir(parent)?;
-                }
-                self.copy_up_node(&node, flags & libc::O_TRUNC == 0)?;
-            }
+            let change = Change::Open {
+                write: true,
+                trunc: flags & libc::O_TRUNC != 0,
+            };
+            self.prepare(&node, change)?;
         }
         self.open_current(ino, flags)
     }
@@ -1652,7 +1823,11 @@ impl Union {
     /// is asked once per node (lower files never change).
     pub fn is_small_lower_read(&self, file: &OpenFile, limit: u64) -> bool {
         use super::inode::{SMALL_NO, SMALL_STORED, SMALL_UNKNOWN, SMALL_YES};
-        if file.flags & libc::O_ACCMODE != libc::O_RDONLY || self.is_upper_node(&file.node) {
+        // A metacopy file reads its lower data, which does not change either until its first
+        // open for write.
+        if file.flags & libc::O_ACCMODE != libc::O_RDONLY
+            || self.state_of(&file.node) == State::Upper
+        {
             return false;
         }
         match file.node.small_lower.load(Ordering::Relaxed) {
@@ -1723,19 +1898,31 @@ impl Union {
 
     fn open_current(&self, ino: u64, flags: i32) -> Result<OpenFile> {
         let _r = self.read_ns();
-        let (node, path) = self.node_path(ino)?;
+        let node = self.node(ino)?;
         let generation = node.generation.load(Ordering::Acquire);
-        let (layer, kind) = {
+        let (layer, kind, data) = {
             let s = node.lock();
-            (s.layer, s.kind)
+            (s.layer, s.kind, s.data.clone())
         };
         if kind == sys::S_IFDIR {
             return Err(Error::os(libc::EISDIR));
         }
         let acc = flags & libc::O_ACCMODE;
         let pass = acc | (flags & (super::PASSED_OPEN_FLAGS | libc::O_TRUNC));
-        let lpath = self.lpath(ino, layer, &path);
-        let fd = sys::open_beneath(self.root_fd(layer), &lpath, pass, 0)?;
+        let fd = match data {
+            // A metacopy file is read from its lower data (by name or not: it needs no path).
+            Some(d) if pass & (libc::O_ACCMODE | libc::O_TRUNC) == libc::O_RDONLY => {
+                self.open_data_file(&d, pass)?
+            }
+            // Opens that write gave the file its data first: this is a bug, never a write
+            // into the sparse upper file.
+            Some(_) => return Err(Error::os(libc::EIO)),
+            None => {
+                let (_, path) = self.node_path(ino)?;
+                let lpath = self.lpath(ino, layer, &path);
+                sys::open_beneath(self.root_fd(layer), &lpath, pass, 0)?
+            }
+        };
         Ok(OpenFile {
             ino,
             node,
@@ -1788,13 +1975,17 @@ impl Union {
     pub fn setattr(&self, ino: u64, changes: &SetAttr, fd: Option<BorrowedFd<'_>>) -> Result<Attr> {
         self.upper_layer()?;
         let node = self.node(ino)?;
-        if !self.is_upper_node(&node) {
-            let parent = self.table().parent(ino);
-            if let Some(parent) = parent {
-                self.ensure_upper_dir(parent)?;
-            }
-            self.copy_up_node(&node, changes.size != Some(0))?;
-        }
+        self.prepare(&node, Change::Attr { size: changes.size })?;
+        // A metacopy file's descriptors are open on its lower data, never to be changed: its
+        // upper file is reached by name, or once unlinked through the descriptor kept then.
+        let orphan = {
+            let s = node.lock();
+            s.data.as_ref().map(|_| s.orphan.clone())
+        };
+        let fd = match &orphan {
+            Some(o) => o.as_ref().map(|o| o.as_fd()),
+            None => fd,
+        };
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino).or_else(|e| {
             // An unlinked file can still be changed through its descriptor.
@@ -1846,7 +2037,8 @@ impl Union {
         if whiteout::is_private_xattr(attr) {
             return Err(Error::os(libc::EOPNOTSUPP));
         }
-        self.copy_up(ino)?;
+        self.upper_layer()?;
+        self.prepare(&self.node(ino)?, Change::Xattr)?;
         let _r = self.read_ns();
         let (node, path) = self.node_path(ino)?;
         let upper = self.upper_layer()?;
@@ -1872,7 +2064,8 @@ impl Union {
         }
         // Nothing to copy up for an attribute that is not there.
         self.getxattr(ino, attr)?;
-        self.copy_up(ino)?;
+        self.upper_layer()?;
+        self.prepare(&self.node(ino)?, Change::Xattr)?;
         let _r = self.read_ns();
         let (_, path) = self.node_path(ino)?;
         let upper = self.upper_layer()?;

@@ -37,6 +37,12 @@ pub const KERNEL_UPPER_OPTS: &str = "redirect_dir=nofollow,index=off,metacopy=of
 /// Kernel options to mount layerfs's upper written with `redirect_dir=on`.
 pub const KERNEL_UPPER_REDIRECT_OPTS: &str = "redirect_dir=on,index=off,metacopy=off";
 
+/// Kernel overlayfs options for the reference mount, and to mount layerfs's upper, when
+/// layerfs runs with `-o metacopy=on`: the kernel's metadata-only copy-up (which turns
+/// `redirect_dir=on` on), without the inode index, which layerfs does not keep (with it the
+/// kernel copies and links hard-linked files differently).
+pub const KERNEL_METACOPY_OPTS: &str = "metacopy=on,redirect_dir=on,index=off";
+
 /// How layerfs renames lower and merged directories in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -44,6 +50,9 @@ pub enum Mode {
     CopyTree,
     /// `-o redirect_dir=on`: a redirect is recorded, as the kernel reference does.
     Redirect,
+    /// `-o metacopy=on`: metadata-only copy-up (and directory redirects), against the kernel
+    /// with `metacopy=on` ([`KERNEL_METACOPY_OPTS`]).
+    Metacopy,
 }
 
 impl Mode {
@@ -51,12 +60,20 @@ impl Mode {
         match self {
             Mode::CopyTree => &[],
             Mode::Redirect => &["-o", "redirect_dir=on"],
+            Mode::Metacopy => &["-o", "metacopy=on"],
+        }
+    }
+    fn kernel_opts(self) -> &'static str {
+        match self {
+            Mode::CopyTree | Mode::Redirect => KERNEL_OPTS,
+            Mode::Metacopy => KERNEL_METACOPY_OPTS,
         }
     }
     fn kernel_upper_opts(self) -> &'static str {
         match self {
             Mode::CopyTree => KERNEL_UPPER_OPTS,
             Mode::Redirect => KERNEL_UPPER_REDIRECT_OPTS,
+            Mode::Metacopy => KERNEL_METACOPY_OPTS,
         }
     }
 }
@@ -227,7 +244,7 @@ pub fn run_case(
         &lbr,
         Some((&b.join("u"), &b.join("w"))),
         &b.join("m"),
-        KERNEL_OPTS,
+        mode.kernel_opts(),
     );
     let labels = ("layerfs:", "kernel:");
     let result = (|| {
@@ -277,6 +294,16 @@ pub fn run_case(
     drop(theirs);
     unmount_layerfs(&mut ours)?;
     drop(ours);
+    if mode == Mode::Metacopy {
+        // The same operations leave the same metacopy files, with the same data redirects.
+        let (x, y) = (metacopy_files(&ua)?, metacopy_files(&b.join("u"))?);
+        if x != y {
+            return Err(fail(
+                "metacopy files",
+                format!("metacopy files in the uppers differ:\n  layerfs: {x:?}\n  kernel:  {y:?}"),
+            ));
+        }
+    }
     // What layerfs left on disk must read back the same, by layerfs and by the kernel.
     let mut again =
         mount_layerfs(&la, &ua, &wa, &a.join("m"), mode).map_err(|e| fail("remount", e))?;
@@ -304,6 +331,29 @@ pub fn run_case(
     }
     stats.cases += 1;
     Ok(())
+}
+
+/// The metacopy files of an upper (`trusted.overlay.metacopy` on a regular file), each with
+/// its data redirect, if any.
+fn metacopy_files(upper: &Path) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![upper.to_path_buf()];
+    let walk = |e: std::io::Error| fail("walk upper", e.to_string());
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(walk)? {
+            let p = e.map_err(walk)?.path();
+            let ft = std::fs::symlink_metadata(&p).map_err(walk)?.file_type();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() && common::getxattr(&p, "trusted.overlay.metacopy").is_some() {
+                let r = common::getxattr(&p, "trusted.overlay.redirect").unwrap_or_default();
+                let rel = p.strip_prefix(upper).unwrap_or(&p).as_os_str().as_bytes();
+                out.insert(rel.escape_ascii().to_string(), r.escape_ascii().to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Known divergences of layerfs from the kernel, reproduced by ignored tests in

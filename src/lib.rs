@@ -6,7 +6,6 @@
 //! - `cli/`: the command line, one file per family of commands;
 //! - `build/`: `layerfs build` (Containerfile parsing, the build context and its ignore rules,
 //!   cache keys and entries, running the steps);
-//! - `run/`: running a command in a container root through an OCI runtime (build and run);
 //! - `run/`: running a command in a rootfs through an OCI runtime (runc/crun), for build and
 //!   run;
 //! - `mount/`: serving a mount (daemon, FUSE adapter, transports, worker threads);

@@ -169,11 +169,6 @@ fn dir_marks(fd: BorrowedFd<'_>, path: &[u8]) -> Result<Marks> {
     Ok(marks)
 }
 
-/// Kernel overlayfs' marker of a metadata-only copy-up: the data is in a lower layer.
-fn is_metacopy(name: &[u8]) -> bool {
-    name == metacopy::TRUSTED_METACOPY || name == metacopy::USER_METACOPY
-}
-
 /// `a/b/` -> `a/b`.
 fn dir_path(prefix: &[u8]) -> &[u8] {
     prefix.strip_suffix(b"/").unwrap_or(prefix)
@@ -484,7 +479,7 @@ impl<W: Write> Writer<'_, W> {
         let mut out = Vec::new();
         let mut marker = None;
         for name in sys::xattr_list(t).map_err(io_ctx("listing xattrs of", path))? {
-            if is_metacopy(&name) {
+            if metacopy::is_marker(&name) {
                 marker = Some(name);
                 continue;
             }

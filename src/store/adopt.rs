@@ -31,8 +31,8 @@ use crate::error::{Error, Result, ShowPath};
 use crate::oci::import::Formats;
 use crate::oci::keep_xattr;
 use crate::sys::{self, FileStat, SetTime, Timespec, XTarget};
-use crate::union::redirect;
 use crate::union::whiteout::{self, WhiteoutFormat, XattrNs};
+use crate::union::{metacopy, redirect};
 
 const SELINUX: &[u8] = b"security.selinux";
 
@@ -85,7 +85,7 @@ fn check(dir: BorrowedFd<'_>, path: &[u8]) -> Result<bool> {
         } else if st.is_reg() {
             let names = sys::xattr_list(XTarget::At(dir, &e.name))
                 .map_err(io_ctx("listing xattrs of", &child))?;
-            if names.iter().any(|n| is_metacopy(n)) {
+            if names.iter().any(|n| metacopy::is_marker(n)) {
                 return Ok(false);
             }
         }
@@ -214,10 +214,6 @@ fn drops(name: &[u8]) -> bool {
 
 fn is_redirect(name: &[u8]) -> bool {
     name == redirect::TRUSTED_REDIRECT || name == redirect::USER_REDIRECT
-}
-
-fn is_metacopy(name: &[u8]) -> bool {
-    matches!(name, b"trusted.overlay.metacopy" | b"user.overlay.metacopy")
 }
 
 fn remove_xattr(t: XTarget<'_>, name: &[u8], path: &[u8]) -> Result<()> {

@@ -670,21 +670,7 @@ pub fn layer_from_step_upper(
     });
     let new = if adopted {
         log::debug!("adopted the step's upper as layer {}", diffed.diff_id);
-        staging.sync()?;
-        let _lock = store.lock(LockKind::Exclusive)?;
-        store.publish(
-            staging,
-            layers::STAGED_BLOB,
-            b"blobs/sha256",
-            diffed.blob.hex().as_bytes(),
-        )?;
-        layers::publish_tree(
-            store,
-            staging,
-            name,
-            &diffed.diff_id,
-            diffed.stats.tar_bytes,
-        )?
+        publish_synced(store, staging, name, &diffed)?
     } else {
         // Our own blob: no limits meant for hostile input.
         let limits = Limits {
@@ -707,6 +693,31 @@ pub fn layer_from_step_upper(
         tar_size: diffed.stats.tar_bytes,
         new,
     })
+}
+
+/// Sync the staging directory, then publish its blob and `staging/name` as the layer directory
+/// (under the store lock). Returns whether the layer was new to the store.
+fn publish_synced(
+    store: &Store,
+    staging: &Staging<'_>,
+    name: &[u8],
+    diffed: &Diffed,
+) -> Result<bool> {
+    staging.sync()?;
+    let _lock = store.lock(LockKind::Exclusive)?;
+    store.publish(
+        staging,
+        layers::STAGED_BLOB,
+        b"blobs/sha256",
+        diffed.blob.hex().as_bytes(),
+    )?;
+    layers::publish_tree(
+        store,
+        staging,
+        name,
+        &diffed.diff_id,
+        diffed.stats.tar_bytes,
+    )
 }
 
 /// Normalize the upper for adoption and check that its tar did not change. `Ok(false)`: not
@@ -760,21 +771,7 @@ pub fn layer_from_staged_upper(
     )?;
     blob.into_inner()
         .map_err(|e| Error::io("writing the blob", e.into_error()))?;
-    staging.sync()?;
-    let _lock = store.lock(LockKind::Exclusive)?;
-    store.publish(
-        staging,
-        layers::STAGED_BLOB,
-        b"blobs/sha256",
-        diffed.blob.hex().as_bytes(),
-    )?;
-    let new = layers::publish_tree(
-        store,
-        staging,
-        name,
-        &diffed.diff_id,
-        diffed.stats.tar_bytes,
-    )?;
+    let new = publish_synced(store, staging, name, &diffed)?;
     Ok(PublishedLayer {
         diff_id: diffed.diff_id,
         blob: Descriptor::new(codec.kind.media_type(), diffed.blob, diffed.blob_size),

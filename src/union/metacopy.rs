@@ -49,6 +49,11 @@ use super::redirect::{self, Redirect};
 pub const TRUSTED_METACOPY: &[u8] = b"trusted.overlay.metacopy";
 pub const USER_METACOPY: &[u8] = b"user.overlay.metacopy";
 
+/// Whether an xattr name is the metacopy marker, in either namespace.
+pub fn is_marker(name: &[u8]) -> bool {
+    name == TRUSTED_METACOPY || name == USER_METACOPY
+}
+
 /// Bytes of the kernel's `struct ovl_metacopy` before the digest (version, len, flags,
 /// digest algorithm).
 const HEADER: usize = 4;

@@ -453,7 +453,7 @@ impl Union {
         }
         let caps = sys::xattr_get(XTarget::Fd(dst), super::CAPS_XATTR)?;
         match src {
-            Some(src) => super::copy_data(src, dst, before.size)?,
+            Some(src) => super::copy_data(src, dst, before.size, self.fsync)?,
             None => sys::ftruncate(dst, 0)?,
         }
         if let Some(caps) = caps {

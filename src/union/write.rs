@@ -298,7 +298,7 @@ impl Union {
     ) -> Result<FileStat> {
         let st = sys::fstat(src)?;
         match fill {
-            Fill::Data => copy_data(data.unwrap_or(src), tmp, st.size)?,
+            Fill::Data => copy_data(data.unwrap_or(src), tmp, st.size, self.fsync)?,
             Fill::Meta => self.make_metacopy(tmp, &st)?,
             Fill::Empty => {}
         }
@@ -2098,7 +2098,14 @@ impl Union {
 
 /// Copy `size` bytes of file data into the empty file `dst`, keeping holes: reflink when the
 /// filesystem can, else `copy_file_range` over each data extent, else read/write.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io::Result<()> {
+/// `will_sync`: the caller syncs the copy next, so each chunk's writeback starts as soon as it
+/// is copied: the disk writes then overlap the copy instead of all waiting for the sync.
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    will_sync: bool,
+) -> std::io::Result<()> {
     if size == 0 {
         return Ok(());
     }
@@ -2118,7 +2125,7 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io
             Ok(h) => (h as u64).min(size),
             Err(_) => size,
         };
-        copied_to = copied_to.max(copy_range(src, dst, data, hole - data)?);
+        copied_to = copied_to.max(copy_range(src, dst, data, hole - data, will_sync)?);
         off = hole.max(data + 1);
     }
     // A trailing hole (or a source that shrank) leaves the copy short; only then is a truncate
@@ -2129,17 +2136,30 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io
     Ok(())
 }
 
+/// Bytes copied between starts of writeback when the copy is synced next: big enough that a
+/// small file's copy never asks, small enough that the disk starts early in a big one.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
 fn copy_range(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     start: u64,
     len: u64,
+    will_sync: bool,
 ) -> std::io::Result<u64> {
+    let step = if will_sync { WRITEBACK_CHUNK } else { len };
     let mut done = 0u64;
     while done < len {
-        match sys::copy_file_range(src, start + done, dst, start + done, len - done) {
+        let want = (len - done).min(step);
+        match sys::copy_file_range(src, start + done, dst, start + done, want) {
             Ok(0) => break,
-            Ok(n) => done += n as u64,
+            Ok(n) => {
+                if will_sync && n as u64 == WRITEBACK_CHUNK {
+                    // Only a head start for the sync that follows: a failure here shows there.
+                    let _ = sys::start_writeback(dst, start + done, n as u64);
+                }
+                done += n as u64
+            }
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -2190,16 +2210,22 @@ mod tests {
     fn copy_data_sizes_the_copy_with_a_trailing_hole_or_none() -> std::io::Result<()> {
         let d = tempfile::tempdir()?;
         let dir = sys::open_dir_path(d.path())?;
-        for (name, data_len, size) in [
-            (&b"dense"[..], 5000usize, 5000u64),
-            (b"trailing-hole", 4, 32 << 20),
+        // Dense files past WRITEBACK_CHUNK take the chunked path when the copy is synced next.
+        for (name, data_len, size, will_sync) in [
+            (&b"dense"[..], 5000usize, 5000u64, false),
+            (b"trailing-hole", 4, 32 << 20, false),
+            (b"chunked", (20 << 20) + 5, (20 << 20) + 5, true),
+            (b"chunked-hole", (16 << 20) + 3, 32 << 20, true),
         ] {
             let src = sys::open_at(dir.as_fd(), name, libc::O_CREAT | libc::O_RDWR, 0o644)?;
             sys::pwrite(src.as_fd(), &vec![b'x'; data_len], 0)?;
             sys::ftruncate(src.as_fd(), size)?;
             let dst = sys::open_tmpfile(dir.as_fd(), libc::O_RDWR, 0o600)?;
-            copy_data(src.as_fd(), dst.as_fd(), size)?;
+            copy_data(src.as_fd(), dst.as_fd(), size, will_sync)?;
             assert_eq!(sys::fstat(dst.as_fd())?.size, size);
+            let mut copy = vec![0u8; data_len];
+            assert_eq!(sys::pread(dst.as_fd(), &mut copy, 0)?, data_len);
+            assert!(copy.iter().all(|&b| b == b'x'), "{name:?}: data differs");
             let mut tail = [1u8; 4];
             assert_eq!(sys::pread(dst.as_fd(), &mut tail, size - 4)?, 4);
             let want = if data_len as u64 == size {
@@ -2221,7 +2247,7 @@ mod tests {
         sys::pwrite(src.as_fd(), b"tail", 64 << 20)?;
         let size = sys::fstat(src.as_fd())?.size;
         let dst = sys::open_at(dir.as_fd(), b"dst", libc::O_CREAT | libc::O_RDWR, 0o644)?;
-        copy_data(src.as_fd(), dst.as_fd(), size)?;
+        copy_data(src.as_fd(), dst.as_fd(), size, false)?;
         let st = sys::fstat(dst.as_fd())?;
         assert_eq!(st.size, size);
         assert!(

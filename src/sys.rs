@@ -661,6 +661,21 @@ pub fn start_writeback(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<()>
     .map(drop)
 }
 
+/// Fill `buf` from the kernel's random number generator (blocks only until it is seeded).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a writable buffer of `rest.len()` bytes.
+        match cvt_size(unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) }) {
+            Ok(n) => done += n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)

@@ -927,3 +927,91 @@ fn commit_of_a_container_with_metacopy_files_uses_its_image() {
     assert_eq!(fs::metadata(m.p("d/sub/z")).unwrap().uid(), 1000);
     m.unmount();
 }
+
+/// A lower path longer than the kernel's 256-byte redirect limit (`redirect_max`).
+fn long_dir() -> String {
+    ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|c| c.repeat(60))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[test]
+fn renames_whose_redirect_would_pass_the_kernels_limit_do_what_the_kernel_does() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let l = d.path().join("l");
+    let deep = long_dir();
+    let big: Vec<u8> = (0..1u32 << 16).map(|i| (i * 13 % 251) as u8).collect();
+    for f in ["meta", "plain", "sub/inner"] {
+        wfile(l.join(&deep).join(f), &big);
+    }
+    wfile(l.join("short/f"), "short\n");
+    run(Command::new("find")
+        .arg(&l)
+        .args(["-exec", "touch", "-h", "-d", OLD, "{}", "+"]));
+    let ops: Vec<String> = [
+        "chmod 600 DEEP/meta && mv DEEP/meta meta2",
+        "mv DEEP/plain plain2",
+        "mv DEEP/sub sub2",
+        "mv short DEEP/short2",
+        "cat meta2 plain2 sub2/inner DEEP/short2/f | md5sum",
+        "echo w >> meta2 && tail -c 2 meta2",
+    ]
+    .iter()
+    .map(|op| op.replace("DEEP", &deep))
+    .collect();
+    let run_long = |m: &Path| -> Vec<String> {
+        ops.iter()
+            .map(|op| {
+                let out = Command::new("sh")
+                    .args(["-c", op])
+                    .current_dir(m)
+                    .output()
+                    .expect("sh");
+                format!(
+                    "{}: {} {}",
+                    op.replace(&deep, "DEEP"),
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                )
+            })
+            .collect()
+    };
+    let mnt = d.path().join("m");
+    let (ku, kw, lu, lw) = (
+        d.path().join("ku"),
+        d.path().join("kw"),
+        d.path().join("lu"),
+        d.path().join("lw"),
+    );
+    let (k_results, k_tree) = {
+        let k = kernel(&[&l], Some((&ku, &kw)), &mnt, "metacopy=on");
+        (run_long(&k.path), snapshot(&k.path))
+    };
+    let (l_results, l_tree) = {
+        let m = layerfs_stack(&[&l], Some((&lu, &lw)), &mnt, &["metacopy=on"]);
+        (run_long(&m.path), snapshot(&m.path))
+    };
+    assert_eq!(l_results, k_results, "results: layerfs vs kernel");
+    assert_same(&l_tree, &k_tree, "layerfs vs kernel");
+    // One difference by design: where the kernel answers EXDEV to the directory rename (and
+    // mv copies the files as new ones), layerfs copies the directory up itself, so its
+    // children keep their origins and numbers and the copy is marked impure.
+    let mut l_markers = markers(&lu);
+    assert_eq!(
+        l_markers.insert("sub2".into(), "dir trusted.overlay.opaque=y".into()),
+        Some("dir trusted.overlay.impure=y trusted.overlay.opaque=y".into())
+    );
+    assert!(getxattr(lu.join("sub2/inner"), "trusted.overlay.origin").is_some());
+    assert!(getxattr(ku.join("sub2/inner"), "trusted.overlay.origin").is_none());
+    assert_eq!(l_markers, markers(&ku), "upper markers: layerfs vs kernel");
+    let k_on_l = {
+        let k = kernel(&[&l], Some((&lu, &lw)), &mnt, "metacopy=on");
+        snapshot(&k.path)
+    };
+    assert_same(&k_on_l, &k_tree, "kernel over layerfs' upper");
+}

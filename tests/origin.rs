@@ -1,7 +1,8 @@
 //! Copy-up origins in kernel overlayfs' format, with kernel overlayfs as the oracle: the
 //! kernel mounts what layerfs copied up with the same inode numbers and sees no layerfs
 //! xattr; layerfs mounts what the kernel copied up with the kernel's inode numbers and writes
-//! the same origin bytes; uppers written by older layerfs keep their numbers.
+//! the same origin bytes; uppers written by older layerfs keep their numbers. A new upper gets
+//! the persistent overlay uuid the kernel gives it.
 
 mod common;
 
@@ -274,4 +275,52 @@ fn uppers_of_older_layerfs_keep_their_numbers_and_get_no_more_layerfs_xattrs() {
         fs::metadata(l.join("dir/inner")).unwrap().ino()
     );
     drop(k);
+}
+
+fn uuid_of(upper: &Path) -> Option<Vec<u8>> {
+    getxattr(upper, "trusted.overlay.uuid")
+}
+
+#[test]
+fn a_new_upper_gets_a_persistent_uuid_as_the_kernel_gives_one_and_an_older_upper_none() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (l, _, _) = stack(d.path());
+    let mnt = d.path().join("m");
+    let mount = |who: &str, u: &Path, w: &Path| match who {
+        "kernel" => kernel(&[&l], Some((u, w)), &mnt, ""),
+        _ => layerfs_stack(&[&l], Some((u, w)), &mnt, &[]),
+    };
+    for who in ["kernel", "layerfs"] {
+        let (u, w) = (
+            d.path().join(format!("{who}-u")),
+            d.path().join(format!("{who}-w")),
+        );
+        drop(mount(who, &u, &w));
+        let uuid = uuid_of(&u).unwrap_or_else(|| panic!("{who}: a new upper gets a uuid"));
+        assert_eq!(uuid.len(), 16, "{who}");
+        assert_eq!(uuid[6] >> 4, 4, "{who}: a random (version 4) uuid");
+        assert_eq!(uuid[8] >> 6, 0b10, "{who}: the RFC 4122 variant");
+        {
+            let m = mount(who, &u, &w);
+            copy_up(&m.path);
+        }
+        assert_eq!(uuid_of(&u), Some(uuid.clone()), "{who}: kept by a remount");
+        let other = if who == "kernel" { "layerfs" } else { "kernel" };
+        drop(mount(other, &u, &w));
+        assert_eq!(uuid_of(&u), Some(uuid), "{who}'s uuid kept by {other}");
+
+        // An upper that had things copied up before uuids existed (its root is impure)
+        // keeps having none.
+        let (u, w) = (
+            d.path().join(format!("{who}-old-u")),
+            d.path().join(format!("{who}-old-w")),
+        );
+        mkdirp(&u);
+        setxattr(&u, "trusted.overlay.impure", b"y");
+        drop(mount(who, &u, &w));
+        assert_eq!(uuid_of(&u), None, "{who}: an older upper gets none");
+    }
 }

@@ -393,6 +393,9 @@ impl Union {
                  userxattr), which this mount cannot write: mount without metacopy=on",
             ));
         }
+        if let (Some(up), Some(_)) = (upper, &work) {
+            init_upper_uuid(layers[up as usize].root.as_fd(), xattr_ns);
+        }
         let top = &layers[0];
         let root_st = sys::fstat(top.root.as_fd())?;
         let root = Node::new(
@@ -1513,6 +1516,33 @@ pub(crate) fn remove_contents(dir: BorrowedFd<'_>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Give a new upper the persistent uuid kernel overlayfs gives it at its first mount
+/// (`uuid=auto`, the kernel's default): an upper whose root is not marked impure has never had
+/// anything copied up into it, so it is new; an older one without a uuid keeps none, as the
+/// kernel leaves it (a uuid now would change the identity its fsid had). Best effort, as in the
+/// kernel: a failure is logged and the mount goes on.
+fn init_upper_uuid(root: BorrowedFd<'_>, ns: XattrNs) {
+    let has = |name| sys::xattr_get(XTarget::Fd(root), name).map(|v| v.is_some());
+    match (has(ns.uuid()), has(ns.impure())) {
+        (Ok(false), Ok(false)) => {}
+        (Ok(_), Ok(_)) => return,
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("upper directory: cannot read its overlay uuid: {e}");
+            return;
+        }
+    }
+    let mut uuid = [0u8; 16];
+    let res = sys::fill_random(&mut uuid).and_then(|()| {
+        // A version 4 (random) UUID, as the kernel's uuid_gen makes.
+        uuid[6] = (uuid[6] & 0x0f) | 0x40;
+        uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        sys::xattr_set(XTarget::Fd(root), ns.uuid(), &uuid, libc::XATTR_CREATE)
+    });
+    if let Err(e) = res {
+        log::warn!("upper directory: cannot record an overlay uuid: {e}");
+    }
 }
 
 /// Decide how markers are written: trusted xattrs and char-device whiteouts when privileged,

@@ -90,6 +90,13 @@ impl XattrNs {
             XattrNs::User => b"user.overlay.impure",
         }
     }
+    /// The persistent identity the kernel gives a new overlay, on the upper root.
+    pub fn uuid(self) -> &'static [u8] {
+        match self {
+            XattrNs::Trusted => b"trusted.overlay.uuid",
+            XattrNs::User => b"user.overlay.uuid",
+        }
+    }
 }
 
 /// How whiteouts are written into the upper.

@@ -19,16 +19,19 @@
 
 #![warn(clippy::significant_drop_in_scrutinee)]
 
+mod copyup;
 pub mod dirindex;
 pub mod idmap;
 pub mod inode;
 pub mod metacopy;
 pub mod origin;
 pub mod redirect;
+mod rename;
 pub mod whiteout;
 mod write;
 
-pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr, copy_data};
+pub use copyup::copy_data;
+pub use write::{Caller, OpenFile, RENAME_EXCHANGE, RENAME_NOREPLACE, SetAttr};
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -107,67 +106,6 @@ const METACOPY: &[&str] = &[
     "big", "sparse", "h1", "dd/sub/z", "exe", "dd/x2", "o/y2", "p3", "m/bottom", "w3",
 ];
 
-fn run_ops(m: &Path) -> Vec<String> {
-    OPS.iter()
-        .map(|op| {
-            let out = Command::new("sh")
-                .args(["-c", op])
-                .current_dir(m)
-                .output()
-                .expect("sh");
-            format!(
-                "{op}: {} {}",
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).trim()
-            )
-        })
-        .collect()
-}
-
-/// What an upper holds, as overlay sees it: per path its type and its overlay xattrs with
-/// their values, except origins (file handles of each side's objects) and the kernel's
-/// `overlay.uuid` of the root; for a metacopy file also its size and whether it holds no
-/// data (sparse: the kernel's and layerfs' copies have no data block).
-fn markers(u: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![u.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).unwrap();
-        let ft = md.file_type();
-        let kind = if ft.is_char_device() && md.rdev() == 0 {
-            "whiteout".to_string()
-        } else if ft.is_dir() {
-            "dir".to_string()
-        } else if ft.is_file() && getxattr(&p, "trusted.overlay.metacopy").is_some() {
-            format!(
-                "metacopy size={} no-data={}",
-                md.len(),
-                md.blocks() * 512 < 64 << 10
-            )
-        } else {
-            "other".to_string()
-        };
-        let mut xattrs: Vec<String> = listxattr(&p)
-            .into_iter()
-            .map(|n| String::from_utf8_lossy(&n).into_owned())
-            .filter(|n| n.contains(".overlay.") && !n.ends_with(".origin") && !n.ends_with(".uuid"))
-            .map(|n| {
-                let v = getxattr(&p, &n).unwrap_or_default();
-                format!("{n}={}", String::from_utf8_lossy(&v))
-            })
-            .collect();
-        xattrs.sort();
-        let rel = p.strip_prefix(u).unwrap().display().to_string();
-        out.insert(rel, format!("{kind} {}", xattrs.join(" ")));
-        if ft.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-        }
-    }
-    out
-}
-
 /// (`st_ino`, `st_blocks`) of paths through a mount.
 fn inos(m: &Path, paths: &[&str]) -> Vec<(String, u64, u64)> {
     paths
@@ -195,12 +133,12 @@ fn metadata_changes_write_what_the_kernel_writes_and_show_the_same_tree() {
     let mnt = d.path().join("m");
     let (k_results, k_tree, k_inos) = {
         let k = kernel(&[&l1, &l2], Some((&ku, &kw)), &mnt, "metacopy=on");
-        let r = run_ops(&k.path);
+        let r = run_shell_ops(&k.path, OPS);
         (r, snapshot(&k.path), inos(&k.path, SAME_INO))
     };
     let (l_results, l_tree, l_inos, l_blocks) = {
         let m = layerfs_stack(&[&l1, &l2], Some((&lu, &lw)), &mnt, &["metacopy=on"]);
-        let r = run_ops(&m.path);
+        let r = run_shell_ops(&m.path, OPS);
         let blocks = inos(&m.path, METACOPY);
         (r, snapshot(&m.path), inos(&m.path, SAME_INO), blocks)
     };
@@ -208,8 +146,8 @@ fn metadata_changes_write_what_the_kernel_writes_and_show_the_same_tree() {
     assert_same(&l_tree, &k_tree, "layerfs vs kernel, metacopy=on");
     assert_eq!(l_inos, k_inos, "st_ino and st_blocks: layerfs vs kernel");
     assert_eq!(
-        markers(&lu),
-        markers(&ku),
+        upper_markers(&lu),
+        upper_markers(&ku),
         "upper markers: layerfs vs kernel"
     );
     // What the markers above hold, spelled out.
@@ -833,7 +771,7 @@ fn metacopy_files_of_a_lower_layer_are_followed_with_metacopy_on() {
             "layerfs over a lower with metacopy files",
         );
     }
-    assert_eq!(markers(&lu), markers(&ku), "upper markers");
+    assert_eq!(upper_markers(&lu), upper_markers(&ku), "upper markers");
     for (name, up) in [("layerfs", &lu), ("kernel", &ku)] {
         assert!(
             getxattr(up.join("big"), "trusted.overlay.metacopy").is_some(),
@@ -964,23 +902,6 @@ fn renames_whose_redirect_would_pass_the_kernels_limit_do_what_the_kernel_does()
     .iter()
     .map(|op| op.replace("DEEP", &deep))
     .collect();
-    let run_long = |m: &Path| -> Vec<String> {
-        ops.iter()
-            .map(|op| {
-                let out = Command::new("sh")
-                    .args(["-c", op])
-                    .current_dir(m)
-                    .output()
-                    .expect("sh");
-                format!(
-                    "{}: {} {}",
-                    op.replace(&deep, "DEEP"),
-                    out.status.code().unwrap_or(-1),
-                    String::from_utf8_lossy(&out.stdout).trim()
-                )
-            })
-            .collect()
-    };
     let mnt = d.path().join("m");
     let (ku, kw, lu, lw) = (
         d.path().join("ku"),
@@ -990,25 +911,29 @@ fn renames_whose_redirect_would_pass_the_kernels_limit_do_what_the_kernel_does()
     );
     let (k_results, k_tree) = {
         let k = kernel(&[&l], Some((&ku, &kw)), &mnt, "metacopy=on");
-        (run_long(&k.path), snapshot(&k.path))
+        (run_shell_ops(&k.path, &ops), snapshot(&k.path))
     };
     let (l_results, l_tree) = {
         let m = layerfs_stack(&[&l], Some((&lu, &lw)), &mnt, &["metacopy=on"]);
-        (run_long(&m.path), snapshot(&m.path))
+        (run_shell_ops(&m.path, &ops), snapshot(&m.path))
     };
     assert_eq!(l_results, k_results, "results: layerfs vs kernel");
     assert_same(&l_tree, &k_tree, "layerfs vs kernel");
     // One difference by design: where the kernel answers EXDEV to the directory rename (and
     // mv copies the files as new ones), layerfs copies the directory up itself, so its
     // children keep their origins and numbers and the copy is marked impure.
-    let mut l_markers = markers(&lu);
+    let mut l_markers = upper_markers(&lu);
     assert_eq!(
         l_markers.insert("sub2".into(), "dir trusted.overlay.opaque=y".into()),
         Some("dir trusted.overlay.impure=y trusted.overlay.opaque=y".into())
     );
     assert!(getxattr(lu.join("sub2/inner"), "trusted.overlay.origin").is_some());
     assert!(getxattr(ku.join("sub2/inner"), "trusted.overlay.origin").is_none());
-    assert_eq!(l_markers, markers(&ku), "upper markers: layerfs vs kernel");
+    assert_eq!(
+        l_markers,
+        upper_markers(&ku),
+        "upper markers: layerfs vs kernel"
+    );
     let k_on_l = {
         let k = kernel(&[&l], Some((&lu, &lw)), &mnt, "metacopy=on");
         snapshot(&k.path)

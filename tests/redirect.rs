@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -50,60 +49,6 @@ const OPS: &[&str] = &[
     "cat newd/x3/y/f b/sub2/deep m2/bottom m2/top newd/c/d2/h",
 ];
 
-fn run_ops(m: &Path) -> Vec<String> {
-    OPS.iter()
-        .map(|op| {
-            let out = Command::new("sh")
-                .args(["-c", op])
-                .current_dir(m)
-                .output()
-                .expect("sh");
-            format!(
-                "{op}: {} {}",
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).trim()
-            )
-        })
-        .collect()
-}
-
-/// What an upper holds, as overlay sees it: per path its type (`whiteout`, `dir`, ...) and its
-/// overlay xattrs with their values, except origins (file handles of each side's objects) and
-/// the kernel's `overlay.uuid` of the upper root.
-fn markers(u: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![u.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).unwrap();
-        let ft = md.file_type();
-        let kind = if ft.is_char_device() && md.rdev() == 0 {
-            "whiteout"
-        } else if ft.is_dir() {
-            "dir"
-        } else {
-            "other"
-        };
-        let mut xattrs: Vec<String> = listxattr(&p)
-            .into_iter()
-            .map(|n| String::from_utf8_lossy(&n).into_owned())
-            .filter(|n| n.contains(".overlay.") && !n.ends_with(".origin") && !n.ends_with(".uuid"))
-            .map(|n| {
-                let v = getxattr(&p, &n).unwrap_or_default();
-                format!("{n}={}", String::from_utf8_lossy(&v))
-            })
-            .collect();
-        xattrs.sort();
-        let rel = p.strip_prefix(u).unwrap().display().to_string();
-        out.insert(rel, format!("{kind} {}", xattrs.join(" ")));
-        if ft.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn renames_write_what_the_kernel_writes_and_show_the_same_tree() {
     if !can_mount() {
@@ -120,12 +65,12 @@ fn renames_write_what_the_kernel_writes_and_show_the_same_tree() {
     let mnt = d.path().join("m");
     let (k_results, k_tree) = {
         let k = kernel(&[&l1, &l2], Some((&ku, &kw)), &mnt, "redirect_dir=on");
-        (run_ops(&k.path), snapshot(&k.path))
+        (run_shell_ops(&k.path, OPS), snapshot(&k.path))
     };
     let (l_results, l_tree, renamed_ino, renamed_ino_after) = {
         let m = layerfs_stack(&[&l1, &l2], Some((&lu, &lw)), &mnt, &["redirect_dir=on"]);
         let before = fs::metadata(m.p("a")).unwrap().ino();
-        let results = run_ops(&m.path);
+        let results = run_shell_ops(&m.path, OPS);
         (
             results,
             snapshot(&m.path),
@@ -145,8 +90,8 @@ fn renames_write_what_the_kernel_writes_and_show_the_same_tree() {
         "x3's subtree was not copied"
     );
     assert_eq!(
-        markers(&lu),
-        markers(&ku),
+        upper_markers(&lu),
+        upper_markers(&ku),
         "upper markers: layerfs vs kernel"
     );
     assert_eq!(
@@ -338,7 +283,7 @@ fn redirects_in_lower_layers_are_followed_as_the_kernel_follows_them() {
         run(Command::new("sh").args(["-c", script]).current_dir(&m.path));
         assert_same(&snapshot(&m.path), &want, "layerfs over a redirected lower");
     }
-    assert_eq!(markers(&lu), markers(&ku), "upper markers");
+    assert_eq!(upper_markers(&lu), upper_markers(&ku), "upper markers");
     let m = layerfs_stack(&[&u, &l1, &l2], Some((&ku, &kw)), &mnt, &[]);
     assert_same(&snapshot(&m.path), &want, "layerfs over the kernel's upper");
 }

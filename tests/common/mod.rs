@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -477,6 +477,73 @@ pub fn assert_same(a: &Tree, b: &Tree, what: &str) {
         ));
     }
     panic!("{what}: trees differ\n{msg}");
+}
+
+// ---- comparing with kernel overlayfs --------------------------------------------------------
+
+/// Run each shell command in `dir` (one `sh -c` each); per command a line with the command, its
+/// exit code and its trimmed stdout, to compare two mounts' results.
+pub fn run_shell_ops<S: AsRef<str>>(dir: &Path, ops: &[S]) -> Vec<String> {
+    ops.iter()
+        .map(|op| {
+            let op = op.as_ref();
+            let out = Command::new("sh")
+                .args(["-c", op])
+                .current_dir(dir)
+                .output()
+                .expect("sh");
+            format!(
+                "{op}: {} {}",
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).trim()
+            )
+        })
+        .collect()
+}
+
+/// What an upper holds, as overlay sees it: per path its type (`whiteout`, `dir`, `metacopy`
+/// with its size and whether it holds no data, `other`) and its overlay xattrs with their
+/// values, except origins (file handles of each side's objects) and the kernel's
+/// `overlay.uuid` of the upper root (random per upper).
+pub fn upper_markers(u: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![u.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let kind = if ft.is_char_device() && md.rdev() == 0 {
+            "whiteout".to_string()
+        } else if ft.is_dir() {
+            "dir".to_string()
+        } else if ft.is_file() && getxattr(&p, "trusted.overlay.metacopy").is_some() {
+            // Sparse: neither the kernel's nor layerfs' metacopy copy has a data block.
+            format!(
+                "metacopy size={} no-data={}",
+                md.len(),
+                md.blocks() * 512 < 64 << 10
+            )
+        } else {
+            "other".to_string()
+        };
+        let mut xattrs: Vec<String> = listxattr(&p)
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .filter(|n| n.contains(".overlay.") && !n.ends_with(".origin") && !n.ends_with(".uuid"))
+            .map(|n| {
+                let v = getxattr(&p, &n).unwrap_or_default();
+                format!("{n}={}", String::from_utf8_lossy(&v))
+            })
+            .collect();
+        xattrs.sort();
+        let rel = p.strip_prefix(u).unwrap().display().to_string();
+        out.insert(rel, format!("{kind} {}", xattrs.join(" ")));
+        if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out
 }
 
 // ---- a busybox base image ---------------------------------------------------------------------

@@ -258,6 +258,7 @@ impl LowerView {
             fsync: false,
             redirect_dir: false,
             metacopy: false,
+            data_lowers: Vec::new(),
         })?;
         Ok(Some(LowerView {
             union,

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -939,4 +940,180 @@ fn renames_whose_redirect_would_pass_the_kernels_limit_do_what_the_kernel_does()
         snapshot(&k.path)
     };
     assert_same(&k_on_l, &k_tree, "kernel over layerfs' upper");
+}
+
+/// Two lowers and two data-only layers. The bottom lower holds metacopy files whose data
+/// redirects lead into the data-only layers (and some the kernel refuses to follow); the top
+/// one a metacopy file above another lower, which the kernel follows only with metacopy=on.
+fn data_only_stack(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (l1, l2, d1, d2) = (d.join("l1"), d.join("l2"), d.join("d1"), d.join("d2"));
+    let meta = |p: PathBuf, size: u64, redirect: Option<&str>| {
+        wfile(&p, "");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        setxattr(&p, "trusted.overlay.metacopy", b"");
+        if let Some(r) = redirect {
+            setxattr(&p, "trusted.overlay.redirect", r.as_bytes());
+        }
+    };
+    meta(l2.join("f"), 10, Some("/blobs/x"));
+    meta(l2.join("dd/g"), 10, Some("/blobs/x"));
+    meta(l2.join("y"), 7, Some("/blobs/y"));
+    meta(l2.join("norel"), 10, None);
+    meta(l2.join("rel"), 10, Some("t"));
+    meta(l2.join("missing"), 10, Some("/blobs/none"));
+    meta(l1.join("above"), 10, Some("/blobs/x"));
+    wfile(l1.join("t"), "top\n");
+    wfile(d1.join("blobs/x"), "data-of-x\n");
+    wfile(d1.join("sub/h"), "hidden\n");
+    wfile(d2.join("blobs/x"), "shadowed\n");
+    wfile(d2.join("blobs/y"), "data-y\n");
+    for l in [&l1, &l2, &d1, &d2] {
+        run(Command::new("find")
+            .arg(l)
+            .args(["-exec", "touch", "-h", "-d", OLD, "{}", "+"]));
+    }
+    (l1, l2, d1, d2)
+}
+
+const DATA_ONLY_READS: &[&str] = &[
+    "ls -a",
+    "ls dd",
+    "cat f dd/g y",
+    "cat norel",
+    "cat rel",
+    "cat tolower",
+    "cat missing",
+    "cat above",
+    "ls blobs sub",
+    "stat -c '%s %b' f dd/g y",
+];
+
+#[test]
+fn data_only_lower_layers_hold_data_as_the_kernels_do() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (l1, l2, d1, d2) = data_only_stack(d.path());
+    let mnt = d.path().join("m");
+    let lowerdir = format!(
+        "lowerdir={}:{}::{}::{}",
+        l1.display(),
+        l2.display(),
+        d1.display(),
+        d2.display()
+    );
+    let shown = |m: &Path| {
+        (
+            run_shell_ops(m, DATA_ONLY_READS),
+            inos(m, &["f", "dd/g", "y", "t"]),
+        )
+    };
+    let kernel_ro = shown(&kernel_with(&lowerdir, &mnt).path);
+    assert!(
+        kernel_ro
+            .0
+            .iter()
+            .any(|r| r.starts_with("cat f dd/g y: 0 data-of-x")),
+        "the kernel reads the data-only layers: {:?}",
+        kernel_ro.0
+    );
+    // Both spellings: the kernel's and --data-lower.
+    let layerfs_ro = shown(&layerfs(&[OsStr::new("-o"), OsStr::new(&lowerdir)], &mnt).path);
+    assert_eq!(
+        layerfs_ro, kernel_ro,
+        "read-only: layerfs -o lowerdir= vs kernel"
+    );
+    let args: Vec<OsString> = [
+        ("--lower", &l1),
+        ("--lower", &l2),
+        ("--data-lower", &d1),
+        ("--data-lower", &d2),
+    ]
+    .iter()
+    .flat_map(|(flag, dir)| [OsString::from(flag), dir.as_os_str().to_owned()])
+    .collect();
+    let refs: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    assert_eq!(
+        shown(&layerfs(&refs, &mnt).path),
+        kernel_ro,
+        "read-only: layerfs --data-lower vs kernel"
+    );
+
+    // With an upper and metacopy=on: metadata changes copy metadata only (the data stays in
+    // the data-only layer), a write copies it up from there. (The files the kernel cannot
+    // open stay unread: a tree snapshot would open them.)
+    const WRITES: &[&str] = &[
+        "chown 1000 f && cat f",
+        "cat above",
+        "chmod 600 above && cat above",
+        "echo more >> dd/g && cat dd/g",
+        "mv y y2 && cat y2",
+    ];
+    const CHECKS: &[&str] = &[
+        "ls -a",
+        "cat f dd/g y2 above | md5sum",
+        "stat -c '%n %s %u %a %b' f dd/g y2 above",
+    ];
+    let mut sides = Vec::new();
+    for who in ["kernel", "layerfs"] {
+        let (u, w) = (
+            d.path().join(format!("{who}-u")),
+            d.path().join(format!("{who}-w")),
+        );
+        mkdirp(&u);
+        mkdirp(&w);
+        let opts = format!(
+            "{lowerdir},upperdir={},workdir={},metacopy=on",
+            u.display(),
+            w.display()
+        );
+        let m = if who == "kernel" {
+            kernel_with(&opts, &mnt)
+        } else {
+            layerfs(&[OsStr::new("-o"), OsStr::new(&opts)], &mnt)
+        };
+        let results = run_shell_ops(&m.path, WRITES);
+        let checks = run_shell_ops(&m.path, CHECKS);
+        drop(m);
+        sides.push((results, checks, upper_markers(&u), u, w));
+    }
+    let (k, l) = (&sides[0], &sides[1]);
+    assert!(
+        k.0.iter().all(|r| r.contains(": 0 ")),
+        "the kernel's writes: {:?}",
+        k.0
+    );
+    assert_eq!(l.0, k.0, "results: layerfs vs kernel");
+    assert_eq!(l.1, k.1, "what the mounts show: layerfs vs kernel");
+    assert_eq!(l.2, k.2, "upper markers: layerfs vs kernel");
+    // chown copied f's metadata only: its data is still found through the lower metacopy
+    // file's redirect in the data-only layer.
+    assert_eq!(
+        l.2.get("f").map(String::as_str),
+        Some("metacopy size=10 no-data=true trusted.overlay.metacopy=")
+    );
+    // Each mounts the other's upper to what the writer showed.
+    for (side, other) in [(k, "layerfs"), (l, "kernel")] {
+        let opts = format!(
+            "{lowerdir},upperdir={},workdir={},metacopy=on",
+            side.3.display(),
+            side.4.display()
+        );
+        let m = if other == "kernel" {
+            kernel_with(&opts, &mnt)
+        } else {
+            layerfs(&[OsStr::new("-o"), OsStr::new(&opts)], &mnt)
+        };
+        assert_eq!(
+            run_shell_ops(&m.path, CHECKS),
+            k.1,
+            "{other} over the other's upper"
+        );
+    }
 }

@@ -27,6 +27,7 @@ fn writable_union(root: &Path) -> Union {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap()
 }
@@ -98,6 +99,7 @@ fn a_listing_is_looked_up_in_one_batch_across_layers() {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -168,6 +170,7 @@ fn warming_a_directory_builds_its_index_once() {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;
@@ -208,6 +211,7 @@ fn a_deep_stack_merges_the_same_when_listed_in_parallel() {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"d").unwrap().ino;
@@ -245,6 +249,7 @@ fn a_moved_or_replaced_parent_is_not_used_through_a_kept_descriptor() {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap();
     let caller = Caller::root();
@@ -303,6 +308,7 @@ fn a_long_listing_is_looked_up_across_chunks() {
         fsync: false,
         redirect_dir: false,
         metacopy: false,
+        data_lowers: Vec::new(),
     })
     .unwrap();
     let dir = u.lookup(ROOT, b"dir").unwrap().ino;

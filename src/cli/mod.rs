@@ -30,7 +30,7 @@ mod registry;
 mod store_cmds;
 
 pub use fsck::FsckArgs;
-pub use mount::{MountArgs, MountOptions, plan_mount, split_lowerdirs, split_options};
+pub use mount::{LowerDirs, MountArgs, MountOptions, plan_mount, split_lowerdirs, split_options};
 pub use store_cmds::{CommitArgs, DiffArgs, ImportArgs};
 
 /// Exit code for bad usage.

@@ -24,6 +24,10 @@ pub struct MountArgs {
     /// A read-only layer; repeat, top layer first (as in lowerdir=).
     #[arg(long = "lower", value_name = "DIR")]
     pub lowers: Vec<PathBuf>,
+    /// A data-only lower layer, below every other (the kernel's `lowerdir=l::DIR`): not part
+    /// of the merged tree, only where lower metacopy files' absolute redirects lead; repeat.
+    #[arg(long = "data-lower", value_name = "DIR")]
+    pub data_lowers: Vec<PathBuf>,
     /// Stack the layers of a stored image (below any --lower); repeat, top image first.
     #[arg(long = "image", value_name = "REF")]
     pub images: Vec<String>,
@@ -50,6 +54,8 @@ pub struct MountArgs {
 #[derive(Debug, Default, PartialEq)]
 pub struct MountOptions {
     pub lowerdirs: Vec<PathBuf>,
+    /// Data-only lower layers (after `::` in `lowerdir=`).
+    pub data_lowerdirs: Vec<PathBuf>,
     pub upperdir: Option<PathBuf>,
     pub workdir: Option<PathBuf>,
     pub fsync: Option<bool>,
@@ -104,11 +110,32 @@ pub fn split_options(s: &str) -> Vec<String> {
     out.into_iter().filter(|o| !o.is_empty()).collect()
 }
 
-/// Split a `lowerdir=` value: `:` separates, `\:` is a literal colon, empty items are skipped.
-pub fn split_lowerdirs(s: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
+/// The layers a `lowerdir=` value names.
+#[derive(Debug, Default, PartialEq)]
+pub struct LowerDirs {
+    pub lowers: Vec<PathBuf>,
+    /// After `::`: the kernel's data-only layers.
+    pub data_only: Vec<PathBuf>,
+}
+
+/// Split a `lowerdir=` value as the kernel does: `:` separates layers, `::` starts the
+/// data-only ones (`l1:l2::d1::d2`), `\:` is a literal colon; empty items are skipped. A
+/// single `:` after a `::` is refused, as the kernel refuses it.
+pub fn split_lowerdirs(s: &str) -> Result<LowerDirs> {
+    let mut out = LowerDirs::default();
     let mut cur = String::new();
+    let mut data_only = false;
     let mut chars = s.chars().peekable();
+    let finish = |item: String, data_only: bool, out: &mut LowerDirs| {
+        if !item.is_empty() {
+            let list = if data_only {
+                &mut out.data_only
+            } else {
+                &mut out.lowers
+            };
+            list.push(PathBuf::from(item));
+        }
+    };
     while let Some(c) = chars.next() {
         match c {
             '\\' if matches!(chars.peek(), Some(':') | Some('\\')) => {
@@ -116,15 +143,20 @@ pub fn split_lowerdirs(s: &str) -> Vec<PathBuf> {
                     cur.push(n);
                 }
             }
-            ':' => out.push(std::mem::take(&mut cur)),
+            ':' => {
+                finish(std::mem::take(&mut cur), data_only, &mut out);
+                if chars.peek() == Some(&':') {
+                    chars.next();
+                    data_only = true;
+                } else if data_only {
+                    bail!("lowerdir={s}: a lower layer cannot follow data-only layers (after ::)");
+                }
+            }
             _ => cur.push(c),
         }
     }
-    out.push(cur);
-    out.into_iter()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .collect()
+    finish(cur, data_only, &mut out);
+    Ok(out)
 }
 
 fn parse_switch(key: &str, v: &str) -> Result<bool> {
@@ -188,7 +220,11 @@ impl MountOptions {
                     None => (opt.as_str(), None),
                 };
                 match (key, val) {
-                    ("lowerdir", Some(v)) => o.lowerdirs.extend(split_lowerdirs(v)),
+                    ("lowerdir", Some(v)) => {
+                        let dirs = split_lowerdirs(v)?;
+                        o.lowerdirs.extend(dirs.lowers);
+                        o.data_lowerdirs.extend(dirs.data_only);
+                    }
                     ("upperdir", Some(v)) => o.upperdir = Some(PathBuf::from(v)),
                     ("workdir", Some(v)) => o.workdir = Some(PathBuf::from(v)),
                     ("volatile", None) => o.fsync = Some(false),
@@ -344,6 +380,14 @@ pub fn plan_mount(
         .iter()
         .map(|l| canonical_dir(l, "lower"))
         .collect::<Result<_>>()?;
+    let data_lowers: Vec<PathBuf> = opts
+        .data_lowerdirs
+        .iter()
+        .map(|l| canonical_dir(l, "data-only lower"))
+        .collect::<Result<_>>()?;
+    if !data_lowers.is_empty() && lowers.is_empty() {
+        bail!("data-only lower layers need at least one lower layer above them");
+    }
     let upper = match (upper, work) {
         (Some(u), Some(w)) => Some((canonical_dir(&u, "upper")?, canonical_dir(&w, "work")?)),
         (Some(u), None) => bail!(
@@ -366,8 +410,11 @@ pub fn plan_mount(
     if entries.next().is_some() {
         bail!("mountpoint {} is not an empty directory", mnt.display());
     }
-    let mut layer_dirs: Vec<(&str, &Path)> =
-        lowers.iter().map(|l| ("lower", l.as_path())).collect();
+    let mut layer_dirs: Vec<(&str, &Path)> = lowers
+        .iter()
+        .map(|l| ("lower", l.as_path()))
+        .chain(data_lowers.iter().map(|l| ("data-only lower", l.as_path())))
+        .collect();
     if let Some((u, w)) = &upper {
         layer_dirs.push(("upper", u));
         layer_dirs.push(("work", w));
@@ -420,6 +467,7 @@ pub fn plan_mount(
             // refused when parsing).
             redirect_dir: opts.redirect_dir.unwrap_or(false) || metacopy,
             metacopy,
+            data_lowers,
         },
         mountpoint: mnt,
         fuse,
@@ -556,7 +604,11 @@ pub(super) fn run_umount(root: &Option<PathBuf>, mountpoint: &Path, lazy: bool) 
 }
 
 pub(super) fn run_mount(root: &Option<PathBuf>, m: MountArgs) -> Result<()> {
-    let opts = MountOptions::parse(&m.options)?;
+    let mut opts = MountOptions::parse(&m.options)?;
+    // --data-lower layers, then those of lowerdir= (each list top first).
+    let mut data_lowers = m.data_lowers.clone();
+    data_lowers.append(&mut opts.data_lowerdirs);
+    opts.data_lowerdirs = data_lowers;
     let mut lowers = m.lowers.clone();
     let (mut upper, mut work) = (m.upper.clone(), m.work.clone());
     let mut store_state = None;
@@ -632,14 +684,24 @@ mod tests {
     }
     #[test]
     fn lowerdirs_split_with_escapes() {
-        assert_eq!(
-            split_lowerdirs("l/A:l/B\\:c::/abs"),
-            [
-                PathBuf::from("l/A"),
-                PathBuf::from("l/B:c"),
-                PathBuf::from("/abs")
-            ]
-        );
+        let dirs = |l: &[&str], d: &[&str]| LowerDirs {
+            lowers: l.iter().map(PathBuf::from).collect(),
+            data_only: d.iter().map(PathBuf::from).collect(),
+        };
+        for (value, want) in [
+            ("l/A:l/B\\:c", dirs(&["l/A", "l/B:c"], &[])),
+            ("l/A:l/B\\:c::/abs", dirs(&["l/A", "l/B:c"], &["/abs"])),
+            ("a:b::d1::d2", dirs(&["a", "b"], &["d1", "d2"])),
+            ("a::d\\:1", dirs(&["a"], &["d:1"])),
+            ("a:", dirs(&["a"], &[])),
+            ("a::", dirs(&["a"], &[])),
+            ("", dirs(&[], &[])),
+        ] {
+            assert_eq!(split_lowerdirs(value).unwrap(), want, "{value}");
+        }
+        for bad in ["a::d1:d2", "a::d:"] {
+            assert!(split_lowerdirs(bad).is_err(), "{bad}");
+        }
     }
     #[test]
     fn parse_podman_options() -> Result<()> {

@@ -41,8 +41,13 @@
 //! copy-up keeps times. Meta copy-ups are not synced (the kernel does not sync them either: the
 //! point is `chown -R` at metadata speed); the data copy is, unless `volatile`.
 //!
-//! Not followed: metacopy files in lower layers seen directly (without an upper copy above
-//! them); the kernel's data-only lower layers (`lowerdir=a::b`) are not supported.
+//! Metacopy files of lower layers (an upper stacked as a lower) are followed with
+//! `metacopy=on`. Data-only lower layers (the kernel's `lowerdir=a::d1::d2`,
+//! [`super::UnionConfig::data_lowers`]) are not part of the merged tree: an absolute data
+//! redirect is looked up in the lower layers below the file first, then by its path in each
+//! data-only layer. Without `metacopy=on` the kernel follows a lower metacopy file only from
+//! the bottom lower layer and only by an absolute redirect into a data-only layer; anything
+//! else is EPERM ("refusing to follow metacopy origin"), and so it is here.
 
 use super::redirect::{self, Redirect};
 
@@ -183,6 +188,22 @@ impl Union {
         self.metacopy
     }
 
+    /// Whether the stack has data-only lower layers (`lowerdir=a::d`).
+    pub fn has_data_layers(&self) -> bool {
+        usize::from(self.data_from) < self.layers.len()
+    }
+
+    /// The directory `parts` (an absolute data redirect without its last component) in each
+    /// data-only layer that has it, in order: the kernel looks a data redirect up in them
+    /// after the lower layers, by its path alone.
+    fn data_layer_dirs(&self, parts: &[Vec<u8>]) -> Candidates {
+        let path = redirect::absolute_path(parts);
+        (self.data_from..self.layers.len() as u16)
+            .filter(|&l| self.dir_fd(l, &path).is_ok())
+            .map(|l| (l, path.clone()))
+            .collect()
+    }
+
     /// If the regular file `dir`/`name` of `layer` (in directory `parent`, union path
     /// `parent_path`) is a metacopy file: where its data is. EIO when it is one but its
     /// marker or redirect is malformed or no data is found. `present`: its xattr names, when
@@ -215,12 +236,30 @@ impl Union {
             return Err(Error::os(libc::EIO));
         }
         let redirect = self.data_redirect(target, &show())?;
+        // Without metacopy=on the kernel follows a lower layer's metacopy file only to data in
+        // a data-only layer: only from the bottom lower layer (it refuses to go on to another
+        // lower layer), and only by an absolute redirect.
+        let data_only = !self.metacopy && Some(layer) != self.upper;
+        let refuse = || {
+            log::warn!(
+                "{}: refusing to follow a lower metacopy file without metacopy=on, except to a \
+                 data-only layer",
+                ShowPath(&show())
+            );
+            Err(Error::os(libc::EPERM))
+        };
+        if data_only
+            && (layer + 1 < self.data_from || !matches!(redirect, Some(Redirect::Absolute(_))))
+        {
+            return refuse();
+        }
         let parent_stack = || -> Result<Stack> {
             let pnode = self.node(parent)?;
             let merge = pnode.lock().merge.clone();
             Ok(self.node_stack(parent, &merge, parent_path))
         };
         match self.find_data(layer, name, redirect, &parent_stack)? {
+            Some(found) if data_only && found.layer < self.data_from => refuse(),
             Some(found) => Ok(Some(found)),
             None => {
                 log::warn!(
@@ -274,7 +313,10 @@ impl Union {
                         .map(|l| (l, Vec::new()))
                         .collect()
                 } else {
-                    self.resolve(layer, &Redirect::Absolute(parts), parent)?
+                    let mut dirs =
+                        self.resolve(layer, &Redirect::Absolute(parts.clone()), parent)?;
+                    dirs.extend(self.data_layer_dirs(&parts));
+                    dirs
                 };
                 (below(dirs), last)
             }

@@ -64,6 +64,10 @@ pub struct UnionConfig {
     /// (`-o metacopy=on`, see [`metacopy`]); needs the trusted xattr namespace, as the
     /// kernel's does. Metacopy files found in the upper are read either way.
     pub metacopy: bool,
+    /// The kernel's data-only lower layers (`lowerdir=a::d1::d2`), top first, below all
+    /// `lowers`: never part of the merged tree, only where metacopy files' absolute data
+    /// redirects may lead (see [`metacopy`]).
+    pub data_lowers: Vec<PathBuf>,
 }
 
 /// One layer of the stack.
@@ -132,6 +136,9 @@ pub struct Union {
     redirects: AtomicBool,
     /// Copy metadata only where data is not changed (`-o metacopy=on`).
     metacopy: bool,
+    /// Index of the first data-only layer (the number of layers when there is none): the
+    /// merged tree is made of the layers before it.
+    data_from: u16,
 }
 
 /// Open directory fds by (layer, path), so a request on a name (a lookup, a stat, a setattr)
@@ -369,6 +376,15 @@ impl Union {
         for lower in &config.lowers {
             layers.push(open_layer(lower, "lower")?);
         }
+        let data_from = layers.len();
+        if !config.data_lowers.is_empty() && config.lowers.is_empty() {
+            return Err(Error::invalid(
+                "data-only lower layers need at least one lower layer above them",
+            ));
+        }
+        for lower in &config.data_lowers {
+            layers.push(open_layer(lower, "data-only lower")?);
+        }
         if layers.is_empty() {
             return Err(Error::invalid(
                 "no layers: give at least one lower directory",
@@ -406,7 +422,7 @@ impl Union {
             NodeState {
                 kind: sys::S_IFDIR,
                 layer: 0,
-                merge: (0..layers.len() as u16).collect(),
+                merge: (0..data_from as u16).collect(),
                 merge_cut: true,
                 backing: (root_st.dev, root_st.ino),
                 index: None,
@@ -450,6 +466,7 @@ impl Union {
             redirect_dir: config.redirect_dir,
             redirects: AtomicBool::new(false),
             metacopy: config.metacopy,
+            data_from: data_from as u16,
         })
     }
 
@@ -683,7 +700,7 @@ impl Union {
         let mut listings = self.list_layers(&stack).into_iter();
         let mut pending: std::collections::VecDeque<(u16, Vec<u8>)> = stack.into();
         let mut followed = false;
-        let last_layer = (self.layers.len() - 1) as u16;
+        let last_layer = self.data_from.saturating_sub(1);
         while let Some((layer, path)) = pending.pop_front() {
             let listed = match listings.next() {
                 Some(l) => l,
@@ -750,7 +767,7 @@ impl Union {
             }
             redirect::Redirect::Absolute(parts) => {
                 let mut parts = parts.clone();
-                'layers: for l in layer + 1..self.layers.len() as u16 {
+                'layers: for l in layer + 1..self.data_from {
                     let walk = parts.clone();
                     let mut dir = self.layers[l as usize].root.try_clone()?;
                     let mut stop_after = false;
@@ -1069,9 +1086,9 @@ impl Union {
             None
         };
         // Metacopy files: the upper's always (only a metacopy=on mount writes them), a lower
-        // layer's with metacopy=on, as the kernel follows them only then (and a lookup of a
-        // lower file costs no xattr read otherwise).
-        let data = if st.is_reg() && (in_upper || self.metacopy) {
+        // layer's with metacopy=on or data-only layers, as the kernel follows them only then
+        // (and a lookup of a lower file costs no xattr read otherwise).
+        let data = if st.is_reg() && (in_upper || self.metacopy || self.has_data_layers()) {
             self.metacopy_data(
                 dfd,
                 top.layer,
@@ -1214,11 +1231,17 @@ impl Union {
                 let Some(dfd) = dirs.get(top.layer) else {
                     continue;
                 };
-                let Ok(attr) =
-                    self.materialize_in(dfd, parent, &ppath, &entry.name, top, &dir_layers)
-                else {
-                    continue;
-                };
+                let attr =
+                    match self.materialize_in(dfd, parent, &ppath, &entry.name, top, &dir_layers) {
+                        Ok(attr) => attr,
+                        Err(e) if e.is(libc::ENOENT) => continue,
+                        // Listed by name, as the kernel lists it: its lookup gives the error (a
+                        // metacopy file without its data, one the mount may not follow).
+                        Err(_) => match self.entry_ino_in(parent, &ppath, entry) {
+                            Ok(ino) if !take(entry, Listing::NameOnly(ino)) => return Ok(()),
+                            _ => continue,
+                        },
+                    };
                 if !take(entry, Listing::Found(&attr)) {
                     self.forget(attr.ino, 1);
                     return Ok(());

@@ -293,7 +293,8 @@ impl Union {
             return None;
         }
         let mut tried: Vec<u64> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        // Data-only layers hold no object a copy-up could have come from.
+        for (i, layer) in self.layers.iter().enumerate().take(self.data_from.into()) {
             if Some(i as u16) == self.upper || tried.contains(&layer.dev) {
                 continue;
             }

@@ -328,6 +328,19 @@ pub fn kernel(lowers: &[&Path], upper: Option<(&Path, &Path)>, mnt: &Path, extra
     }
 }
 
+/// Mount kernel overlayfs with exactly these options (for forms [`kernel`] does not build,
+/// such as data-only layers: `lowerdir=a::d`).
+pub fn kernel_with(opts: &str, mnt: &Path) -> Mount {
+    mkdirp(mnt);
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", opts])
+        .arg(mnt));
+    Mount {
+        path: fs::canonicalize(mnt).expect("canonical mountpoint"),
+        daemon: None,
+    }
+}
+
 /// Assert that every entry's `d_ino` in a plain listing equals its `st_ino`.
 pub fn assert_dino_matches(dir: &Path) {
     use std::os::unix::fs::MetadataExt;

@@ -355,6 +355,7 @@ impl ImageView {
                 fsync: false,
                 redirect_dir: false,
                 metacopy: false,
+                data_lowers: Vec::new(),
             })?)
         };
         Ok(ImageView {

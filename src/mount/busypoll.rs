@@ -33,8 +33,8 @@
 //! Nor does it pay while the requests themselves wait for the disk: a run of cold reads spent
 //! about a fifth more time with spinning on than off (in a user namespace, no passthrough,
 //! 5,000 cold random 4 KiB reads, 4 interleaved runs: 0.49-0.51 s spinning, 0.38-0.41 s not,
-//! fuse-overlayfs 0.43-0.49 s). So after [`SLOW_STREAK`] requests in a row that each took
-//! [`SLOW_REQUEST`] or longer, requests leave spinning off; the first quicker one turns it
+//! fuse-overlayfs 0.43-0.49 s). So after `SLOW_STREAK` requests in a row that each took
+//! `SLOW_REQUEST` or longer, requests leave spinning off; the first quicker one turns it
 //! back on, so one slow request among quick ones changes nothing. (Same reads, 5 interleaved
 //! runs: median 0.40 s with this rule, 0.48 s without, 0.36 s never spinning, fuse-overlayfs
 //! 0.37 s; a cold read served here takes about 60 us, so the bar is below that; 3 warm

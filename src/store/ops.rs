@@ -780,7 +780,7 @@ pub fn layer_from_staged_upper(
     })
 }
 
-/// `layerfs commit`: diff `upper` into a layer ([`stage_upper`]; `lowers`, top first, resolve
+/// `layerfs commit`: diff `upper` into a layer (`stage_upper`; `lowers`, top first, resolve
 /// its redirects), write config and manifest, and tag `name`.
 #[allow(clippy::too_many_arguments)]
 pub fn commit(

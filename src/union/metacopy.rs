@@ -33,7 +33,7 @@
 //! Which changes copy what ([`action`]): with `metacopy=on`, `chown`, `chmod`, `utimes`,
 //! `setxattr`, `removexattr`, `rename` and `link` of a lower regular file copy its metadata
 //! only (a rename or link then records a data redirect, as the kernel does); an open for
-//! write and a truncation copy the data: into the existing upper file ([`Union::fill_data`]),
+//! write and a truncation copy the data: into the existing upper file (`Union::fill_data`),
 //! so hard links of it stay one file, keeping its owner, mode, times, file capabilities and
 //! origin, then the marker is removed (a crash before that leaves the metacopy file as it was:
 //! the partial data is never read). A truncation to 0 or `O_TRUNC` copies no data. The kernel

@@ -4,7 +4,7 @@
 //! Layers are numbered top first: the upper (when present) is layer 0, then the lowers in the
 //! order given. A directory's copies are where its parent's copies are plus its name, unless a
 //! redirect on some copy sends the layers below elsewhere ([`redirect`]); such a directory's
-//! node records its lower paths and [`Union::lpath`] finds any node's path in a lower layer
+//! node records its lower paths and `Union::lpath` finds any node's path in a lower layer
 //! through its nearest such ancestor. A metacopy file ([`metacopy`]: metadata in the upper,
 //! data below) records in its node where its data is; reads open that file, and the first
 //! write copies the data up. Every access to a layer goes through that layer's root directory fd with
@@ -158,7 +158,7 @@ struct DirFds {
 /// (layer, directory path) -> (epoch it was opened in, fd).
 type DirFdMap = HashMap<(u16, Vec<u8>), (u64, Arc<OwnedFd>)>;
 
-/// Directory fds [`DirFds`] keeps at most (then it starts over).
+/// Directory fds `DirFds` keeps at most (then it starts over).
 pub const DIR_FDS_MAX: usize = 256;
 
 impl DirFds {

@@ -585,19 +585,7 @@ fn publish_staged_upper(
     stats: import::Stats,
     codec: Codec,
 ) -> Result<(StagedLayer, bool)> {
-    store.publish(
-        staging,
-        layers::STAGED_BLOB,
-        b"blobs/sha256",
-        diffed.blob.hex().as_bytes(),
-    )?;
-    let new_layer = layers::publish_tree(
-        store,
-        staging,
-        layers::STAGED_LAYER,
-        &diffed.diff_id,
-        diffed.stats.tar_bytes,
-    )?;
+    let new_layer = publish_blob_and_tree(store, staging, layers::STAGED_LAYER, diffed)?;
     let staged = StagedLayer {
         diff_id: diffed.diff_id,
         tar_size: diffed.stats.tar_bytes,
@@ -705,6 +693,17 @@ fn publish_synced(
 ) -> Result<bool> {
     staging.sync()?;
     let _lock = store.lock(LockKind::Exclusive)?;
+    publish_blob_and_tree(store, staging, name, diffed)
+}
+
+/// Publish the staged blob and `staging/name` as `diffed`'s layer directory; the caller holds
+/// the exclusive lock. Returns whether the layer was new to the store.
+fn publish_blob_and_tree(
+    store: &Store,
+    staging: &Staging<'_>,
+    name: &[u8],
+    diffed: &Diffed,
+) -> Result<bool> {
     store.publish(
         staging,
         layers::STAGED_BLOB,
